@@ -1,0 +1,1 @@
+"""On-disk formats: GPTQ v1 packing and the model repos hubtool exports."""

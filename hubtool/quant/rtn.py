@@ -1,0 +1,98 @@
+"""Round-to-nearest int4 quantization of a weight matrix, per group along the input dimension."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .spec import QuantSpec
+
+
+@dataclass
+class IntWeight:
+    """A quantized weight: unsigned codes, per-group scales and zero points; W = scale * (q - zero).
+
+    ``q`` is uint8 (N, K) in [0, 2**bits - 1]; ``scale`` is float32 (N, K // G) and may be negative
+    (symmetric "full range" puts the largest magnitude on -8); ``zero`` is uint8 (N, K // G)
+    (all 8 for symmetric int4).
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+    bits: int = 4
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features)."""
+        return tuple(self.q.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Return the dense (N, K) weight these codes stand for."""
+        g = self.group_size
+        s = self.scale.float().repeat_interleave(g, dim=1)
+        z = self.zero.float().repeat_interleave(g, dim=1)
+        return (s * (self.q.float() - z)).to(dtype)
+
+
+def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Reshape (N, K) to (N, K // G, G) in float32."""
+    n, k = w.shape
+    return w.float().reshape(n, k // group_size, group_size)
+
+
+def scales_from_range(
+    wg: torch.Tensor, spec: QuantSpec, alpha: torch.Tensor | float = 1.0, beta: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points for grouped weights (N, G#, G), with the range clipped by alpha/beta.
+
+    Symmetric uses auto-round's "full range": scale = max_v / 2**(bits-1) where max_v is the signed value
+    of largest magnitude, so that value maps exactly onto the code -2**(bits-1).
+    """
+    wmin = wg.amin(dim=-1).clamp(max=0) * alpha
+    wmax = wg.amax(dim=-1).clamp(min=0) * beta
+    if spec.sym:
+        max_v = torch.where(-wmin >= wmax, wmin, wmax)  # signed value of the largest magnitude
+        scale = max_v / -spec.sym_zero
+        scale = torch.where(scale.abs() < 1e-9, torch.full_like(scale, 1e-9), scale)
+        zero = torch.full_like(scale, float(spec.sym_zero))
+    else:
+        scale = ((wmax - wmin) / spec.qmax).clamp(min=1e-9)
+        # zero >= 1: GPTQ v1 stores zero-1 in a nibble, so 0 is not representable there.
+        zero = torch.round(-wmin / scale).clamp(1, spec.qmax)
+    return scale, zero
+
+
+def quantize_with(
+    w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor, offset: torch.Tensor | None = None
+) -> IntWeight:
+    """Quantize w (N, K) with given per-group scale/zero (N, K // G) and an optional rounding offset (N, K)."""
+    g = spec.group_size
+    wg = group_view(w, g)
+    x = wg / scale.unsqueeze(-1)
+    if offset is not None:
+        x = x + group_view(offset, g)
+    q = torch.clamp(torch.round(x) + zero.unsqueeze(-1), 0, spec.qmax)
+    # The stored scale is fp16 in every format: quantize against that exact value.
+    return IntWeight(
+        q=q.reshape(w.shape).to(torch.uint8),
+        scale=scale.float(),
+        zero=zero.to(torch.uint8),
+        group_size=g,
+        bits=spec.bits,
+    )
+
+
+def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
+    """Round scales to the fp16 values the formats store (so codes are chosen against the stored scale)."""
+    s = scale.to(torch.float16).float()
+    tiny = torch.finfo(torch.float16).tiny
+    return torch.where(s.abs() < tiny, torch.where(s < 0, -tiny, tiny), s)
+
+
+def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> IntWeight:
+    """Plain round-to-nearest with the full-range scale (no search, no tuning)."""
+    scale, zero = scales_from_range(group_view(w, spec.group_size), spec)
+    return quantize_with(w, spec, fp16_exact(scale), zero)

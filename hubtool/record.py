@@ -1,0 +1,309 @@
+"""The run record (``run.json``): every fact a run produced, the single source of the model card.
+
+Each stage reads the record, adds its part and writes it back atomically. Dataclasses map to JSON
+one to one (``to_json`` / ``from_json``); ``schema_version`` changes when a field changes meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import HubtoolError
+
+SCHEMA_VERSION = 1
+RECORD_NAME = "run.json"
+
+
+@dataclass
+class SourceInfo:
+    """Where the 16-bit model came from."""
+
+    kind: str  # "hub" | "dir" | "gguf"
+    name: str  # Hub id, folder path or gguf path as given
+    revision: str | None = None  # as requested
+    commit: str | None = None  # resolved Hub commit
+    gguf_file: str | None = None
+    sha256: str | None = None  # of the gguf file
+    architecture: str = ""
+    model_type: str = ""
+    is_vlm: bool = False
+    license: str | None = None
+    dtype: str = "bfloat16"
+    num_parameters: int = 0
+    note: str | None = None  # e.g. "dequantized from GGUF Q4_K_M; this is the 16-bit baseline"
+
+
+@dataclass
+class SkippedLayer:
+    """A linear left in 16-bit, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class BlockLoss:
+    """Reconstruction loss of one block before (RTN) and after tuning."""
+
+    block: str
+    rtn: float
+    tuned: float
+
+
+@dataclass
+class CalibrationInfo:
+    """The calibration set one int4 variant was tuned on."""
+
+    name: str
+    source: str  # path, Hub dataset id, or "builtin:pydoc_data.topics"
+    kind: str = "text"  # "text" | "image-text"
+    sha256: str | None = None
+    nsamples: int = 0
+    seqlen: int = 0
+    batch_size: int = 0
+    builtin: bool = False
+
+
+@dataclass
+class FileRecord:
+    """One output file: path relative to the run folder, sha256, size in bytes."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass
+class FormatRecord:
+    """One exported model repo."""
+
+    name: str  # auto_round | auto_gptq | hubtool
+    path: str  # relative to the run folder
+    quant_method: str
+    files: list[FileRecord] = field(default_factory=list)
+
+
+@dataclass
+class VariantRecord:
+    """One int4 model made in this run (one per calibration set)."""
+
+    name: str
+    method: str
+    recipe: dict[str, Any] | None = None
+    calibration: CalibrationInfo | None = None
+    quantized: list[str] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+    block_losses: list[BlockLoss] = field(default_factory=list)
+    formats: list[FormatRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_gpu_bytes: int = 0
+    kernel_backend: str | None = None
+
+
+@dataclass
+class Generation:
+    """One model's greedy answer to one prompt."""
+
+    model: str  # "bf16" (the 16-bit source) or a variant name
+    text: str
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Agreement:
+    """How an int4 answer matches the 16-bit answer to the same prompt."""
+
+    model: str
+    identical: bool
+    first_diff: int | None
+    match_share: float
+
+
+@dataclass
+class PromptComparison:
+    """One example prompt and every model's answer."""
+
+    prompt: str
+    image: str | None = None
+    system: str | None = None
+    max_new_tokens: int = 64
+    generations: list[Generation] = field(default_factory=list)
+    agreements: list[Agreement] = field(default_factory=list)
+
+
+@dataclass
+class TaskResult:
+    """One metric of one task on one model."""
+
+    task: str
+    kind: str  # "perplexity" | "lm_eval" | "mcq" | "yesno" | "vqa"
+    metric: str
+    model: str
+    value: float
+    stderr: float | None = None
+    n: int = 0
+    higher_is_better: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PublishedRevision:
+    """One revision of the Hub repo: which format, which branch/tag, which commit."""
+
+    format: str
+    variant: str
+    revision: str  # branch name ("main" for the default format)
+    tag: str | None = None
+    commit: str | None = None
+
+
+@dataclass
+class PublishRecord:
+    """Where the run was published."""
+
+    repo_id: str
+    endpoint: str
+    private: bool = False
+    revisions: list[PublishedRevision] = field(default_factory=list)
+    verified: bool = False
+    at: str | None = None
+
+
+@dataclass
+class RunRecord:
+    """Everything one run made and measured."""
+
+    source: SourceInfo
+    spec: dict[str, Any]
+    schema_version: int = SCHEMA_VERSION
+    hubtool_version: str = ""
+    created_at: str = ""
+    command: list[str] = field(default_factory=list)
+    libraries: dict[str, str] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    variants: list[VariantRecord] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_bytes: int = 0
+    comparisons: list[PromptComparison] = field(default_factory=list)
+    evals: list[TaskResult] = field(default_factory=list)
+    card: FileRecord | None = None
+    publish: PublishRecord | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def variant(self, name: str) -> VariantRecord:
+        """The variant called ``name``."""
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise HubtoolError(f"run has no variant {name!r}", "variants: " + ", ".join(v.name for v in self.variants))
+
+
+# -- JSON mapping ----------------------------------------------------------------------------------
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain JSON-able data."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def from_dict(cls: Any, data: Any) -> Any:
+    """Build ``cls`` (a dataclass or a typing form) from plain data; unknown keys are ignored."""
+    if data is None:
+        return None
+    origin = typing.get_origin(cls)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(cls) if a is not type(None)]
+        return from_dict(args[0], data) if len(args) == 1 else data
+    if origin is list:
+        (item,) = typing.get_args(cls)
+        return [from_dict(item, x) for x in data]
+    if origin is dict:
+        _, value = typing.get_args(cls)
+        return {k: from_dict(value, v) for k, v in data.items()}
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: from_dict(hints[k], v) for k, v in data.items() if k in names})
+    return data
+
+
+def to_json(record: RunRecord) -> str:
+    """Serialize a record."""
+    return json.dumps(to_dict(record), indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+
+
+def from_json(text: str) -> RunRecord:
+    """Parse a record, refusing one written by a newer schema."""
+    data = json.loads(text)
+    version = data.get("schema_version", 0)
+    if version > SCHEMA_VERSION:
+        raise HubtoolError(
+            f"run.json has schema {version}, newer than this hubtool understands ({SCHEMA_VERSION})",
+            "upgrade hubtool",
+        )
+    return from_dict(RunRecord, data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(record: RunRecord, run_dir: Path) -> Path:
+    """Write ``run_dir/run.json`` atomically."""
+    path = Path(run_dir) / RECORD_NAME
+    atomic_write_text(path, to_json(record))
+    return path
+
+
+def load(run_dir: Path) -> RunRecord:
+    """Read ``run_dir/run.json`` (a finished quantize run), with a clear error if it is missing or broken."""
+    path = Path(run_dir) / RECORD_NAME
+    if not path.is_file():
+        raise HubtoolError(
+            f"{run_dir} holds no finished run (no {RECORD_NAME})", "run `hubtool quantize SOURCE -o RUN_DIR` first"
+        )
+    try:
+        return from_json(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise HubtoolError(f"{path} is not a valid run record: {exc}", "re-run the quantize stage") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(root: Path, base: Path) -> list[FileRecord]:
+    """FileRecords for every file under ``root``, paths relative to ``base``, sorted."""
+    out = []
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            out.append(FileRecord(p.relative_to(base).as_posix(), sha256_file(p), p.stat().st_size))
+    return out
