@@ -208,7 +208,9 @@ class RunRecord:
         for v in self.variants:
             if v.name == name:
                 return v
-        raise HubtoolError(f"run has no variant {name!r}", "variants: " + ", ".join(v.name for v in self.variants))
+        raise HubtoolError(
+            f"run has no variant {name!r}", "variants: " + ", ".join(v.name for v in self.variants)
+        )
 
 
 # -- JSON mapping ----------------------------------------------------------------------------------
@@ -283,7 +285,8 @@ def load(run_dir: Path) -> RunRecord:
     path = Path(run_dir) / RECORD_NAME
     if not path.is_file():
         raise HubtoolError(
-            f"{run_dir} holds no finished run (no {RECORD_NAME})", "run `hubtool quantize SOURCE -o RUN_DIR` first"
+            f"{run_dir} holds no finished run (no {RECORD_NAME})",
+            "run `hubtool quantize SOURCE -o RUN_DIR` first",
         )
     try:
         return from_json(path.read_text(encoding="utf-8"))

@@ -42,7 +42,11 @@ class GPTQTensors:
 
     def as_dict(self, prefix: str, with_g_idx: bool) -> dict[str, torch.Tensor]:
         """Tensors keyed as they appear in a checkpoint under ``prefix``."""
-        out = {f"{prefix}.qweight": self.qweight, f"{prefix}.qzeros": self.qzeros, f"{prefix}.scales": self.scales}
+        out = {
+            f"{prefix}.qweight": self.qweight,
+            f"{prefix}.qzeros": self.qzeros,
+            f"{prefix}.scales": self.scales,
+        }
         if with_g_idx:
             k = self.qweight.shape[0] * PACK
             g = k // self.scales.shape[0]

@@ -66,7 +66,11 @@ def scales_from_range(
 
 
 def quantize_with(
-    w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor, offset: torch.Tensor | None = None
+    w: torch.Tensor,
+    spec: QuantSpec,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    offset: torch.Tensor | None = None,
 ) -> IntWeight:
     """Quantize w (N, K) with given per-group scale/zero (N, K // G) and an optional rounding offset (N, K)."""
     g = spec.group_size

