@@ -1,0 +1,5 @@
+"""`python -m hubtool` runs the CLI."""
+
+from .cli import main
+
+main()

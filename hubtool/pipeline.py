@@ -1,0 +1,352 @@
+"""The quantize stage: SOURCE -> 16-bit model -> int4 variants -> exported formats -> run.json.
+
+Every check that needs no model runs before the model loads. ``run.json`` appears only when the stage
+has finished; while it runs, the folder holds an ``.incomplete`` marker instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import record as rec
+from .__about__ import __version__
+from .errors import HubtoolError
+from .load import load_source, locate, parse_dtype
+from .quant.driver import ProgressFn, quantize_model
+from .quant.layers import plan_layers
+from .quant.spec import QuantSpec, check_method, make_recipe
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto_round", "auto_gptq", "hubtool")
+INCOMPLETE = ".incomplete"
+WORK_DIR = ".work"
+LIBRARIES = ("torch", "transformers", "huggingface_hub", "safetensors", "accelerate", "auto-round", "optimum")
+
+
+@dataclass
+class QuantizeOptions:
+    """Everything `hubtool quantize` takes (the CLI, hubtool.toml and the Optimum quantizer build this)."""
+
+    source: str
+    run_dir: Path
+    revision: str | None = None
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    method: str = "signround"
+    recipe: str = "default"
+    iters: int | None = None
+    nsamples: int | None = None
+    seqlen: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int | None = None
+    calib: list[str] = field(default_factory=list)
+    formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    quantize_vision: bool = False
+    skip: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    command: list[str] = field(default_factory=list)
+
+
+def parse_formats(value: str | list[str]) -> list[str]:
+    """Validate a --formats list (comma-separated or a list)."""
+    items = [f.strip() for f in (value.split(",") if isinstance(value, str) else value) if f.strip()]
+    bad = [f for f in items if f not in FORMATS]
+    if bad or not items:
+        raise HubtoolError(
+            f"unknown format {bad[0] if bad else '(none)'!r}", "use any of " + ",".join(FORMATS)
+        )
+    return list(dict.fromkeys(items))
+
+
+def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse a RUN_DIR that cannot be used as asked (nothing is written)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HubtoolError(f"{run_dir} exists and is not a folder", "choose another -o RUN_DIR")
+    finished = (run_dir / rec.RECORD_NAME).exists()
+    if resume:
+        if finished:
+            raise HubtoolError(
+                f"{run_dir} already holds a finished run", "nothing to resume; use --overwrite to redo it"
+            )
+        if not (run_dir / WORK_DIR).is_dir():
+            raise HubtoolError(f"{run_dir} has no interrupted run to resume", "run without --resume")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        if (run_dir / INCOMPLETE).exists() and not finished:
+            raise HubtoolError(
+                f"{run_dir} holds an unfinished run",
+                "pass --resume to continue it or --overwrite to start over",
+            )
+        raise HubtoolError(
+            f"{run_dir} is not empty", "pass --overwrite to replace it, or choose another -o RUN_DIR"
+        )
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Make RUN_DIR ready (after ``check_run_dir``): empty it for --overwrite, keep it for --resume."""
+    run_dir = Path(run_dir)
+    if resume:
+        return
+    if run_dir.exists() and overwrite:
+        (run_dir / rec.RECORD_NAME).unlink(
+            missing_ok=True
+        )  # first: a crash from here on leaves no finished record
+        for child in run_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "hubtool": __version__}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    """The machine a run used: CPU model and count, memory, GPU if any."""
+    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (OSError, ValueError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def variant_names(calibs: list[str]) -> list[str]:
+    """One variant name per calibration set: "int4" alone, else "int4-<calibration name>"."""
+    if len(calibs) <= 1:
+        return ["int4"]
+    names = []
+    for c in calibs:
+        stem = Path(c).stem if Path(c).suffix else c.rstrip("/").split("/")[-1]
+        name = "int4-" + "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in stem)
+        while name in names:
+            name += "-2"
+        names.append(name)
+    return names
+
+
+def format_dir(variant: str, fmt: str, single: bool) -> str:
+    """Where a variant's format lives in the run folder (relative path)."""
+    return f"formats/{fmt}" if single else f"formats/{variant}/{fmt}"
+
+
+def run_quantize(opts: QuantizeOptions, progress: ProgressFn | None = None) -> rec.RunRecord:
+    """Quantize ``opts.source`` into ``opts.run_dir`` (one variant per calibration set) and write run.json."""
+    t0 = time.perf_counter()
+    spec = QuantSpec(opts.bits, opts.group_size, opts.sym)
+    method = check_method(opts.method)
+    formats = parse_formats(opts.formats)
+    dtype = parse_dtype(opts.dtype)
+    recipe = make_recipe(
+        opts.recipe,
+        iters=opts.iters,
+        nsamples=opts.nsamples,
+        seqlen=opts.seqlen,
+        batch_size=opts.batch_size,
+        lr=opts.lr,
+        seed=opts.seed,
+    )
+    if method == "rtn" and opts.calib:
+        raise HubtoolError(
+            "--calib has no effect with --method rtn", "drop --calib, or use --method signround/opt-rtn"
+        )
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HubtoolError(
+            f"--device {opts.device} asked for, but no CUDA device is available", "use --device cpu"
+        )
+    run_dir = Path(opts.run_dir)
+    check_run_dir(run_dir, opts.overwrite, opts.resume)
+    info = locate(opts.source, opts.revision, opts.trust_remote_code)
+    prepare_run_dir(run_dir, opts.overwrite, opts.resume)
+    (run_dir / INCOMPLETE).write_text("quantize started " + _now() + "\n")
+    try:
+        return _run(opts, info, spec, method, formats, dtype, recipe, run_dir, t0, progress)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise HubtoolError(
+                f"disk full while writing {run_dir}", "free some space, then re-run with --overwrite"
+            ) from None
+        raise
+
+
+def _run(
+    opts, info, spec, method, formats, dtype, recipe, run_dir: Path, t0: float, progress
+) -> rec.RunRecord:
+    t_load = time.perf_counter()
+    loaded = load_source(info, dtype=dtype, device="cpu", trust_remote_code=opts.trust_remote_code)
+    timings = {"load": time.perf_counter() - t_load}
+    model = loaded.model
+    plan = plan_layers(model, spec, quantize_vision=opts.quantize_vision, skip=opts.skip)
+    log.info(
+        "quantizing %d linears in %d blocks (%d left 16-bit)",
+        len(plan.linear_names()),
+        len(plan.blocks),
+        len(plan.skipped),
+    )
+    calibs: list[str | None] = list(opts.calib) or [None]
+    names = variant_names([c for c in calibs if c is not None])
+    record = rec.RunRecord(
+        source=info,
+        spec={
+            **asdict(spec),
+            "method": method,
+            "formats": formats,
+            "dtype": opts.dtype,
+            "quantize_vision": opts.quantize_vision,
+            "skip": opts.skip,
+        },
+        hubtool_version=__version__,
+        created_at=_now(),
+        command=opts.command or ["hubtool", "quantize", opts.source],
+        libraries=_versions(),
+        hardware=hardware(),
+        timings=timings,
+    )
+    for vname, calib_source in zip(names, calibs, strict=True):
+        record.variants.append(
+            _quantize_variant(
+                opts,
+                loaded,
+                plan,
+                spec,
+                method,
+                recipe,
+                formats,
+                vname,
+                calib_source,
+                run_dir,
+                len(calibs) == 1,
+                progress,
+            )
+        )
+    record.timings["total"] = time.perf_counter() - t0
+    record.peak_rss_bytes = peak_rss_bytes()
+    rec.save(record, run_dir)
+    (run_dir / INCOMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / WORK_DIR, ignore_errors=True)
+    return record
+
+
+def _quantize_variant(
+    opts,
+    loaded,
+    plan,
+    spec,
+    method,
+    recipe,
+    formats,
+    vname,
+    calib_source,
+    run_dir: Path,
+    single: bool,
+    progress,
+) -> rec.VariantRecord:
+    t0 = time.perf_counter()
+    calib = None
+    if method != "rtn":
+        from .quant.calib import load_calibration
+
+        calib = load_calibration(
+            calib_source,
+            loaded.processor,
+            nsamples=recipe.nsamples,
+            seqlen=recipe.seqlen,
+            seed=recipe.seed,
+            is_vlm=loaded.info.is_vlm,
+            image_text=opts.quantize_vision,
+        )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = quantize_model(
+        loaded.model,
+        plan,
+        spec,
+        method,
+        recipe,
+        calib,
+        device=opts.device,
+        work_dir=run_dir / WORK_DIR / vname,
+        resume=opts.resume,
+        progress=progress,
+    )
+    variant = rec.VariantRecord(
+        name=vname,
+        method=method,
+        recipe=asdict(recipe) if method != "rtn" else None,
+        calibration=getattr(calib, "info", None),
+        quantized=sorted(result.weights),
+        skipped=plan.skipped + result.skipped,
+        block_losses=result.block_losses,
+    )
+    meta = {
+        "variant": vname,
+        "method": method,
+        "recipe": variant.recipe,
+        "calibration": asdict(variant.calibration) if variant.calibration else None,
+        "hubtool_version": __version__,
+        "block_lists": plan.block_lists,
+        "quantized": variant.quantized,
+        "skipped": [s.name for s in variant.skipped],
+        "source": loaded.info.name,
+    }
+    from .formats.export import export_format
+
+    for fmt in formats:
+        rel = format_dir(vname, fmt, single)
+        out = run_dir / rel
+        export_format(loaded.model, loaded.processor, result.weights, spec, fmt, out, meta)
+        qm = (
+            json.loads((out / "config.json").read_text())
+            .get("quantization_config", {})
+            .get("quant_method", "")
+        )
+        variant.formats.append(rec.FormatRecord(fmt, rel, qm, rec.file_records(out, run_dir)))
+    variant.seconds = time.perf_counter() - t0
+    variant.peak_rss_bytes = peak_rss_bytes()
+    if torch.cuda.is_available():
+        variant.peak_gpu_bytes = torch.cuda.max_memory_allocated()
+    return variant
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
