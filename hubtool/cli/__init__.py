@@ -6,8 +6,8 @@ import importlib
 import logging
 import sys
 
-import click
 import typer
+from typer._click.exceptions import ClickException
 
 from ..__about__ import __version__
 from ..errors import HubtoolError
@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     except HubtoolError as exc:
         err_console.print(exc.line(), markup=False, soft_wrap=True)
         return _exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return _exit(exc.exit_code)
-    except click.ClickException as exc:
+    except ClickException as exc:
         exc.show()
         return _exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted (an unfinished run can continue with --resume)")
         return _exit(130)
     return _exit(rv if isinstance(rv, int) else 0)
