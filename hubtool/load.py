@@ -136,6 +136,7 @@ def _download(repo_id: str, revision: str | None, trust_remote_code: bool) -> tu
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -155,7 +156,7 @@ def _download(repo_id: str, revision: str | None, trust_remote_code: bool) -> tu
         ) from None
     except RevisionNotFoundError:
         raise HubtoolError(f"revision {revision!r} of {repo_id} does not exist", "check --revision") from None
-    except LocalEntryNotFoundError:
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         raise HubtoolError(
             f"cannot reach the Hub to download {repo_id} and it is not in the local cache",
             "check the network or HF_ENDPOINT, or pass a local folder",
