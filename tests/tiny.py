@@ -82,7 +82,9 @@ def _text_config(arch: str, layers: int = 2, hidden: int = 128, inter: int = 256
 TEXT_ARCHS = ("llama", "phi3", "qwen2", "gemma3")
 
 
-def build_text_model(arch: str, out: Path, layers: int = 2, hidden: int = 128, inter: int = 256, seed: int = 0) -> Path:
+def build_text_model(
+    arch: str, out: Path, layers: int = 2, hidden: int = 128, inter: int = 256, seed: int = 0
+) -> Path:
     """Save a tiny random causal LM of the given architecture (bf16 safetensors + tokenizer) to ``out``."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -109,7 +111,12 @@ def build_llava_phi3(out: Path, layers: int = 2, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
     )
     text = _text_config("phi3", layers)
     tok = make_tokenizer()
