@@ -137,11 +137,12 @@ class PromptComparison:
     """One example prompt and every model's answer."""
 
     prompt: str
-    image: str | None = None
+    image: str | None = None  # the picture, saved in the run folder (path relative to it)
     system: str | None = None
     max_new_tokens: int = 64
     generations: list[Generation] = field(default_factory=list)
     agreements: list[Agreement] = field(default_factory=list)
+    image_source: str | None = None  # where the picture came from (path or URL as written; "hubtool:default.png")
 
 
 @dataclass
