@@ -1,0 +1,186 @@
+"""hubtool's CPU int4 kernel: build (cached), load, repack GPTQ tensors for it, and call it.
+
+The C++ source (``int4_mm.cpp``) is compiled with ``torch.utils.cpp_extension`` at first use into
+``$HUBTOOL_CACHE/kernels/<hash>`` (default ``~/.cache/hubtool``); the hash covers the source, the torch
+version and the flags, so a new torch or a changed source rebuilds. The library registers the custom ops
+``hubtool::int4_mm_cpu`` (with a fake implementation here, for ``torch.compile``), ``hubtool::int4_cpu_isa``
+and ``hubtool::int4_cpu_has_vnni``. If the build fails (no compiler, no ninja) ``load()`` returns False
+and logs one warning; callers then use torch's built-in kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int4_mm.cpp")
+EXT_NAME = "hubtool_int4_cpu"
+CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+LDFLAGS = ["-fopenmp"]
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
+ISA_CODES = {v: k for k, v in ISA_NAMES.items()}
+BLOCK_N = 64  # output columns per block of the repacked layout
+ISA_ENV = (
+    "HUBTOOL_CPU_ISA"  # force a lower ISA level (scalar|avx2|avx512|avx512_bf16), for tests and comparisons
+)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": None, "error": None, "build_s": None, "path": None}
+
+
+def cache_root() -> Path:
+    """The hubtool cache folder: $HUBTOOL_CACHE or ~/.cache/hubtool."""
+    env = os.environ.get("HUBTOOL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hubtool"
+
+
+def source_hash() -> str:
+    """Hash of what the binary depends on: the source, torch's version and the compiler flags."""
+    h = hashlib.sha256()
+    h.update(SOURCE.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    """Where the compiled kernel lives: <cache>/kernels/<hash>."""
+    return cache_root() / "kernels" / source_hash()
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (first time) and load the kernel library; False, with one warning logged, if that fails."""
+    if _state["loaded"] is not None:
+        return bool(_state["loaded"])
+    with _lock:
+        if _state["loaded"] is not None:
+            return bool(_state["loaded"])
+        if os.environ.get("HUBTOOL_NO_CPU_KERNEL"):
+            _state.update(loaded=False, error="disabled by HUBTOOL_NO_CPU_KERNEL")
+            return False
+        t0 = time.perf_counter()
+        try:
+            from torch.utils import cpp_extension
+
+            out = build_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            path = cpp_extension.load(
+                name=EXT_NAME,
+                sources=[str(SOURCE)],
+                extra_cflags=CFLAGS,
+                extra_ldflags=LDFLAGS,
+                build_directory=str(out),
+                verbose=verbose,
+                is_python_module=False,
+            )
+            _register_fake()
+        except Exception as exc:  # noqa: BLE001 - any build/load failure means "use the fallback"
+            msg = str(exc).strip().splitlines()
+            _state.update(loaded=False, error=msg[-1] if msg else type(exc).__name__)
+            log.warning(
+                "hubtool CPU int4 kernel unavailable (%s); using torch's built-in int4 kernel",
+                _state["error"],
+            )
+            return False
+        _state.update(loaded=True, build_s=time.perf_counter() - t0, path=str(path))
+        log.debug("hubtool CPU int4 kernel loaded from %s in %.1f s", path, _state["build_s"])
+        return True
+
+
+def status() -> dict:
+    """What load() found: loaded, error, load/build seconds, library path."""
+    return dict(_state)
+
+
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    """Shape-only implementation of hubtool::int4_mm_cpu for torch.compile / meta tensors."""
+    global _fake_registered
+    if _fake_registered:
+        return
+
+    @torch.library.register_fake("hubtool::int4_mm_cpu")
+    def _fake(x, packed, scales, zeros, group_size, n, isa=-1):
+        return x.new_empty((x.shape[0], n))
+
+    _fake_registered = True
+
+
+def detected_isa() -> str:
+    """The best ISA level this CPU supports, as the kernel sees it (needs the library loaded)."""
+    return ISA_NAMES[int(torch.ops.hubtool.int4_cpu_isa())]
+
+
+def has_vnni() -> bool:
+    """Whether the CPU has AVX512-VNNI (reported only: the kernel keeps activations in floating point)."""
+    return bool(torch.ops.hubtool.int4_cpu_has_vnni())
+
+
+def forced_isa() -> int:
+    """ISA level forced by $HUBTOOL_CPU_ISA, or -1 (auto)."""
+    name = os.environ.get(ISA_ENV, "").strip().lower()
+    return ISA_CODES.get(name, -1) if name else -1
+
+
+@dataclass
+class Packed:
+    """A layer's weight in the kernel's layout: blocks of 64 columns, K/2 pairs of 64 bytes each."""
+
+    packed: torch.Tensor  # uint8 (N/64, K/2, 64)
+    scales: torch.Tensor  # fp16 (N/64, K/G, 64)
+    zeros: torch.Tensor | None  # uint8 (N/64, K/G, 64), None when symmetric (z = 8)
+    group_size: int
+    n: int
+
+
+def _byte_map() -> tuple[torch.Tensor, torch.Tensor]:
+    """For tile r and word j (column j//2, row j%2): the byte of the 64 and the nibble (0 low, 1 high)."""
+    r = torch.arange(4).view(4, 1)
+    j = torch.arange(32).view(1, 32)
+    byte = 16 * (j // 8) + (j % 8) + 8 * (r % 2)
+    nib = (r // 2).expand(4, 32)
+    return byte, nib
+
+
+def repack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> Packed:
+    """Repack codes q uint8 (N, K), scale (N, K/G) and zero uint8 (N, K/G) into the kernel layout."""
+    n, k = q.shape
+    if k % group_size or group_size % 2:
+        raise ValueError(f"K={k} must be a multiple of an even group size ({group_size})")
+    nb = -(-n // BLOCK_N)
+    npad = nb * BLOCK_N
+    ng = k // group_size
+    qp = torch.zeros(npad, k, dtype=torch.int32)
+    qp[:n] = q.to(torch.int32)
+    # values[b, p, r, j] = q[64 b + 16 r + j // 2, 2 p + j % 2]
+    v = qp.view(nb, 4, 16, k // 2, 2).permute(0, 3, 1, 2, 4).reshape(nb, k // 2, 4, 32)
+    byte, nib = _byte_map()
+    shifted = (v << (4 * nib).to(torch.int32)).reshape(nb, k // 2, 128)
+    packed = torch.zeros(nb, k // 2, 64, dtype=torch.int32)
+    packed.scatter_add_(2, byte.reshape(1, 1, 128).expand(nb, k // 2, 128), shifted)
+    sc = torch.zeros(npad, ng, dtype=torch.float16)
+    sc[:n] = scale.to(torch.float16)
+    scales = sc.view(nb, BLOCK_N, ng).permute(0, 2, 1).contiguous()
+    zeros = None
+    if not bool((zero == 8).all()):
+        zp = torch.full((npad, ng), 8, dtype=torch.uint8)
+        zp[:n] = zero.to(torch.uint8)
+        zeros = zp.view(nb, BLOCK_N, ng).permute(0, 2, 1).contiguous()
+    return Packed(packed.to(torch.uint8).contiguous(), scales, zeros, group_size, n)
+
+
+def int4_mm(x: torch.Tensor, p: Packed, isa: int | None = None) -> torch.Tensor:
+    """(M, K) activations times the packed weight -> (M, N) in x's dtype (the custom op)."""
+    level = forced_isa() if isa is None else isa
+    return torch.ops.hubtool.int4_mm_cpu(x, p.packed, p.scales, p.zeros, p.group_size, p.n, level)

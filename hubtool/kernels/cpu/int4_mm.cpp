@@ -1,0 +1,487 @@
+// hubtool CPU int4 x float matmul: y (M, N) = x (M, K) @ W^T, W int4 with per-group scales (and zeros).
+//
+// Weight layout (built once at load time by hubtool/kernels/cpu/__init__.py, never saved):
+//   packed  uint8 (NB, K/2, 64): blocks of 64 output columns; for each pair of input rows (k, k+1) 64 bytes
+//           hold the 128 nibbles of 4 tiles x 16 columns x 2 rows, in the order that one 64-byte load,
+//           two shifts, two ternary-logic ops and four byte unpacks turn into four registers of bf16
+//           pairs: tile t, 32-bit lane c holds (W[16t+c, k], W[16t+c, k+1]).
+//   scales  fp16  (NB, K/G, 64) and, when asymmetric, zeros uint8 (NB, K/G, 64) holding the zero point z.
+// A code q is decoded as the bf16 number v = 1 + q/16 (exponent 0x3F8, q in the top mantissa bits), so
+// each group contributes  s * sum_k (q - z) x_k = 16 s * sum_k v x_k - (16 + z) s * sum_k x_k : the dot
+// product runs on exact values and the correction uses a per-group sum of the activations.
+//
+// Paths, chosen by cpuid at run time (functions carry per-function target attributes):
+//   3 avx512_bf16 : bf16 activations, vdpbf16ps (32 multiply-adds per instruction)
+//   2 avx512      : fp32 activations (fp16/fp32 inputs, or bf16 without AVX512-BF16), FMA on fp32
+//   1 avx2        : fp32 activations, 256-bit FMA
+//   0 scalar      : portable C++
+// Work is split over blocks of 64 columns (at::parallel_for); rows are processed in chunks of 32, and
+// for each chunk every weight group is decoded once (directly in registers for up to 4 rows, else into
+// an L1-resident buffer that the row micro-kernels read).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define HT_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+
+namespace hubtool_cpu {
+
+constexpr int NB = 64;      // columns per block
+constexpr int TILES = 4;    // 16-column tiles per block
+constexpr int MC = 32;      // rows per chunk
+constexpr int ROWS_MAX = 5;  // rows per register-resident pass (5 x 4 tiles = 20 accumulators)
+static int g_rows = 4;      // rows per pass, bf16 path (tuning knob: hubtool::int4_cpu_tune)
+static int g_rows_f32 = 4;  // rows per pass, fp32 path
+
+enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
+
+struct Problem {
+  const uint8_t* packed;
+  const c10::Half* scales;
+  const uint8_t* zeros;  // null: symmetric (z = 8)
+  int64_t K, G, P, NG, NBLK, N, M;
+  const void* x;    // bf16 (M, K) for the bf16 path, fp32 (M, K) otherwise
+  const float* xs;  // (M, NG) per-group sums of the activations as used
+};
+
+// Decode one column block / group into per-tile scale coefficients: s16 = 16 s, corr = -(16 + z) s.
+static inline void coefs_scalar(const Problem& pb, int64_t b, int64_t g, int c, float& s16, float& corr) {
+  const int64_t off = (b * pb.NG + g) * NB + c;
+  const float s = static_cast<float>(pb.scales[off]);
+  const float z = pb.zeros ? static_cast<float>(pb.zeros[off]) : 8.f;
+  s16 = 16.f * s;
+  corr = -(16.f + z) * s;
+}
+
+// ---------------------------------------------------------------------------------------------- scalar
+// Word j of tile r for pair p comes from byte 16*(j/8) + j%8 + 8*(r%2), nibble r/2.
+static void decode_group_scalar(const uint8_t* src, int P, float* buf /* [P][4][32] */) {
+  for (int p = 0; p < P; ++p) {
+    const uint8_t* s = src + 64 * p;
+    for (int r = 0; r < TILES; ++r) {
+      for (int j = 0; j < 32; ++j) {
+        const int byte = 16 * (j / 8) + (j % 8) + 8 * (r % 2);
+        const int q = (s[byte] >> (4 * (r / 2))) & 0xF;
+        buf[(p * TILES + r) * 32 + j] = 1.f + q / 16.f;
+      }
+    }
+  }
+}
+
+static void block_scalar(const Problem& pb, int64_t b, int64_t m0, int mc, float* out) {
+  const float* x = static_cast<const float*>(pb.x);
+  std::vector<float> buf(static_cast<size_t>(pb.P) * TILES * 32);
+  float acc[NB];
+  for (int64_t g = 0; g < pb.NG; ++g) {
+    decode_group_scalar(pb.packed + (b * pb.P * pb.NG + g * pb.P) * 64, static_cast<int>(pb.P), buf.data());
+    for (int m = 0; m < mc; ++m) {
+      const float* xr = x + (m0 + m) * pb.K + g * pb.G;
+      std::fill(acc, acc + NB, 0.f);
+      for (int p = 0; p < pb.P; ++p) {
+        const float x0 = xr[2 * p], x1 = xr[2 * p + 1];
+        for (int t = 0; t < TILES; ++t) {
+          const float* w = buf.data() + (p * TILES + t) * 32;
+          for (int c = 0; c < 16; ++c) acc[16 * t + c] += w[2 * c] * x0 + w[2 * c + 1] * x1;
+        }
+      }
+      const float xsum = pb.xs[(m0 + m) * pb.NG + g];
+      for (int c = 0; c < NB; ++c) {
+        float s16, corr;
+        coefs_scalar(pb, b, g, c, s16, corr);
+        out[m * NB + c] += s16 * acc[c] + corr * xsum;
+      }
+    }
+  }
+}
+
+#ifdef HT_X86
+// ------------------------------------------------------------------------------------------ AVX-512
+#define TGT_512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
+#define TGT_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")))
+#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define INL inline __attribute__((always_inline))
+
+TGT_512 static INL void decode4_512(const uint8_t* src, __m512i z[4]) {
+  const __m512i m78 = _mm512_set1_epi8(0x78), m80 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i c3f = _mm512_set1_epi8(0x3F);
+  const __m512i v = _mm512_loadu_si512(src);
+  // (a & 0x78) | 0x80 in one ternary-logic op: truth table 0xEA.
+  const __m512i lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(v, 3), m78, m80, 0xEA);
+  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 1), m78, m80, 0xEA);
+  z[0] = _mm512_unpacklo_epi8(lo, c3f);
+  z[1] = _mm512_unpackhi_epi8(lo, c3f);
+  z[2] = _mm512_unpacklo_epi8(hi, c3f);
+  z[3] = _mm512_unpackhi_epi8(hi, c3f);
+}
+
+TGT_512 static INL void coefs_512(const Problem& pb, int64_t b, int64_t g, int t, __m512& s16, __m512& corr) {
+  const int64_t off = (b * pb.NG + g) * NB + 16 * t;
+  const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb.scales + off)));
+  __m512 z = _mm512_set1_ps(8.f);
+  if (pb.zeros) {
+    z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb.zeros + off))));
+  }
+  s16 = _mm512_mul_ps(s, _mm512_set1_ps(16.f));
+  corr = _mm512_mul_ps(s, _mm512_sub_ps(_mm512_set1_ps(-16.f), z));
+}
+
+template <int MB, int T>
+TGT_512 static INL void epilogue_512(const Problem& pb, int64_t b, int64_t g, int t0, const float* xs, float* out,
+                                     __m512 (&acc)[MB][T]) {
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) {
+    __m512 s16, corr;
+    coefs_512(pb, b, g, t0 + t, s16, corr);
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) {
+      float* o = out + m * NB + 16 * (t0 + t);
+      __m512 v = _mm512_fmadd_ps(acc[m][t], s16, _mm512_loadu_ps(o));
+      v = _mm512_fmadd_ps(_mm512_set1_ps(xs[m * pb.NG]), corr, v);
+      _mm512_storeu_ps(o, v);
+    }
+  }
+}
+
+// bf16 activations, weights of group g decoded in registers (all 4 tiles), MB rows from m0.
+template <int MB>
+TGT_BF16 static void direct_bf16(const Problem& pb, int64_t b, int64_t g, int64_t m0, float* out) {
+  __m512 acc[MB][TILES];
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < TILES; ++t) acc[m][t] = _mm512_setzero_ps();
+  const uint16_t* xg = static_cast<const uint16_t*>(pb.x) + m0 * pb.K + g * pb.G;
+  const uint8_t* sg = pb.packed + (b * pb.NG + g) * pb.P * 64;
+  for (int p = 0; p < pb.P; ++p) {
+    _mm_prefetch(reinterpret_cast<const char*>(sg + 64 * p + 1024), _MM_HINT_T0);
+    __m512i w[4];
+    decode4_512(sg + 64 * p, w);
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) {
+      int32_t xv;
+      std::memcpy(&xv, xg + m * pb.K + 2 * p, 4);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xv);
+#pragma GCC unroll 4
+      for (int t = 0; t < TILES; ++t) acc[m][t] = _mm512_dpbf16_ps(acc[m][t], (__m512bh)w[t], xb);
+    }
+  }
+  epilogue_512<MB, TILES>(pb, b, g, 0, pb.xs + m0 * pb.NG + g, out, acc);
+}
+
+// fp32 activations: a bf16 pair (v_k, v_k+1) widens to two fp32 vectors by a shift and a mask.
+template <int MB, int T>
+TGT_512 static INL void fma_pair_512(const __m512i (&w)[T], const float* xg, int64_t ldx, int p,
+                                     __m512 (&acc)[MB][T]) {
+  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 we[T], wo[T];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) {
+    we[t] = _mm512_castsi512_ps(_mm512_slli_epi32(w[t], 16));
+    wo[t] = _mm512_castsi512_ps(_mm512_and_si512(w[t], hi_mask));
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m) {
+    const __m512 x0 = _mm512_set1_ps(xg[m * ldx + 2 * p]);
+    const __m512 x1 = _mm512_set1_ps(xg[m * ldx + 2 * p + 1]);
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) acc[m][t] = _mm512_fmadd_ps(wo[t], x1, _mm512_fmadd_ps(we[t], x0, acc[m][t]));
+  }
+}
+
+template <int MB>
+TGT_512 static void direct_f32(const Problem& pb, int64_t b, int64_t g, int64_t m0, float* out) {
+  __m512 acc[MB][TILES];
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < TILES; ++t) acc[m][t] = _mm512_setzero_ps();
+  const float* xg = static_cast<const float*>(pb.x) + m0 * pb.K + g * pb.G;
+  const uint8_t* sg = pb.packed + (b * pb.NG + g) * pb.P * 64;
+  for (int p = 0; p < pb.P; ++p) {
+    _mm_prefetch(reinterpret_cast<const char*>(sg + 64 * p + 1024), _MM_HINT_T0);
+    __m512i w[TILES];
+    decode4_512(sg + 64 * p, w);
+    fma_pair_512<MB, TILES>(w, xg, pb.K, p, acc);
+  }
+  epilogue_512<MB, TILES>(pb, b, g, 0, pb.xs + m0 * pb.NG + g, out, acc);
+}
+
+// ------------------------------------------------------------------------------------------- AVX2
+// Same layout: the 64 bytes split into two 128-bit-lane pairs, so 256-bit unpacks give the two halves
+// (columns 0-7 and 8-15) of each tile.
+TGT_AVX2 static void decode_group_avx2(const uint8_t* src, int P, uint16_t* buf) {
+  const __m256i m78 = _mm256_set1_epi8(0x78), m80 = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i c3f = _mm256_set1_epi8(0x3F);
+  for (int p = 0; p < P; ++p) {
+    __m256i* d = reinterpret_cast<__m256i*>(buf + p * TILES * 32);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * p + 32 * h));
+      const __m256i lo = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(v, 3), m78), m80);
+      const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 1), m78), m80);
+      _mm256_store_si256(d + 0 + h, _mm256_unpacklo_epi8(lo, c3f));
+      _mm256_store_si256(d + 2 + h, _mm256_unpackhi_epi8(lo, c3f));
+      _mm256_store_si256(d + 4 + h, _mm256_unpacklo_epi8(hi, c3f));
+      _mm256_store_si256(d + 6 + h, _mm256_unpackhi_epi8(hi, c3f));
+    }
+  }
+}
+
+// MB rows x 2 half-tiles (16 columns: tile t).
+template <int MB>
+TGT_AVX2 static void micro_avx2(const Problem& pb, int64_t b, int64_t g, int64_t m0, int t, const uint16_t* buf,
+                                float* out) {
+  const float* xg = static_cast<const float*>(pb.x) + m0 * pb.K + g * pb.G;
+  const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[MB][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int p = 0; p < pb.P; ++p) {
+    __m256 we[2], wo[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf + (p * TILES + t) * 32 + 16 * h));
+      we[h] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+      wo[h] = _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask));
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      const __m256 x0 = _mm256_set1_ps(xg[m * pb.K + 2 * p]), x1 = _mm256_set1_ps(xg[m * pb.K + 2 * p + 1]);
+      for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_fmadd_ps(wo[h], x1, _mm256_fmadd_ps(we[h], x0, acc[m][h]));
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int64_t off = (b * pb.NG + g) * NB + 16 * t + 8 * h;
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb.scales + off)));
+    __m256 z = _mm256_set1_ps(8.f);
+    if (pb.zeros) {
+      z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb.zeros + off))));
+    }
+    const __m256 s16 = _mm256_mul_ps(s, _mm256_set1_ps(16.f));
+    const __m256 corr = _mm256_mul_ps(s, _mm256_sub_ps(_mm256_set1_ps(-16.f), z));
+    for (int m = 0; m < MB; ++m) {
+      float* o = out + m * NB + 16 * t + 8 * h;
+      __m256 v = _mm256_fmadd_ps(acc[m][h], s16, _mm256_loadu_ps(o));
+      v = _mm256_fmadd_ps(_mm256_set1_ps(pb.xs[(m0 + m) * pb.NG + g]), corr, v);
+      _mm256_storeu_ps(o, v);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ per-ISA block drivers
+#define HT_DISPATCH4(mb, CALL) \
+  switch (mb) {                 \
+    case 1: CALL(1); break;     \
+    case 2: CALL(2); break;     \
+    case 3: CALL(3); break;     \
+    default: CALL(4); break;    \
+  }
+
+#define HT_DISPATCH5(mb, CALL) \
+  switch (mb) {                 \
+    case 1: CALL(1); break;     \
+    case 2: CALL(2); break;     \
+    case 3: CALL(3); break;     \
+    case 4: CALL(4); break;     \
+    default: CALL(5); break;    \
+  }
+
+// Each group of each column block is decoded once per R rows (R = g_rows, at most 5: 5 x 4 accumulators);
+// the group's 4 KiB of codes stay in L1 between row chunks.
+static void block_bf16(const Problem& pb, int64_t b, int64_t m0, int mc, float* out) {
+  for (int64_t g = 0; g < pb.NG; ++g) {
+    for (int m = 0; m < mc; m += g_rows) {
+      const int mb = std::min(g_rows, mc - m);
+#define HT_CALL(MB) direct_bf16<MB>(pb, b, g, m0 + m, out + m * NB)
+      HT_DISPATCH5(mb, HT_CALL)
+#undef HT_CALL
+    }
+  }
+}
+
+static void block_f32_512(const Problem& pb, int64_t b, int64_t m0, int mc, float* out) {
+  for (int64_t g = 0; g < pb.NG; ++g) {
+    for (int m = 0; m < mc; m += g_rows_f32) {
+      const int mb = std::min(g_rows_f32, mc - m);
+#define HT_CALL(MB) direct_f32<MB>(pb, b, g, m0 + m, out + m * NB)
+      HT_DISPATCH5(mb, HT_CALL)
+#undef HT_CALL
+    }
+  }
+}
+
+static void block_avx2(const Problem& pb, int64_t b, int64_t m0, int mc, float* out, uint16_t* buf) {
+  for (int64_t g = 0; g < pb.NG; ++g) {
+    decode_group_avx2(pb.packed + (b * pb.NG + g) * pb.P * 64, static_cast<int>(pb.P), buf);
+    for (int m = 0; m < mc; m += 4) {
+      const int mb = std::min(4, mc - m);
+      for (int t = 0; t < TILES; ++t) {
+#define HT_CALL(MB) micro_avx2<MB>(pb, b, g, m0 + m, t, buf, out + m * NB)
+        HT_DISPATCH4(mb, HT_CALL)
+#undef HT_CALL
+      }
+    }
+  }
+}
+
+static int detect_isa_impl() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return SCALAR;
+  const bool osxsave = c & (1u << 27), avx = c & (1u << 28), fma = c & (1u << 12), f16c = c & (1u << 29);
+  if (!(osxsave && avx)) return SCALAR;
+  unsigned xlo, xhi;
+  __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+  if ((xlo & 0x6) != 0x6) return SCALAR;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return SCALAR;
+  const bool avx2 = b & (1u << 5);
+  const bool a512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31)) &&
+                    (xlo & 0xE0) == 0xE0;
+  if (a512) {
+    unsigned a1 = 0, b1, c1, d1;
+    __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+    return (a1 & (1u << 5)) ? AVX512_BF16 : AVX512;
+  }
+  return (avx2 && fma && f16c) ? AVX2 : SCALAR;
+}
+
+static bool has_vnni() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return c & (1u << 11);
+}
+#endif  // HT_X86
+
+static int detect_isa() {
+#ifdef HT_X86
+  static const int isa = detect_isa_impl();
+  return isa;
+#else
+  return SCALAR;
+#endif
+}
+
+// ------------------------------------------------------------------------------------------ the op
+template <typename T>
+static void store_rows(const float* out, int mc, int64_t n0, int64_t n, T* y, int64_t ldy) {
+  const int64_t cols = std::min<int64_t>(NB, n - n0);
+  for (int m = 0; m < mc; ++m)
+    for (int64_t c = 0; c < cols; ++c) y[m * ldy + n0 + c] = static_cast<T>(out[m * NB + c]);
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                   const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t n, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2, "hubtool::int4_mm_cpu: x must be 2-D (M, K)");
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "hubtool::int4_mm_cpu: CPU tensors only");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == 64 && packed.is_contiguous(),
+              "hubtool::int4_mm_cpu: packed must be contiguous uint8 (N/64, K/2, 64)");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 3 && scales.is_contiguous(),
+              "hubtool::int4_mm_cpu: scales must be contiguous fp16 (N/64, K/G, 64)");
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, "hubtool::int4_mm_cpu: x must be bf16/fp16/fp32");
+  const int64_t M = x.size(0), K = x.size(1), G = group_size;
+  TORCH_CHECK(G >= 2 && G % 2 == 0 && K % G == 0, "hubtool::int4_mm_cpu: bad group size");
+  const int64_t NBLK = packed.size(0), NG = K / G;
+  TORCH_CHECK(packed.size(1) == K / 2 && scales.size(0) == NBLK && scales.size(1) == NG && scales.size(2) == NB,
+              "hubtool::int4_mm_cpu: packed/scales do not match x");
+  TORCH_CHECK(n > 0 && n <= NBLK * NB, "hubtool::int4_mm_cpu: bad n");
+  const uint8_t* zp = nullptr;
+  if (zeros.has_value() && zeros->defined()) {
+    TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->sizes() == scales.sizes() && zeros->is_contiguous(),
+                "hubtool::int4_mm_cpu: zeros must be contiguous uint8 shaped like scales");
+    zp = zeros->data_ptr<uint8_t>();
+  }
+  const int best = detect_isa();
+  int use = isa < 0 ? best : static_cast<int>(isa);
+  TORCH_CHECK(use <= best, "hubtool::int4_mm_cpu: ISA level ", use, " requested, this CPU has ", best);
+  const bool bf16_path = use == AVX512_BF16 && dt == at::kBFloat16;
+  if (use == AVX512_BF16 && !bf16_path) use = AVX512;
+
+  at::Tensor xin = bf16_path ? x.contiguous() : x.to(at::kFloat).contiguous();
+  at::Tensor xs = at::empty({M, NG}, x.options().dtype(at::kFloat));
+  {
+    float* xsp = xs.data_ptr<float>();
+    if (bf16_path) {
+      const c10::BFloat16* xp = xin.data_ptr<c10::BFloat16>();
+      for (int64_t i = 0; i < M * NG; ++i) {
+        float s = 0.f;
+        for (int64_t k = 0; k < G; ++k) s += static_cast<float>(xp[i * G + k]);
+        xsp[i] = s;
+      }
+    } else {
+      const float* xp = xin.data_ptr<float>();
+      for (int64_t i = 0; i < M * NG; ++i) {
+        float s = 0.f;
+        for (int64_t k = 0; k < G; ++k) s += xp[i * G + k];
+        xsp[i] = s;
+      }
+    }
+  }
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0) return y;
+  Problem pb{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), zp, K, G, G / 2, NG, NBLK, n, M,
+             xin.data_ptr(), xs.data_ptr<float>()};
+
+  at::parallel_for(0, NBLK, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float out[MC * NB];
+    std::vector<uint16_t, std::allocator<uint16_t>> raw(static_cast<size_t>(pb.P) * TILES * 32 + 64);
+    uint16_t* buf = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        const int mc = static_cast<int>(std::min<int64_t>(MC, M - m0));
+        std::fill(out, out + mc * NB, 0.f);
+        switch (use) {
+#ifdef HT_X86
+          case AVX512_BF16: block_bf16(pb, b, m0, mc, out); break;
+          case AVX512: block_f32_512(pb, b, m0, mc, out); break;
+          case AVX2: block_avx2(pb, b, m0, mc, out, buf); break;
+#endif
+          default: block_scalar(pb, b, m0, mc, out); break;
+        }
+        if (dt == at::kBFloat16) {
+          store_rows(out, mc, b * NB, n, y.data_ptr<c10::BFloat16>() + m0 * n, n);
+        } else if (dt == at::kHalf) {
+          store_rows(out, mc, b * NB, n, y.data_ptr<c10::Half>() + m0 * n, n);
+        } else {
+          store_rows(out, mc, b * NB, n, y.data_ptr<float>() + m0 * n, n);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+int64_t cpu_isa() { return detect_isa(); }
+
+int64_t cpu_tune(int64_t rows, int64_t rows_f32) {
+  const int64_t old = g_rows * 10 + g_rows_f32;
+  if (rows >= 1) g_rows = static_cast<int>(std::min<int64_t>(rows, ROWS_MAX));
+  if (rows_f32 >= 1) g_rows_f32 = static_cast<int>(std::min<int64_t>(rows_f32, ROWS_MAX));
+  return old;
+}
+
+int64_t cpu_has_vnni() {
+#ifdef HT_X86
+  return has_vnni() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace hubtool_cpu
+
+TORCH_LIBRARY_FRAGMENT(hubtool, m) {
+  m.def("int4_mm_cpu(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int group_size, int n, int isa=-1) -> Tensor");
+  m.def("int4_cpu_isa() -> int", &hubtool_cpu::cpu_isa);
+  m.def("int4_cpu_has_vnni() -> int", &hubtool_cpu::cpu_has_vnni);
+  m.def("int4_cpu_tune(int rows, int rows_f32) -> int", &hubtool_cpu::cpu_tune);
+}
+
+TORCH_LIBRARY_IMPL(hubtool, CPU, m) { m.impl("int4_mm_cpu", &hubtool_cpu::int4_mm); }
