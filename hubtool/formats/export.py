@@ -1,0 +1,422 @@
+"""Write a quantized model as a complete model repo in one of the formats the ecosystem loads.
+
+Every format holds the same GPTQ v1 tensors (``formats.gptq``) for the quantized linears and the model's
+own 16-bit tensors (in the model's dtype) for everything else; they differ in config.json:
+
+* ``auto_round``: ``quant_method: auto-round``, ``packing_format: auto_round:auto_gptq`` (auto-round
+  0.16's own layout for int4, loaded by transformers' AutoRound quantizer);
+* ``auto_gptq``: ``quant_method: gptq``, ``checkpoint_format: gptq``, ``desc_act: false``, plus g_idx;
+* ``hubtool``: ``quant_method: hubtool`` with the exact list of quantized modules, the spec, the method and
+  the recipe; it loads through ``hubtool.integrations.transformers`` after ``import hubtool``.
+
+A format folder is assembled in a hidden sibling folder and renamed into place, so a crash never leaves
+a complete-looking folder behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..__about__ import __version__
+from ..errors import HubtoolError
+from ..quant.rtn import IntWeight
+from ..quant.spec import QuantSpec
+from . import gptq
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto_round", "auto_gptq", "hubtool")
+QUANT_METHODS = {"auto_round": "auto-round", "auto_gptq": "gptq", "hubtool": "hubtool"}
+AUTO_ROUND_PACKING = "auto_round:auto_gptq"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SAFETENSORS_METADATA = {"format": "pt"}
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def export_format(
+    model: nn.Module,
+    processor: Any,
+    weights: dict[str, IntWeight],
+    spec: QuantSpec,
+    fmt: str,
+    out_dir: Path,
+    meta: dict[str, Any],
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> None:
+    """Write ``model`` with ``weights`` (full linear name -> IntWeight) as format ``fmt`` into ``out_dir``.
+
+    ``meta`` may hold: ``method``, ``recipe`` (dict: iters, nsamples, seqlen, batch_size, lr...),
+    ``calibration`` (name), ``hubtool_version``, ``block_lists``, ``quantized`` and ``skipped`` (names,
+    or SkippedLayer / dicts with a ``name``). The model is read, never modified. An existing ``out_dir``
+    is replaced only once the new folder is complete.
+    """
+    if fmt not in FORMATS:
+        raise HubtoolError(f"unknown format {fmt!r}", "use one of " + ", ".join(FORMATS))
+    _check_weights(model, weights, spec)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    state_dict = None
+    try:
+        state_dict = build_state_dict(model, weights, with_g_idx=(fmt == "auto_gptq"))
+        qconfig = quantization_config(model, weights, spec, fmt, meta)
+        _write_repo(tmp, model, processor, state_dict, qconfig, fmt, max_shard_size)
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(exc, fmt, out_dir, state_dict) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote the %s export to %s", fmt, out_dir)
+
+
+# -- tensors ---------------------------------------------------------------------------------------
+def _check_weights(model: nn.Module, weights: dict[str, IntWeight], spec: QuantSpec) -> None:
+    """Every entry must name an nn.Linear of the model with the same shape and the spec's group size."""
+    if not weights:
+        raise ValueError("export_format needs at least one quantized linear")
+    for name, iw in weights.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{name} is not a module of {type(model).__name__}") from None
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"{name} is a {type(mod).__name__}, not an nn.Linear")
+        if tuple(iw.shape) != tuple(mod.weight.shape):
+            raise ValueError(f"{name}: IntWeight {tuple(iw.shape)} != weight {tuple(mod.weight.shape)}")
+        if iw.group_size != spec.group_size or iw.bits != spec.bits:
+            raise ValueError(f"{name}: IntWeight g{iw.group_size}/{iw.bits}b does not match the spec")
+
+
+def build_state_dict(
+    model: nn.Module, weights: dict[str, IntWeight], *, with_g_idx: bool
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors: GPTQ tensors for ``weights``, the model's own for the rest (CPU, untied).
+
+    Keys follow what ``save_pretrained`` writes (tied duplicates dropped, legacy key layouts restored).
+    """
+    sd = dict(model.state_dict())
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
+        sd.pop(key, None)
+    for name, iw in weights.items():
+        sd.pop(f"{name}.weight")
+        sd.update(gptq.pack(iw).as_dict(name, with_g_idx=with_g_idx))
+    sd = _drop_tied(model, sd)
+    sd = _revert_key_layout(model, sd)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def _drop_tied(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove tied duplicates the way save_pretrained does (safetensors cannot alias)."""
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:
+        remove_tied_weights_from_state_dict = None
+    if remove_tied_weights_from_state_dict is not None and hasattr(model, "all_tied_weights_keys"):
+        return remove_tied_weights_from_state_dict(sd, model)
+    seen: dict[tuple, str] = {}
+    out = {}
+    for k, v in sd.items():
+        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            continue
+        seen[key] = k
+        out[k] = v
+    return out
+
+
+def _revert_key_layout(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename keys back to the checkpoint layout save_pretrained writes (e.g. LLaVA's language_model.model.*)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return sd
+    try:
+        return revert_weight_conversion(model, sd)
+    except Exception as exc:  # a conversion that cannot invert packed tensors: keep the runtime names
+        log.warning("keeping runtime tensor names (%s cannot revert them: %s)", type(model).__name__, exc)
+        return sd
+
+
+# -- config ----------------------------------------------------------------------------------------
+def _names(items: Iterable[Any]) -> list[str]:
+    out = []
+    for it in items or []:
+        if isinstance(it, str):
+            out.append(it)
+        elif isinstance(it, dict):
+            out.append(it["name"])
+        else:
+            out.append(it.name)
+    return out
+
+
+def block_lists(weights: Iterable[str], meta: dict[str, Any]) -> list[str]:
+    """The ModuleLists of blocks holding quantized linears (from meta, else from the names)."""
+    given = list(meta.get("block_lists") or [])
+    found: list[str] = []
+    for name in weights:
+        m = re.match(r"^(.*?)\.\d+\.", name)
+        prefix = m.group(1) if m else name.rpartition(".")[0]
+        if prefix not in found:
+            found.append(prefix)
+    return [b for b in given if any(f == b for f in found)] + [f for f in found if f not in given]
+
+
+def skipped_in_blocks(model: nn.Module, weights: dict[str, IntWeight], blocks: list[str]) -> list[str]:
+    """Linears inside the quantized block lists that stay 16-bit."""
+    out = []
+    for name, mod in model.named_modules():
+        if (
+            isinstance(mod, nn.Linear)
+            and name not in weights
+            and any(name.startswith(b + ".") for b in blocks)
+        ):
+            out.append(name)
+    return out
+
+
+def _recipe_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    method = meta.get("method") or "rtn"
+    recipe = dict(meta.get("recipe") or {})
+    out: dict[str, Any] = {"iters": 0 if method == "rtn" else recipe.get("iters")}
+    if method != "rtn":
+        for key in ("nsamples", "seqlen", "batch_size"):
+            if recipe.get(key) is not None:
+                out[key] = recipe[key]
+        lr = recipe.get("lr", recipe.get("learning_rate"))
+        if lr is not None:
+            out["lr"] = lr
+        if meta.get("calibration"):
+            out["dataset"] = meta["calibration"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def quantization_config(
+    model: nn.Module, weights: dict[str, IntWeight], spec: QuantSpec, fmt: str, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The quantization_config block of config.json for ``fmt``."""
+    blocks = block_lists(weights, meta)
+    skipped = skipped_in_blocks(model, weights, blocks)
+    version = meta.get("hubtool_version") or __version__
+    if fmt == "auto_round":
+        qc: dict[str, Any] = {
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "sym": spec.sym,
+            "data_type": "int",
+            "block_name_to_quantize": ",".join(blocks),
+            "quant_method": "auto-round",
+            "packing_format": AUTO_ROUND_PACKING,
+            **_recipe_fields(meta),
+        }
+        if skipped:
+            qc["extra_config"] = {name: {"bits": 16, "data_type": "float"} for name in skipped}
+        qc["quantizer"] = f"hubtool {version} ({meta.get('method') or 'rtn'})"
+        return qc
+    if fmt == "auto_gptq":
+        qc = {
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "sym": spec.sym,
+            "desc_act": False,
+            "static_groups": False,
+            "true_sequential": False,
+            "damp_percent": 0.01,
+            "lm_head": False,
+            "quant_method": "gptq",
+            "checkpoint_format": "gptq",
+            "block_name_to_quantize": ",".join(blocks),
+            "meta": {"quantizer": [f"hubtool:{version}"], "method": meta.get("method") or "rtn"},
+        }
+        if skipped:
+            per_block: dict[str, set[str]] = {}
+            for name in weights:
+                blk = next(b for b in blocks if name.startswith(b + "."))
+                rel = name[len(blk) + 1 :].split(".", 1)[1]
+                per_block.setdefault(blk, set()).add(rel)
+            qc["modules_in_block_to_quantize"] = [sorted(per_block.get(b, ())) for b in blocks]
+            # Linears skipped in some blocks only (e.g. --skip on one layer) need GPTQModel's dynamic rules.
+            qc["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in skipped}
+        return qc
+    qc = {
+        "quant_method": "hubtool",
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "sym": spec.sym,
+        "packing_format": "gptq",
+        "g_idx": False,
+        "modules": list(weights),
+        "method": meta.get("method") or "rtn",
+        "recipe": meta.get("recipe"),
+        "calibration": meta.get("calibration"),
+        "hubtool_version": version,
+    }
+    return qc
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype most floating-point parameters have (what config.json should call the model's dtype)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _config_for(model: nn.Module, qconfig: dict[str, Any]) -> Any:
+    """A copy of the model's config with quantization_config and the true dtype of its 16-bit tensors."""
+    config = copy.deepcopy(model.config)
+    dtype = _model_dtype(model)
+    for sub in _sub_configs(config):
+        if getattr(sub, "dtype", None) is not None:
+            sub.dtype = dtype
+        if hasattr(sub, "quantization_config"):
+            del sub.quantization_config
+    config.dtype = dtype
+    config.quantization_config = qconfig
+    return config
+
+
+def _sub_configs(config: Any) -> list[Any]:
+    subs = [config]
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            subs.append(sub)
+    return subs
+
+
+# -- files -----------------------------------------------------------------------------------------
+def _write_repo(
+    tmp: Path,
+    model: nn.Module,
+    processor: Any,
+    state_dict: dict[str, torch.Tensor],
+    qconfig: dict[str, Any],
+    fmt: str,
+    max_shard_size: int | str,
+) -> None:
+    write_safetensors(state_dict, tmp, max_shard_size)
+    config = _config_for(model, qconfig)
+    config.save_pretrained(tmp)
+    if fmt == "auto_round":  # auto-round writes its config a second time, for its own tools
+        _write_json(tmp / "quantization_config.json", qconfig)
+    elif fmt == "auto_gptq":  # AutoGPTQ / GPTQModel read quantize_config.json
+        _write_json(tmp / "quantize_config.json", qconfig)
+    gen = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", lambda: False)()
+    if gen is not None and can_generate:
+        gen.save_pretrained(tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    else:
+        log.warning("no tokenizer or processor given: the %s export has none", fmt)
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            _fsync_file(p)
+
+
+def write_safetensors(
+    state_dict: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str
+) -> list[str]:
+    """Write ``model.safetensors`` or shards + ``model.safetensors.index.json``; return the file names."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(
+        state_dict, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    names = []
+    for filename, keys in split.filename_to_tensors.items():
+        _save_safetensors({k: state_dict[k] for k in keys}, folder / filename)
+        names.append(filename)
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
+        _write_json(folder / INDEX_NAME, index)
+        names.append(INDEX_NAME)
+    return names
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with its I/O errors turned back into OSError (so disk-full is recognisable)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=SAFETENSORS_METADATA)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors reports I/O failures as SafetensorError
+        text = str(exc)
+        if "code: 28" in text or "StorageFull" in text or "No space left" in text:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        if "code: 122" in text or "QuotaExceeded" in text:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(path)) from exc
+        raise
+    with safe_open(str(path), framework="pt") as f:  # read the header back: a short file fails here
+        if len(list(f.keys())) != len(tensors):
+            raise OSError(errno.EIO, "safetensors file reads back incomplete", str(path))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError as exc:  # some filesystems cannot fsync a directory
+        if exc.errno in _DISK_FULL:
+            raise
+        log.debug("fsync of %s: %s", path, exc)
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder to ``out_dir``, replacing an older one only after the new one is whole."""
+    if out_dir.exists() or out_dir.is_symlink():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
+
+
+def _os_error(
+    exc: OSError, fmt: str, out_dir: Path, state_dict: dict[str, torch.Tensor] | None
+) -> HubtoolError:
+    if exc.errno in _DISK_FULL:
+        need = sum(t.numel() * t.element_size() for t in state_dict.values()) if state_dict else 0
+        hint = "free some space and run again"
+        if need:
+            hint = f"the {fmt} export needs about {need / 1e9:.2f} GB; " + hint
+        return HubtoolError(f"disk full while writing the {fmt} export to {out_dir}", hint)
+    return HubtoolError(f"cannot write the {fmt} export to {out_dir}: {exc.strerror or exc}")
