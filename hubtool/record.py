@@ -201,6 +201,7 @@ class RunRecord:
     comparisons: list[PromptComparison] = field(default_factory=list)
     evals: list[TaskResult] = field(default_factory=list)
     card: FileRecord | None = None
+    card_assets: list[FileRecord] = field(default_factory=list)  # files the card shows (chart, images)
     publish: PublishRecord | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
