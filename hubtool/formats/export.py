@@ -62,7 +62,7 @@ def export_format(
     """Write ``model`` with ``weights`` (full linear name -> IntWeight) as format ``fmt`` into ``out_dir``.
 
     ``meta`` may hold: ``method``, ``recipe`` (dict: iters, nsamples, seqlen, batch_size, lr...),
-    ``calibration`` (name), ``hubtool_version``, ``block_lists``, ``quantized`` and ``skipped`` (names,
+    ``calibration`` (name or CalibrationInfo dict), ``hubtool_version``, ``block_lists``, ``quantized`` and ``skipped`` (names,
     or SkippedLayer / dicts with a ``name``). The model is read, never modified. An existing ``out_dir``
     is replaced only once the new folder is complete.
     """
@@ -195,19 +195,37 @@ def skipped_in_blocks(model: nn.Module, weights: dict[str, IntWeight], blocks: l
     return out
 
 
+def _calibration(meta: dict[str, Any]) -> dict[str, Any]:
+    """meta["calibration"] as a dict (the pipeline passes CalibrationInfo as a dict, callers may pass a name)."""
+    calib = meta.get("calibration")
+    if not calib:
+        return {}
+    if isinstance(calib, str):
+        return {"name": calib}
+    if isinstance(calib, dict):
+        return dict(calib)
+    return {k: getattr(calib, k) for k in ("name", "source", "sha256", "nsamples", "seqlen", "batch_size")}
+
+
 def _recipe_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """auto-round's tuning fields: iters (0 for RTN and opt-RTN), and the calibration actually used."""
     method = meta.get("method") or "rtn"
     recipe = dict(meta.get("recipe") or {})
-    out: dict[str, Any] = {"iters": 0 if method == "rtn" else recipe.get("iters")}
+    calib = _calibration(meta)
+    iters = 0 if method in ("rtn", "opt-rtn") else recipe.get("iters")
+    out: dict[str, Any] = {"iters": iters}
     if method != "rtn":
         for key in ("nsamples", "seqlen", "batch_size"):
-            if recipe.get(key) is not None:
-                out[key] = recipe[key]
-        lr = recipe.get("lr", recipe.get("learning_rate"))
-        if lr is not None:
+            value = calib.get(key) or recipe.get(key)
+            if value:
+                out[key] = value
+        lr = recipe.get("lr") or recipe.get("learning_rate")
+        if lr is None and iters:
+            lr = 1.0 / iters
+        if lr is not None and iters:
             out["lr"] = lr
-        if meta.get("calibration"):
-            out["dataset"] = meta["calibration"]
+        if calib.get("name"):
+            out["dataset"] = calib["name"]
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -268,7 +286,7 @@ def quantization_config(
         "modules": list(weights),
         "method": meta.get("method") or "rtn",
         "recipe": meta.get("recipe"),
-        "calibration": meta.get("calibration"),
+        "calibration": _calibration(meta) or None,
         "hubtool_version": version,
     }
     return qc

@@ -48,7 +48,7 @@ class HubtoolConfig(QuantizationConfigMixin):
         g_idx: bool = False,
         method: str | None = None,
         recipe: dict[str, Any] | None = None,
-        calibration: str | None = None,
+        calibration: dict[str, Any] | str | None = None,
         hubtool_version: str | None = None,
         group_sizes: dict[str, int] | None = None,
         backend: str | None = None,
