@@ -66,12 +66,13 @@ class TorchBackend:
     name = "torch"
 
     def supports(self, layer: Int4Linear, x: torch.Tensor) -> bool:
-        """Trivial g_idx, K a multiple of 32, N a multiple of 8; CPU needs bf16 for speed, CUDA bf16."""
+        """Trivial g_idx, K a multiple of 32, N a multiple of 16 (CPU) or 64 (CUDA, bf16 only)."""
         if not layer.trivial_g_idx or layer.in_features % 32 or layer.out_features % 8:
             return False
         if x.device.type == "cuda":
             return x.dtype == torch.bfloat16 and layer.out_features % 64 == 0
-        return x.device.type == "cpu"
+        # _convert_weight_to_int4pack_for_cpu needs N divisible by 16.
+        return x.device.type == "cpu" and layer.out_features % 16 == 0
 
     def prepare(self, layer: Int4Linear, device: torch.device) -> Any:
         """Convert to torch's packed layout and its (scale, zero) pairs: W = (q - 8) * s + (8 - z) * s."""

@@ -140,9 +140,10 @@ if HAVE_TRITON:
         """Small M: program (n-tile, k-split) accumulates all rows, then atomically adds into fp32 y."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        offs_m = tl.arange(0, BLOCK_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
@@ -260,7 +261,7 @@ def _run_splitk(x, qweight, scales, zeros, group_size, dot_fp32):
         split = min(split, 2)
     y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     z_arg = zeros if zeros is not None else scales
-    _splitk_kernel[(n_tiles, split)](
+    _splitk_kernel[(n_tiles, split, triton.cdiv(m, block_m))](
         x, qweight, scales, z_arg, y, m, n, k, x.stride(0),
         G=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
         HAS_ZERO=zeros is not None, USE_DOT=use_dot, DOT_FP32=dot_fp32,
