@@ -263,6 +263,7 @@ def quantization_config(
             "lm_head": False,
             "quant_method": "gptq",
             "checkpoint_format": "gptq",
+            "format": "gptq",  # transformers 5's GPTQConfig name for checkpoint_format
             "block_name_to_quantize": ",".join(blocks),
             "meta": {"quantizer": [f"hubtool:{version}"], "method": meta.get("method") or "rtn"},
         }

@@ -176,7 +176,7 @@ def hubtool_config_for(qc: dict[str, Any], ck: CheckpointTensors) -> dict[str, A
                 raise _unsupported(f"{b}-bit layer {name}")
         out = {}
     elif method == "gptq":
-        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
         if fmt not in ("gptq", "gptq_v2"):
             raise _unsupported(f"GPTQ checkpoint_format {fmt!r}")
         packing = PACKING_V2 if fmt == "gptq_v2" else PACKING_V1
