@@ -1,0 +1,620 @@
+"""The model card: ``templates/model_card.md.j2`` (and its partials) rendered from ``run.json`` alone.
+
+Every figure in a card comes from the run record; nothing is typed by hand. The YAML metadata is built
+with huggingface_hub's ``ModelCardData`` / ``EvalResult`` so that the Hub's parser reads it back. Templates
+(ours and a user's ``--template``) render in a sandboxed Jinja environment and see plain data only.
+
+``write_card`` writes ``RUN_DIR/card/``: ``README.md``, the eval chart ``eval_chart.png`` and the prompt
+images the card shows, and records their hashes in ``run.json`` (``card`` and ``card_assets``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import record as rec
+from .__about__ import __version__
+from .errors import HubtoolError
+
+log = logging.getLogger(__name__)
+
+CARD_DIR = "card"
+CARD_NAME = "README.md"
+CHART_NAME = "eval_chart.png"
+TEMPLATE_NAME = "model_card.md.j2"
+PLACEHOLDER_REPO = "ORG/NAME"
+HUB_LICENSES = {
+    "apache-2.0",
+    "mit",
+    "openrail",
+    "openrail++",
+    "bigscience-openrail-m",
+    "creativeml-openrail-m",
+    "bsd-3-clause",
+    "cc-by-4.0",
+    "cc-by-sa-4.0",
+    "cc-by-nc-4.0",
+    "cc-by-nc-sa-4.0",
+    "gpl-3.0",
+    "agpl-3.0",
+    "lgpl-3.0",
+    "llama2",
+    "llama3",
+    "llama3.1",
+    "llama3.2",
+    "llama3.3",
+    "llama4",
+    "gemma",
+    "qwen",
+    "deepseek",
+    "other",
+}
+METHOD_LABELS = {
+    "signround": "SignRound (AutoRound)",
+    "opt-rtn": "optimized round-to-nearest (AutoRound with 0 iterations)",
+    "rtn": "round-to-nearest",
+}
+FORMAT_INFO: dict[str, dict[str, str]] = {
+    "auto_round": {
+        "label": "AutoRound",
+        "install": "pip install transformers auto-round",
+        "import": "",
+        "tag": "auto-round",
+    },
+    "auto_gptq": {
+        "label": "GPTQ",
+        "install": "pip install transformers optimum gptqmodel",
+        "import": "",
+        "tag": "gptq",
+    },
+    "hubtool": {
+        "label": "hubtool",
+        "install": "pip install hubtool",
+        "import": 'import hubtool  # registers the "hubtool" quantization method with transformers',
+        "tag": "hubtool",
+    },
+}
+AUTOROUND_BIBTEX = """@article{cheng2023optimize,
+  title={Optimize Weight Rounding via Signed Gradient Descent for the Quantization of LLMs},
+  author={Cheng, Wenhua and Zhang, Weiwei and Shen, Haihao and Cai, Yiyang and He, Xin and Lv, Kaokao and Liu, Yi},
+  journal={arXiv preprint arXiv:2309.05516},
+  year={2023}
+}"""
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+# -- public API ------------------------------------------------------------------------------------
+def render_card(
+    run_dir: Path,
+    template: Path | None = None,
+    *,
+    extras: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    chart: str | None = None,
+) -> str:
+    """The card's Markdown for the run in ``run_dir``, from its run.json (``template``: a user's Jinja file)."""
+    run_dir = Path(run_dir)
+    record = rec.load(run_dir)
+    ctx = card_context(record, run_dir, extras=extras, repo_id=repo_id, chart=chart)
+    return _render(ctx, template)
+
+
+def write_card(
+    run_dir: Path,
+    template: Path | None = None,
+    *,
+    extras: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    out_dir: Path | None = None,
+    save_record: bool = True,
+) -> Path:
+    """Render the card into ``RUN_DIR/card/`` (or ``out_dir``) with its chart and images; record their hashes."""
+    run_dir = Path(run_dir)
+    record = rec.load(run_dir)
+    if extras:
+        record.extras["card"] = {**record.extras.get("card", {}), **extras}
+    if repo_id:
+        record.extras.setdefault("card", {})["repo_id"] = repo_id
+    dest = Path(out_dir) if out_dir is not None else run_dir / CARD_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    chart = CHART_NAME if write_chart(record, dest / CHART_NAME) else None
+    if chart is None:
+        (dest / CHART_NAME).unlink(missing_ok=True)
+    for image in _images(record):
+        src = run_dir / image
+        if src.is_file():
+            (dest / image).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest / image)
+        else:
+            log.warning("prompt image %s is missing from the run folder; the card links to it anyway", image)
+    ctx = card_context(record, run_dir, chart=chart)
+    text = _render(ctx, template)
+    card_path = dest / CARD_NAME
+    rec.atomic_write_text(card_path, text)
+    if save_record and out_dir is None:
+        record.card = _file_record(card_path, run_dir)
+        assets = ([dest / chart] if chart else []) + [
+            dest / i for i in _images(record) if (dest / i).is_file()
+        ]
+        record.card_assets = [_file_record(p, run_dir) for p in assets]
+        rec.save(record, run_dir)
+    log.info("card written to %s", card_path)
+    return card_path
+
+
+def card_files(record: rec.RunRecord) -> list[rec.FileRecord]:
+    """The card and its assets as recorded (README.md first), paths relative to the run folder."""
+    return ([record.card] if record.card else []) + list(record.card_assets)
+
+
+def card_metadata(record: rec.RunRecord, extras: dict[str, Any] | None = None) -> Any:
+    """The card's YAML metadata as a ``huggingface_hub.ModelCardData``."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    extras = {**record.extras.get("card", {}), **(extras or {})}
+    base_model = extras.get("base_model") or (record.source.name if record.source.kind == "hub" else None)
+    license_id, license_name = _license(extras.get("license") or record.source.license)
+    pipeline_tag = "image-text-to-text" if record.source.is_vlm else "text-generation"
+    formats = {f.name for v in record.variants for f in v.formats}
+    tags = ["hubtool", "int4", "4-bit"] + [FORMAT_INFO[f]["tag"] for f in sorted(formats) if f in FORMAT_INFO]
+    if any(v.method in ("signround", "opt-rtn") for v in record.variants):
+        tags.append("autoround")
+    tags += list(extras.get("tags", []))
+    datasets = [
+        v.calibration.source
+        for v in record.variants
+        if v.calibration and not v.calibration.builtin and _HUB_ID.match(v.calibration.source or "")
+    ]
+    datasets += [d for d in extras.get("datasets", []) if d not in datasets]
+    model_name = extras.get("model_name") or _model_name(record, extras)
+    default = record.variants[0].name if record.variants else None
+    results = [
+        EvalResult(
+            task_type=pipeline_tag,
+            dataset_type=str(r.extra.get("dataset") or r.task),
+            dataset_name=r.task,
+            metric_type=r.metric,
+            metric_name=r.metric,
+            metric_value=r.value,
+        )
+        for r in record.evals
+        if r.model == default
+    ]
+    data = ModelCardData(
+        base_model=base_model,
+        datasets=list(dict.fromkeys(datasets)) or None,
+        eval_results=results or None,
+        language=extras.get("language"),
+        library_name="transformers",
+        license=license_id,
+        license_name=license_name,
+        model_name=model_name,
+        pipeline_tag=pipeline_tag,
+        tags=list(dict.fromkeys(tags)),
+    )
+    if base_model:
+        data.base_model_relation = "quantized"
+    return data
+
+
+def card_context(
+    record: rec.RunRecord,
+    run_dir: Path,
+    *,
+    extras: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    chart: str | None = None,
+) -> dict[str, Any]:
+    """Everything a card template sees: plain data (dicts, lists, strings, numbers) derived from the record."""
+    extras = {**record.extras.get("card", {}), **(extras or {})}
+    repo_id = (
+        repo_id or extras.get("repo_id") or (record.publish.repo_id if record.publish else PLACEHOLDER_REPO)
+    )
+    meta = card_metadata(record, extras)
+    source = record.source
+    base_label = _source_label(record)
+    revisions = _revisions(record, extras)
+    comparisons = _comparisons(record, base_label)
+    first_image = next((c["image"] for c in comparisons if c["image"]), None)
+    first_text = next((c for c in comparisons if not c["image"]), None)
+    return {
+        "card_data": meta.to_yaml(),
+        "metadata": meta.to_dict(),
+        "repo_id": repo_id,
+        "model_name": meta.model_name,
+        "base_model": meta.base_model,
+        "version": record.hubtool_version or __version__,
+        "source": rec.to_dict(source),
+        "source_display": _source_display(record),
+        "source_label": base_label,
+        "is_vlm": source.is_vlm,
+        "spec": dict(record.spec),
+        "method_label": _method_label(record),
+        "variants": [_variant(v) for v in record.variants],
+        "revisions": revisions,
+        "published": record.publish is not None and any(r["commit"] for r in revisions),
+        "usage": [
+            _usage(r, repo_id, source.is_vlm, first_text, first_image, comparisons)
+            for r in revisions
+            if not record.variants or r["variant"] == record.variants[0].name
+        ],
+        "other_revisions": [
+            r for r in revisions if record.variants and r["variant"] != record.variants[0].name
+        ],
+        "comparisons": comparisons,
+        "evals": _evals(record, base_label),
+        "chart": chart,
+        "command": shlex.join(record.command) if record.command else "",
+        "hardware": {k: None for k in ("cpu", "cpus", "memory_gb", "gpu", "gpu_count", "platform")}
+        | dict(record.hardware),
+        "libraries": dict(record.libraries),
+        "timings": dict(record.timings),
+        "peak_rss_gib": _gib(record.peak_rss_bytes),
+        "caveats": _caveats(record, extras, base_label),
+        "citations": _citations(record, extras),
+        "description": extras.get("description"),
+        "extras": extras,
+        "record": rec.to_dict(record),
+    }
+
+
+def write_chart(record: rec.RunRecord, path: Path) -> bool:
+    """Draw the eval table as a PNG bar chart (one panel per task/metric); False when there are no evals."""
+    table = _eval_table(record)
+    if table is None or not table.rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot as plt
+
+    base = _source_label(record)
+    labels = [_column_label(c, base) for c in table.columns]
+    rows = table.rows
+    fig, axes = plt.subplots(1, len(rows), figsize=(max(4.0, 3.2 * len(rows)), 3.4), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, row in zip(axes[0], rows, strict=True):
+        scale = 100.0 if row.percent else 1.0
+        vals = [row.values.get(c) for c in table.columns]
+        xs = [i for i, v in enumerate(vals) if v is not None]
+        ys = [vals[i] * scale for i in xs]
+        bars = ax.bar(xs, ys, color=[colors[i % len(colors)] for i in xs])
+        ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
+        better = "higher is better" if row.higher_is_better else "lower is better"
+        unit = " (%)" if row.percent else ""
+        ax.set_title(f"{row.task} / {row.metric}{unit}\n({better})", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+# -- rendering -------------------------------------------------------------------------------------
+def _environment(template: Path | None):
+    from jinja2 import ChoiceLoader, FileSystemLoader, PackageLoader, StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    loaders = [PackageLoader("hubtool", "templates")]
+    if template is not None:
+        loaders.insert(0, FileSystemLoader(str(Path(template).resolve().parent)))
+    env = SandboxedEnvironment(
+        loader=ChoiceLoader(loaders),
+        undefined=StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fence"] = _fence
+    env.filters["pystr"] = _pystr
+    env.filters["num"] = _num
+    env.filters["cell"] = _cell
+    return env
+
+
+def _render(ctx: dict[str, Any], template: Path | None) -> str:
+    from jinja2 import TemplateError
+    from jinja2.exceptions import SecurityError
+
+    name = TEMPLATE_NAME
+    if template is not None:
+        template = Path(template)
+        if not template.is_file():
+            raise HubtoolError(f"card template {template} not found", "pass the path of a Jinja file")
+        name = template.name
+    env = _environment(template)
+    where = str(template) if template is not None else f"hubtool's {TEMPLATE_NAME}"
+    try:
+        text = env.get_template(name).render(**ctx)
+    except SecurityError as exc:
+        raise HubtoolError(
+            f"card template {where} tried an unsafe operation: {exc}",
+            "a template can only read the card's data (no attributes starting with '_', no callables)",
+        ) from None
+    except TemplateError as exc:
+        line = getattr(exc, "lineno", None)
+        raise HubtoolError(
+            f"card template {where}{f' line {line}' if line else ''}: {exc}",
+            "fix the template; `hubtool card RUN_DIR --template PATH` re-renders it",
+        ) from None
+    return re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n"
+
+
+def _fence(text: str, lang: str = "text") -> str:
+    """``text`` in a fenced block whose fence is longer than any backtick run inside it."""
+    longest = max((len(m) for m in re.findall(r"`+", text or "")), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{(text or '').rstrip()}\n{fence}"
+
+
+def _pystr(value: Any) -> str:
+    """A Python string literal for ``value``."""
+    import json
+
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    """A number with ``digits`` decimals ("–" for None)."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.{digits}f}" if isinstance(value, float) or digits else str(value)
+
+
+def _cell(value: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+# -- context pieces --------------------------------------------------------------------------------
+def _source_label(record: rec.RunRecord) -> str:
+    try:
+        from .compare import source_label
+    except ImportError:  # compare stage not in this build
+        return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(record.source.dtype, "bf16")
+    return source_label(record)
+
+
+def _column_label(col: str, base: str) -> str:
+    return col.upper() if col == base else col
+
+
+def _model_name(record: rec.RunRecord, extras: dict[str, Any]) -> str:
+    if extras.get("repo_id"):
+        return str(extras["repo_id"]).split("/")[-1]
+    if record.publish:
+        return record.publish.repo_id.split("/")[-1]
+    name = record.source.gguf_file or record.source.name
+    stem = Path(name).name
+    for suffix in (".gguf",):
+        stem = stem.removesuffix(suffix)
+    return f"{stem}-int4"
+
+
+def _source_display(record: rec.RunRecord) -> str:
+    s = record.source
+    if s.kind == "hub":
+        return f"[{s.name}](https://huggingface.co/{s.name})" + (f" at `{s.commit}`" if s.commit else "")
+    if s.kind == "gguf":
+        return f"`{s.gguf_file or Path(s.name).name}`" + (f" (sha256 `{s.sha256}`)" if s.sha256 else "")
+    return f"`{Path(s.name).name}` (a local folder)"
+
+
+def _license(value: str | None) -> tuple[str | None, str | None]:
+    if not value:
+        return None, None
+    norm = value.strip().lower().replace(" ", "-")
+    if norm in HUB_LICENSES:
+        return norm, None
+    return "other", re.sub(r"[^a-z0-9.\-]+", "-", norm).strip("-") or "other"
+
+
+def _method_label(record: rec.RunRecord) -> str:
+    methods = list(dict.fromkeys(v.method for v in record.variants)) or [str(record.spec.get("method", ""))]
+    return ", ".join(METHOD_LABELS.get(m, m) for m in methods)
+
+
+def _variant(v: rec.VariantRecord) -> dict[str, Any]:
+    d = rec.to_dict(v)
+    d["method_label"] = METHOD_LABELS.get(v.method, v.method)
+    d["n_quantized"] = len(v.quantized)
+    d["n_skipped"] = len(v.skipped)
+    d["peak_rss_gib"] = _gib(v.peak_rss_bytes)
+    d["skip_reasons"] = sorted({s.reason for s in v.skipped})
+    return d
+
+
+def _default_format(record: rec.RunRecord, extras: dict[str, Any]) -> str | None:
+    from .publish import choose_default_format
+
+    return choose_default_format(record, extras.get("default_format"))
+
+
+def _revisions(record: rec.RunRecord, extras: dict[str, Any]) -> list[dict[str, Any]]:
+    """The repo's revisions: published ones (with commits) if the record has them, else the planned layout."""
+    from .publish import plan_revisions
+
+    published = record.publish.revisions if record.publish else []
+    planned = published or plan_revisions(record, default_format=_default_format(record, extras), tag=None)
+    out = []
+    for r in planned:
+        variant = next((v for v in record.variants if v.name == r.variant), None)
+        fmt = next((f for f in variant.formats if f.name == r.format), None) if variant else None
+        info = FORMAT_INFO.get(
+            r.format, {"label": r.format, "install": "pip install transformers", "import": ""}
+        )
+        out.append(
+            {
+                "format": r.format,
+                "format_label": info["label"],
+                "quant_method": fmt.quant_method if fmt else "",
+                "variant": r.variant,
+                "revision": r.revision,
+                "tag": r.tag,
+                "commit": r.commit,
+                "main": r.revision == "main",
+                "install": info["install"],
+                "import": info["import"],
+            }
+        )
+    return out
+
+
+def _usage(
+    r: dict[str, Any],
+    repo_id: str,
+    is_vlm: bool,
+    text_comp: dict[str, Any] | None,
+    image: str | None,
+    comparisons: list[dict[str, Any]],
+) -> dict[str, Any]:
+    image_comp = next((c for c in comparisons if c["image"]), None)
+    comp = (image_comp if is_vlm and image_comp else text_comp) or (comparisons[0] if comparisons else None)
+    return {
+        **r,
+        "repo_id": repo_id,
+        "prompt": comp["prompt"] if comp else "Hello!",
+        "system": comp["system"] if comp else None,
+        "max_new_tokens": comp["max_new_tokens"] if comp else None,
+        "image": image if is_vlm else None,
+    }
+
+
+def _images(record: rec.RunRecord) -> list[str]:
+    return list(dict.fromkeys(c.image for c in record.comparisons if c.image))
+
+
+def _comparisons(record: rec.RunRecord, base: str) -> list[dict[str, Any]]:
+    out = []
+    for c in record.comparisons:
+        agree = {a.model: a for a in c.agreements}
+        gens = []
+        for g in c.generations:
+            a = agree.get(g.model)
+            gens.append(
+                {
+                    **rec.to_dict(g),
+                    "label": _column_label(g.model, base),
+                    "is_base": g.model == base,
+                    "identical": a.identical if a else None,
+                    "first_diff": a.first_diff if a else None,
+                    "match_share": a.match_share if a else None,
+                }
+            )
+        out.append(
+            {
+                "prompt": c.prompt,
+                "image": c.image,
+                "image_source": c.image_source,
+                "system": c.system,
+                "max_new_tokens": c.max_new_tokens,
+                "generations": gens,
+            }
+        )
+    return out
+
+
+def _eval_table(record: rec.RunRecord):
+    if not record.evals:
+        return None
+    from .evaluate import eval_table
+
+    return eval_table(record)
+
+
+def _evals(record: rec.RunRecord, base: str) -> dict[str, Any] | None:
+    table = _eval_table(record)
+    if table is None or not table.rows:
+        return None
+    rows = []
+    for row in table.rows:
+        cells = []
+        for col in table.columns:
+            text = table.format(row, col)
+            se = row.stderrs.get(col)
+            if se is not None and row.values.get(col) is not None:
+                text += f" ± {100 * se if row.percent else se:.2f}"
+            cells.append(text)
+        n = sorted({v for v in row.n.values() if v})
+        rows.append(
+            {
+                "task": row.task,
+                "metric": row.metric + (" (%)" if row.percent else ""),
+                "higher_is_better": row.higher_is_better,
+                "n": ", ".join(str(x) for x in n),
+                "cells": cells,
+            }
+        )
+    has_avg = any(table.average.get(c) is not None for c in table.columns) and bool(table.average_of)
+    return {
+        "columns": [_column_label(c, base) for c in table.columns],
+        "rows": rows,
+        "average": [table.format(None, c) for c in table.columns] if has_avg else None,
+        "average_of": list(table.average_of),
+    }
+
+
+def _caveats(record: rec.RunRecord, extras: dict[str, Any], base: str) -> list[str]:
+    out = []
+    s = record.source
+    label = base.upper()
+    if s.kind == "gguf":
+        out.append(
+            f"The {label} baseline is `{s.gguf_file or Path(s.name).name}` dequantized: its publisher had "
+            f"already quantized those weights, so every comparison here is against that dequantized model, "
+            f"not against the original 16-bit release."
+        )
+    if s.note and s.kind != "hub":
+        out.append(f"Source note: {s.note}.")
+    if s.is_vlm and not record.spec.get("quantize_vision"):
+        out.append(
+            "Only the language model's decoder blocks are int4; the vision tower and projector stay 16-bit."
+        )
+    for v in record.variants:
+        if v.skipped:
+            reasons = "; ".join(sorted({sk.reason for sk in v.skipped}))
+            out.append(
+                f"`{v.name}`: {len(v.skipped)} linear layers inside the quantized blocks stay 16-bit ({reasons})."
+            )
+    ns = sorted({r.n for r in record.evals if r.n})
+    if ns:
+        out.append(
+            "Evaluation scores come from "
+            + ", ".join(str(n) for n in ns)
+            + " samples per task (see the standard errors); small differences between columns are noise."
+        )
+    if record.comparisons:
+        out.append(
+            "The example answers use greedy decoding; one differing token can change the rest of an answer."
+        )
+    out += [str(c) for c in extras.get("caveats", [])]
+    return out
+
+
+def _citations(record: rec.RunRecord, extras: dict[str, Any]) -> list[dict[str, str]]:
+    out = []
+    if any(v.method in ("signround", "opt-rtn") for v in record.variants) or any(
+        f.name == "auto_round" for v in record.variants for f in v.formats
+    ):
+        out.append({"what": "AutoRound (SignRound)", "bibtex": AUTOROUND_BIBTEX})
+    if extras.get("citation"):
+        out.append({"what": "the source model", "bibtex": str(extras["citation"]).strip()})
+    return out
+
+
+def _gib(n: int | float | None) -> str | None:
+    return f"{n / 2**30:.2f}" if n else None
+
+
+def _file_record(path: Path, run_dir: Path) -> rec.FileRecord:
+    return rec.FileRecord(path.relative_to(run_dir).as_posix(), rec.sha256_file(path), path.stat().st_size)

@@ -1,0 +1,645 @@
+"""Publish a run to the Hub: one revision per format, tags, the card on ``main``, then verify everything.
+
+Layout: the default variant's default format (``auto_round`` when exported) goes to ``main`` with the
+card; every other (variant, format) pair gets its own branch (``<format>``, or ``<variant>-<format>`` for
+a variant other than the first) tagged ``<tag>-<branch>``; ``main`` is tagged ``<tag>``. Branches are
+uploaded first so that the card can name their commits. Each revision is compared with what the repo
+already holds (LFS sha256 / git blob id) and only what differs is committed, so a re-run with nothing
+changed makes no commit and a re-run after an interrupted upload sends only what is missing. At the end
+every ref is checked and every remote file's sha256 is compared with the record.
+
+The token (``token=``, else ``HF_TOKEN`` or the login cache) never reaches a log line, the card, the record
+or an error message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import record as rec
+from .__about__ import __version__
+from .errors import HubtoolError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FORMAT_ORDER = ("auto_round", "auto_gptq", "hubtool")
+KEEP_REMOTE = {".gitattributes"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass
+class RevisionPlan:
+    """One revision to publish: where it goes and which files (path in repo, local file, recorded hash)."""
+
+    revision: rec.PublishedRevision
+    files: list[tuple[str, Path, rec.FileRecord]] = field(default_factory=list)
+    mirror: bool = True  # delete remote files that are not in ``files`` (branches hubtool owns)
+
+    @property
+    def size(self) -> int:
+        """Bytes in this revision's files."""
+        return sum(f.size for _, _, f in self.files)
+
+
+# -- the plan --------------------------------------------------------------------------------------
+def default_tag() -> str:
+    """The Hub tag used when none is given: the hubtool version ("v0.1.0")."""
+    return f"v{__version__}"
+
+
+def choose_default_format(record: rec.RunRecord, wanted: str | None = None) -> str | None:
+    """The format that goes to ``main``: ``wanted`` if the default variant has it, else auto_round first."""
+    if not record.variants:
+        return None
+    names = [f.name for f in record.variants[0].formats]
+    if wanted:
+        if wanted not in names:
+            raise HubtoolError(
+                f"--default-format {wanted} was not exported", "exported: " + ", ".join(names or ["none"])
+            )
+        return wanted
+    return next((f for f in DEFAULT_FORMAT_ORDER if f in names), names[0] if names else None)
+
+
+def plan_revisions(
+    record: rec.RunRecord, *, default_format: str | None = None, tag: str | None = None
+) -> list[rec.PublishedRevision]:
+    """Which (variant, format) goes to which revision and tag; ``main`` first (commits not known yet)."""
+    default_format = choose_default_format(record, default_format)
+    out: list[rec.PublishedRevision] = []
+    for i, v in enumerate(record.variants):
+        for f in v.formats:
+            if i == 0 and f.name == default_format:
+                out.insert(0, rec.PublishedRevision(f.name, v.name, "main", tag))
+                continue
+            branch = f.name if i == 0 else _branch_name(f"{v.name}-{f.name}")
+            out.append(rec.PublishedRevision(f.name, v.name, branch, f"{tag}-{branch}" if tag else None))
+    return out
+
+
+def _branch_name(name: str) -> str:
+    return re.sub(r"[^\w.\-]+", "-", name).strip("-.") or "int4"
+
+
+def build_plan(
+    record: rec.RunRecord, run_dir: Path, revisions: list[rec.PublishedRevision], *, card: bool = True
+) -> list[RevisionPlan]:
+    """The files of each revision: the format's files at the repo root, plus the card and its assets on main."""
+    plans = []
+    for r in revisions:
+        fmt = next(f for f in record.variant(r.variant).formats if f.name == r.format)
+        files = [(_in_repo(f.path, fmt.path), run_dir / f.path, f) for f in fmt.files]
+        if r.revision == "main" and card:
+            from .card import CARD_DIR, card_files
+
+            card_entries = [(_in_repo(f.path, CARD_DIR), run_dir / f.path, f) for f in card_files(record)]
+            taken = {p for p, _, _ in card_entries}
+            clash = [p for p, _, _ in files if p in taken]
+            if clash:
+                log.warning("the card replaces the format's own %s on main", ", ".join(clash))
+            files = [e for e in files if e[0] not in taken] + card_entries
+        plans.append(RevisionPlan(r, files, mirror=r.revision != "main"))
+    return plans
+
+
+def _in_repo(path: str, base: str) -> str:
+    return Path(path).relative_to(base).as_posix()
+
+
+def check_local_files(plans: list[RevisionPlan]) -> None:
+    """Refuse to publish files that are missing or differ from what the record says."""
+    for plan in plans:
+        for _, local, frec in plan.files:
+            if not local.is_file():
+                raise HubtoolError(
+                    f"{local} is missing from the run folder", "re-run the stage that wrote it"
+                )
+            if local.stat().st_size != frec.size or rec.sha256_file(local) != frec.sha256:
+                raise HubtoolError(
+                    f"{local} changed since run.json recorded it (sha256 differs)",
+                    "re-run the stage that wrote it (or `hubtool card` for the card) before uploading",
+                )
+
+
+def describe_plan(plans: list[RevisionPlan], repo_id: str) -> list[str]:
+    """One line per revision: revision, tag, format, variant, file count and size."""
+    lines = []
+    for p in plans:
+        r = p.revision
+        lines.append(
+            f"{repo_id}@{r.revision}: {r.format} ({r.variant}), {len(p.files)} files, "
+            f"{p.size / 2**20:.1f} MiB, tag {r.tag or '-'}" + (f", commit {r.commit}" if r.commit else "")
+        )
+    return lines
+
+
+# -- upload ----------------------------------------------------------------------------------------
+def upload(
+    run_dir: Path,
+    repo_id: str,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    private: bool = False,
+    tag: str | None = None,
+    dry_run: Path | None = None,
+    template: Path | None = None,
+    extras: dict[str, Any] | None = None,
+    default_format: str | None = None,
+) -> rec.PublishRecord:
+    """Publish RUN_DIR to ``repo_id`` (branches and tags per format, card on main), verify, record it."""
+    run_dir = Path(run_dir)
+    if not _REPO_ID.match(repo_id or ""):
+        raise HubtoolError(f"--repo-id {repo_id!r} is not of the form ORG/NAME", "e.g. my-org/my-model-int4")
+    record = rec.load(run_dir)
+    if not record.variants or not any(v.formats for v in record.variants):
+        raise HubtoolError(f"{run_dir} holds no exported format", "run `hubtool quantize` first")
+    tag = tag or default_tag()
+    extras = {**(extras or {}), **({"default_format": default_format} if default_format else {})}
+    revisions = plan_revisions(record, default_format=default_format, tag=tag)
+    if dry_run is not None:
+        return _dry_run(run_dir, repo_id, revisions, Path(dry_run), template, extras)
+
+    secret = _resolve_token(token)
+    endpoint = _endpoint(endpoint)
+    api = _api(endpoint, secret)
+    step = _Step("connecting")
+    with _hub_errors(step, endpoint, repo_id, secret):
+        step.now = "checking the token"
+        user = api.whoami()
+        step.now = f"creating {repo_id}"
+        _ensure_repo(api, repo_id, private, user)
+        main, branches = revisions[0], revisions[1:]
+        branch_plans = build_plan(record, run_dir, branches, card=False)
+        check_local_files(branch_plans)
+        for plan in branch_plans:
+            r = plan.revision
+            step.now = f"uploading {r.format} ({r.variant}) to branch {r.revision}"
+            r.commit = _sync_revision(
+                api, repo_id, plan, f"hubtool {__version__}: {r.format} int4 ({r.variant})"
+            )
+            step.now = f"tagging {r.revision}"
+            _ensure_tag(api, repo_id, r.tag, r.commit)
+
+        record = rec.load(run_dir)
+        record.publish = rec.PublishRecord(repo_id, endpoint, private, [main, *branches], verified=False)
+        rec.save(record, run_dir)
+        step.now = "rendering the card"
+        from .card import write_card
+
+        write_card(run_dir, template, extras=extras, repo_id=repo_id)
+        record = rec.load(run_dir)
+        (main_plan,) = build_plan(record, run_dir, [main], card=True)
+        check_local_files([main_plan])
+        step.now = f"uploading {main.format} ({main.variant}) and the card to main"
+        main.commit = _sync_revision(
+            api,
+            repo_id,
+            main_plan,
+            f"hubtool {__version__}: {main.format} int4 ({main.variant}) and model card",
+        )
+        step.now = "tagging main"
+        _ensure_tag(api, repo_id, main.tag, main.commit)
+        step.now = "verifying the upload"
+        plans = [main_plan, *branch_plans]
+        verify(api, repo_id, plans, endpoint=endpoint, token=secret)
+
+    record = rec.load(run_dir)
+    record.publish = rec.PublishRecord(
+        repo_id,
+        endpoint,
+        private,
+        [p.revision for p in plans],
+        verified=True,
+        at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    rec.save(record, run_dir)
+    for line in describe_plan(plans, repo_id):
+        log.info("published %s", line)
+    return record.publish
+
+
+def _dry_run(
+    run_dir: Path,
+    repo_id: str,
+    revisions: list[rec.PublishedRevision],
+    out: Path,
+    template: Path | None,
+    extras: dict[str, Any],
+) -> rec.PublishRecord:
+    """Write each revision's tree to ``out/<revision>/`` (the card into main's) and log the plan."""
+    from .card import write_card
+
+    record = rec.load(run_dir)
+    plans = build_plan(record, run_dir, revisions, card=False)
+    check_local_files(plans)
+    for plan in plans:
+        dest = out / plan.revision.revision
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        for path_in_repo, local, _ in plan.files:
+            target = dest / path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(local, target)
+            except OSError:
+                shutil.copyfile(local, target)
+    write_card(run_dir, template, extras=extras, repo_id=repo_id, out_dir=out / "main", save_record=False)
+    for line in describe_plan(plans, repo_id):
+        log.info("dry run: %s", line)
+    log.info("dry run: revision trees written to %s (nothing was uploaded)", out)
+    return rec.PublishRecord(repo_id, f"dry-run:{out}", False, revisions, verified=False)
+
+
+# -- one revision ----------------------------------------------------------------------------------
+def _sync_revision(api: Any, repo_id: str, plan: RevisionPlan, message: str) -> str:
+    """Make the revision hold exactly ``plan.files`` (plus what main keeps); commit only the difference."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.hf_api import RepoFile
+
+    branch = plan.revision.revision
+    heads = {b.name: b.target_commit for b in api.list_repo_refs(repo_id).branches}
+    if branch not in heads:
+        api.create_branch(repo_id, branch=branch, revision=heads.get("main"), exist_ok=True)
+        heads = {b.name: b.target_commit for b in api.list_repo_refs(repo_id).branches}
+    remote = {
+        f.path: f
+        for f in api.list_repo_tree(repo_id, revision=heads[branch], recursive=True)
+        if isinstance(f, RepoFile)
+    }
+    ops: list[Any] = []
+    wanted = set()
+    for path_in_repo, local, frec in plan.files:
+        wanted.add(path_in_repo)
+        if not _same_file(remote.get(path_in_repo), local, frec):
+            ops.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(local)))
+    stale = sorted(p for p in remote if p not in wanted and p not in KEEP_REMOTE)
+    if plan.mirror:
+        ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
+    elif stale:
+        log.info("%s keeps %d file(s) hubtool did not write: %s", branch, len(stale), ", ".join(stale[:5]))
+    if not ops:
+        log.info("%s@%s is up to date (no commit)", repo_id, branch)
+        return heads[branch]
+    n_add = sum(isinstance(o, CommitOperationAdd) for o in ops)
+    log.info("%s@%s: committing %d changed file(s), %d deletion(s)", repo_id, branch, n_add, len(ops) - n_add)
+    info = api.create_commit(
+        repo_id, ops, commit_message=message, revision=branch, parent_commit=heads[branch]
+    )
+    return info.oid
+
+
+def _same_file(remote: Any, local: Path, frec: rec.FileRecord) -> bool:
+    """Whether a remote file already holds the local content (LFS sha256, or git blob id of a small file)."""
+    if remote is None or remote.size != frec.size:
+        return False
+    if remote.lfs is not None:
+        return remote.lfs.sha256 == frec.sha256
+    data = local.read_bytes()
+    return remote.blob_id == hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _ensure_tag(api: Any, repo_id: str, tag: str | None, commit: str) -> None:
+    """Tag ``commit``; a tag that exists at the same commit is fine, one elsewhere is never moved."""
+    if not tag:
+        return
+    tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags}
+    if tag in tags:
+        if tags[tag] == commit:
+            return
+        raise HubtoolError(
+            f"tag {tag} already points to commit {tags[tag][:12]}, not to the new commit {commit[:12]}",
+            "tags are never moved: pass a new --tag",
+        )
+    api.create_tag(repo_id, tag=tag, revision=commit, tag_message=f"hubtool {__version__}")
+
+
+def verify(
+    api: Any, repo_id: str, plans: list[RevisionPlan], *, endpoint: str, token: str | None = None
+) -> None:
+    """Check that each branch and tag points to its commit and every remote file's sha256 matches the record."""
+    from huggingface_hub.hf_api import RepoFile
+
+    refs = api.list_repo_refs(repo_id)
+    branches = {b.name: b.target_commit for b in refs.branches}
+    tags = {t.name: t.target_commit for t in refs.tags}
+    for plan in plans:
+        r = plan.revision
+        if branches.get(r.revision) != r.commit:
+            raise HubtoolError(
+                f"verify: branch {r.revision} is at {branches.get(r.revision)}, expected {r.commit}"
+            )
+        if r.tag and tags.get(r.tag) != r.commit:
+            raise HubtoolError(f"verify: tag {r.tag} is at {tags.get(r.tag)}, expected {r.commit}")
+        remote = {
+            f.path: f
+            for f in api.list_repo_tree(repo_id, revision=r.commit, recursive=True)
+            if isinstance(f, RepoFile)
+        }
+        for path_in_repo, _, frec in plan.files:
+            f = remote.get(path_in_repo)
+            if f is None:
+                raise HubtoolError(f"verify: {path_in_repo} is missing from {repo_id}@{r.revision}")
+            if f.lfs is not None:
+                sha, size = f.lfs.sha256, f.lfs.size
+            else:
+                data = _download(repo_id, path_in_repo, r.commit, endpoint, token)
+                sha, size = hashlib.sha256(data).hexdigest(), len(data)
+            if sha != frec.sha256 or size != frec.size:
+                raise HubtoolError(
+                    f"verify: {repo_id}@{r.revision}:{path_in_repo} has sha256 {sha[:12]}…, "
+                    f"the record says {frec.sha256[:12]}…",
+                    "re-run the upload",
+                )
+    log.info(
+        "verified %d revision(s) of %s: refs and sha256 of every file match the record", len(plans), repo_id
+    )
+
+
+def _download(repo_id: str, path: str, revision: str, endpoint: str, token: str | None) -> bytes:
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, path, revision=revision, endpoint=endpoint)
+    resp = get_session().get(url, headers=build_hf_headers(token=token, library_name="hubtool"))
+    hf_raise_for_status(resp)
+    return resp.content
+
+
+# -- the client ------------------------------------------------------------------------------------
+def _endpoint(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _resolve_token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    secret = token or get_token()
+    if not secret:
+        raise HubtoolError(
+            "no Hugging Face token found", "set HF_TOKEN or run `hf auth login` with a token that can write"
+        )
+    return secret
+
+
+def _api(endpoint: str, token: str) -> Any:
+    """An HfApi for ``endpoint``; honours HF_HUB_DISABLE_XET / HF_HUB_OFFLINE as set now, not at import."""
+    from huggingface_hub import HfApi, constants
+
+    if os.environ.get("HF_HUB_DISABLE_XET", "").strip().lower() in ("1", "true", "yes", "on"):
+        constants.HF_HUB_DISABLE_XET = True
+    if constants.HF_HUB_OFFLINE:
+        raise HubtoolError("HF_HUB_OFFLINE is set, so nothing can be uploaded", "unset HF_HUB_OFFLINE")
+    return HfApi(endpoint=endpoint, token=token, library_name="hubtool", library_version=__version__)
+
+
+def _ensure_repo(api: Any, repo_id: str, private: bool, user: dict) -> None:
+    """Create the repo (or reuse one the token can write to); refuse a namespace the user cannot write to."""
+    namespace = repo_id.split("/")[0]
+    mine = {user.get("name")} | {o.get("name") for o in user.get("orgs", []) if isinstance(o, dict)}
+    if namespace not in mine:
+        if api.repo_exists(repo_id):
+            raise HubtoolError(
+                f"{repo_id} already exists and belongs to {namespace}, which user {user.get('name')} cannot write to",
+                "choose a --repo-id in your own namespace or one of your organizations",
+            )
+        raise HubtoolError(
+            f"user {user.get('name')} cannot create repos under {namespace}",
+            "choose a --repo-id in your own namespace or one of your organizations",
+        )
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    log.info("repo %s ready (%s)", repo_id, url)
+    if private and not getattr(api.repo_info(repo_id), "private", True):
+        log.warning("%s already exists and is public; --private does not change an existing repo", repo_id)
+
+
+@dataclass
+class _Step:
+    now: str
+
+
+@contextmanager
+def _hub_errors(step: _Step, endpoint: str, repo_id: str, secret: str | None) -> Iterator[None]:
+    """Turn the client's errors into one-line HubtoolErrors that never contain the token."""
+    try:
+        yield
+    except HubtoolError as exc:
+        raise HubtoolError(_scrub(exc.message, secret), _scrub(exc.hint, secret)) from None
+    except Exception as exc:  # noqa: BLE001 - every client failure becomes one clear line
+        message, hint = _describe(exc, step.now, endpoint, repo_id)
+        raise HubtoolError(_scrub(message, secret), _scrub(hint, secret)) from None
+
+
+def _describe(exc: BaseException, step: str, endpoint: str, repo_id: str) -> tuple[str, str | None]:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    chain = _chain(exc)
+    http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
+    if http is not None:
+        status = http.response.status_code
+        detail = _first_line(getattr(http, "server_message", None) or str(http))
+        if status == 401:
+            return (
+                f"the Hub at {endpoint} rejected the token (401 Unauthorized) while {step}",
+                "check HF_TOKEN or run `hf auth login` with a valid token",
+            )
+        if status == 403:
+            return (
+                f"no write access to {repo_id} (403 Forbidden) while {step}: {detail}",
+                "use a token with write access to this namespace, or choose another --repo-id",
+            )
+        if status == 404:
+            return f"not found (404) while {step}: {detail}", "check --repo-id and --endpoint"
+        if status >= 500:
+            return (
+                f"the Hub failed ({status}) while {step}: {detail}",
+                "re-run the same command: what is already uploaded is not sent again",
+            )
+        return f"the Hub answered {status} while {step}: {detail}", None
+    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        return "HF_HUB_OFFLINE is set, so nothing can be uploaded", "unset HF_HUB_OFFLINE"
+    network = next((e for e in chain if isinstance(e, _transport_errors())), None)
+    if network is not None:
+        return (
+            f"lost the connection to {endpoint} while {step} ({type(network).__name__})",
+            "re-run the same command to finish: files already uploaded are not sent again",
+        )
+    if isinstance(exc, ValueError) and "metadata" in str(exc).lower():
+        return (
+            f"the Hub refused the card's metadata: {_first_line(str(exc))}",
+            "fix the card template or extras",
+        )
+    return f"{type(exc).__name__} while {step}: {_first_line(str(exc))}", None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errs.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errs)
+
+
+def _first_line(text: str) -> str:
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line[:300]
+
+
+def _scrub(text: str | None, secret: str | None) -> str | None:
+    if text is None or not secret:
+        return text
+    return text.replace(secret, "***")
+
+
+# -- publish: the whole pipeline -------------------------------------------------------------------
+def quantize_command(opts: Any) -> list[str]:
+    """The ``hubtool quantize`` argv that reproduces ``opts`` (a QuantizeOptions); defaults are left out."""
+    from .pipeline import QuantizeOptions
+
+    defaults = QuantizeOptions(source="", run_dir=Path("."))
+    argv = ["hubtool", "quantize", str(opts.source), "-o", str(opts.run_dir)]
+    flags = {
+        "revision": "--revision",
+        "bits": "--bits",
+        "group_size": "--group-size",
+        "method": "--method",
+        "recipe": "--recipe",
+        "iters": "--iters",
+        "nsamples": "--nsamples",
+        "seqlen": "--seqlen",
+        "batch_size": "--batch-size",
+        "lr": "--lr",
+        "seed": "--seed",
+        "dtype": "--dtype",
+        "device": "--device",
+        "skip": "--skip",
+    }
+    for name, flag in flags.items():
+        value = getattr(opts, name)
+        if value is not None and value != getattr(defaults, name):
+            argv += [flag, str(value)]
+    if not opts.sym:
+        argv.append("--asym")
+    for c in opts.calib:
+        argv += ["--calib", str(c)]
+    if list(opts.formats) != list(defaults.formats):
+        argv += ["--formats", ",".join(opts.formats)]
+    for name in ("trust_remote_code", "quantize_vision"):
+        if getattr(opts, name):
+            argv.append("--" + name.replace("_", "-"))
+    return argv
+
+
+def quantize_options(source: str, run_dir: Path, spec: dict[str, Any] | None = None, **more: Any) -> Any:
+    """A QuantizeOptions from a spec dict (hubtool.toml's [spec] or CLI flags); unknown keys are refused."""
+    from .pipeline import QuantizeOptions
+
+    names = {f.name for f in fields(QuantizeOptions)}
+    spec = {k.replace("-", "_"): v for k, v in (spec or {}).items()}
+    spec.update({k: v for k, v in more.items() if v is not None})
+    bad = sorted(set(spec) - names)
+    if bad:
+        raise HubtoolError(f"unknown quantize option {bad[0]!r}", "known: " + ", ".join(sorted(names)))
+    if isinstance(spec.get("calib"), str):
+        spec["calib"] = [spec["calib"]]
+    opts = QuantizeOptions(source=source, run_dir=Path(run_dir), **spec)
+    if not opts.command:
+        opts.command = quantize_command(opts)
+    return opts
+
+
+def publish(
+    source: str,
+    repo_id: str,
+    *,
+    run_dir: Path | None = None,
+    spec: dict[str, Any] | None = None,
+    calibrations: list[str] | None = None,
+    prompts: Path | None = None,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    private: bool = False,
+    tag: str | None = None,
+    dry_run: Path | None = None,
+    template: Path | None = None,
+    extras: dict[str, Any] | None = None,
+    default_format: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[..., None] | None = None,
+) -> rec.PublishRecord:
+    """quantize -> compare -> evaluate -> card -> upload; a stage whose results run.json already holds is kept."""
+    run_dir = Path(run_dir or Path("runs") / repo_id.split("/")[-1])
+    if not _REPO_ID.match(repo_id or ""):
+        raise HubtoolError(f"--repo-id {repo_id!r} is not of the form ORG/NAME", "e.g. my-org/my-model-int4")
+    if dry_run is None:
+        _resolve_token(token)  # fail before hours of quantizing, not after
+    finished = (run_dir / rec.RECORD_NAME).is_file()
+    if finished and not overwrite:
+        record = rec.load(run_dir)
+        log.info(
+            "%s already holds a quantized run of %s; reusing it (--overwrite redoes it)",
+            run_dir,
+            record.source.name,
+        )
+    else:
+        from .pipeline import run_quantize
+
+        opts = quantize_options(
+            source,
+            run_dir,
+            spec,
+            calib=list(calibrations) if calibrations else None,
+            overwrite=overwrite or None,
+        )
+        log.info("quantizing %s into %s", source, run_dir)
+        record = run_quantize(opts, **({"progress": progress} if progress else {}))
+    if not record.comparisons or overwrite:
+        from .compare import run_compare
+
+        log.info("comparing int4 and 16-bit answers")
+        run_compare(run_dir, prompts_path=Path(prompts) if prompts else None)
+    if tasks and (not rec.load(run_dir).evals or overwrite):
+        from .evaluate import run_eval
+
+        log.info("evaluating %s", ", ".join(tasks))
+        run_eval(run_dir, tasks, limit=limit)
+    return upload(
+        run_dir,
+        repo_id,
+        endpoint=endpoint,
+        token=token,
+        private=private,
+        tag=tag,
+        dry_run=dry_run,
+        template=template,
+        extras=extras,
+        default_format=default_format,
+    )
