@@ -257,6 +257,8 @@ def run(
     ms: Sequence[int] = MS,
     rounds: int = 5,
     cuda: bool | None = None,
+    cpu: bool = True,
+    cuda_ms: Sequence[int] | None = None,
 ) -> dict:
     """Benchmark every (N, K) shape at every M on the CPU (and CUDA if present); optionally write JSON."""
     from .kernels import kernel_info
@@ -274,7 +276,7 @@ def run(
         "cpu": [],
     }
     log.info("DRAM read bandwidth %.1f GB/s, LLC %d MiB", result["dram_read_gbps"], cache >> 20)
-    for n, k in shapes:
+    for n, k in shapes if cpu else ():
         result["cpu"].extend(bench_cpu_shape(n, k, ms, cache, rounds))
     for r in result["cpu"]:
         if r["m"] == 1 and "ours_gbps" in r:
@@ -289,7 +291,7 @@ def run(
         result["cuda"] = []
         if gpu.available():
             for n, k in shapes:
-                result["cuda"].extend(bench_cuda_shape(n, k, ms))
+                result["cuda"].extend(bench_cuda_shape(n, k, cuda_ms or ms))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2))
