@@ -132,6 +132,10 @@ def bench_cpu_shape(n: int, k: int, ms: Sequence[int], cache: int, rounds: int =
         if have_ours:
             for name, x in (("ours_bf16", xb), ("ours_fp16", xh), ("ours_fp32", xf)):
                 times[name] = time_rotation([lambda p=p, x=x: cpu.int4_mm(x, p) for p in ours], rounds)
+            # fp32 activations rounded to bf16 first (HUBTOOL_CPU_ACT=bf16): torch's built-in precision.
+            times["ours_fp32_act_bf16"] = time_rotation(
+                [lambda p=p, x=xf: cpu.int4_mm(x, p, act="bf16") for p in ours], rounds
+            )
         times = {key: v * 1e3 for key, v in times.items()}
         row = {"shape": [n, k], "m": m, "times_ms": times, "copies": {"bf16": c16, "fp32": c32, "int4": c4}}
         if have_ours:

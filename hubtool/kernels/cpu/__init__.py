@@ -29,9 +29,11 @@ LDFLAGS = ["-fopenmp"]
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
 ISA_CODES = {v: k for k, v in ISA_NAMES.items()}
 BLOCK_N = 64  # output columns per block of the repacked layout
-ISA_ENV = (
-    "HUBTOOL_CPU_ISA"  # force a lower ISA level (scalar|avx2|avx512|avx512_bf16), for tests and comparisons
-)
+# Force a lower ISA level (scalar|avx2|avx512|avx512_bf16), for tests and comparisons.
+ISA_ENV = "HUBTOOL_CPU_ISA"
+# fp16/fp32 activations: "exact" (default) keeps them in fp32 (FMA path, 2x the multiply work of bf16 when
+# compute-bound); "bf16" rounds them to bf16 first, as torch's built-in does, for bf16 speed at any M.
+ACT_ENV = "HUBTOOL_CPU_ACT"
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None, "build_s": None, "path": None}
@@ -180,7 +182,13 @@ def repack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size:
     return Packed(packed.to(torch.uint8).contiguous(), scales, zeros, group_size, n)
 
 
-def int4_mm(x: torch.Tensor, p: Packed, isa: int | None = None) -> torch.Tensor:
+def int4_mm(x: torch.Tensor, p: Packed, isa: int | None = None, act: str | None = None) -> torch.Tensor:
     """(M, K) activations times the packed weight -> (M, N) in x's dtype (the custom op)."""
     level = forced_isa() if isa is None else isa
+    act = act or os.environ.get(ACT_ENV, "exact")
+    if act == "bf16" and x.dtype != torch.bfloat16:
+        y = torch.ops.hubtool.int4_mm_cpu(
+            x.to(torch.bfloat16), p.packed, p.scales, p.zeros, p.group_size, p.n, level
+        )
+        return y.to(x.dtype)
     return torch.ops.hubtool.int4_mm_cpu(x, p.packed, p.scales, p.zeros, p.group_size, p.n, level)
