@@ -252,15 +252,20 @@ def _dry_run(
         for path_in_repo, local, _ in plan.files:
             target = dest / path_in_repo
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(local, target)
-            except OSError:
-                shutil.copyfile(local, target)
-    write_card(run_dir, template, extras=extras, repo_id=repo_id, out_dir=out / "main", save_record=False)
+            shutil.copyfile(local, target)  # a copy, not a link: editing the tree must not touch the run
+    card = write_card(
+        run_dir, template, extras=extras, repo_id=repo_id, out_dir=out / "main", save_record=False
+    )
     for line in describe_plan(plans, repo_id):
         log.info("dry run: %s", line)
+    extra = sorted(p.relative_to(card.parent).as_posix() for p in card.parent.rglob("*") if p.is_file())
+    log.info("dry run: main also gets the card: %s", ", ".join(e for e in extra if e not in _names(plans[0])))
     log.info("dry run: revision trees written to %s (nothing was uploaded)", out)
     return rec.PublishRecord(repo_id, f"dry-run:{out}", False, revisions, verified=False)
+
+
+def _names(plan: RevisionPlan) -> set[str]:
+    return {p for p, _, _ in plan.files}
 
 
 # -- one revision ----------------------------------------------------------------------------------
@@ -593,9 +598,13 @@ def publish(
     extras: dict[str, Any] | None = None,
     default_format: str | None = None,
     overwrite: bool = False,
-    progress: Callable[..., None] | None = None,
+    quantize_fn: Callable[[Any], rec.RunRecord] | None = None,
 ) -> rec.PublishRecord:
-    """quantize -> compare -> evaluate -> card -> upload; a stage whose results run.json already holds is kept."""
+    """quantize -> compare -> evaluate -> card -> upload; a stage whose results run.json already holds is kept.
+
+    ``spec`` holds `hubtool quantize` options (QuantizeOptions fields); ``quantize_fn`` replaces
+    ``pipeline.run_quantize`` (the CLI passes one that draws a progress bar).
+    """
     run_dir = Path(run_dir or Path("runs") / repo_id.split("/")[-1])
     if not _REPO_ID.match(repo_id or ""):
         raise HubtoolError(f"--repo-id {repo_id!r} is not of the form ORG/NAME", "e.g. my-org/my-model-int4")
@@ -620,7 +629,7 @@ def publish(
             overwrite=overwrite or None,
         )
         log.info("quantizing %s into %s", source, run_dir)
-        record = run_quantize(opts, **({"progress": progress} if progress else {}))
+        record = (quantize_fn or run_quantize)(opts)
     if not record.comparisons or overwrite:
         from .compare import run_compare
 

@@ -1,0 +1,203 @@
+"""`hubtool card`, `hubtool upload` and `hubtool publish`: the model card and the Hub.
+
+Options default to ./hubtool.toml (or ``--config PATH``); flags override it. The token comes from
+``HF_TOKEN`` or the login cache, never from the command line (so it cannot land in run.json's command).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from ..config import load_config, merged
+from ..errors import HubtoolError
+from .common import console
+
+CONFIG_HELP = "hubtool.toml with the defaults (default: ./hubtool.toml if present)."
+
+
+def _config(path: Path | None) -> dict[str, Any]:
+    return load_config(path)
+
+
+def card_cmd(
+    run_dir: Path = typer.Argument(..., help="Run folder (holds run.json)."),
+    template: Path = typer.Option(None, help="Your own Jinja template (rendered sandboxed)."),
+    repo_id: str = typer.Option(None, "--repo-id", help="Repo id the usage snippets load (ORG/NAME)."),
+    config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Render RUN_DIR/card/README.md (and its chart) from run.json."""
+    from ..card import write_card
+
+    cfg = merged(_config(config), template=str(template) if template else None, repo_id=repo_id)
+    path = write_card(
+        run_dir,
+        Path(cfg["template"]) if cfg.get("template") else None,
+        extras=cfg.get("card") or None,
+        repo_id=cfg.get("repo_id"),
+    )
+    console.print(f"card: {path}")
+
+
+def upload_cmd(
+    run_dir: Path = typer.Argument(..., help="Run folder (holds run.json)."),
+    repo_id: str = typer.Option(None, "--repo-id", help="Target repo, ORG/NAME."),
+    endpoint: str = typer.Option(None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)."),
+    private: bool = typer.Option(None, "--private/--public", help="Create the repo private."),
+    tag: str = typer.Option(None, help="Tag for this release (default: the hubtool version)."),
+    dry_run: Path = typer.Option(
+        None, "--dry-run", help="Write each revision's tree to this folder instead."
+    ),
+    template: Path = typer.Option(None, help="Your own Jinja card template (rendered sandboxed)."),
+    default_format: str = typer.Option(None, help="Format that goes to main (default: auto_round)."),
+    config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Publish RUN_DIR: each format on its own branch and tag, the card and the default format on main."""
+    from ..publish import upload
+
+    cfg = merged(
+        _config(config),
+        repo_id=repo_id,
+        endpoint=endpoint,
+        private=private,
+        tag=tag,
+        template=str(template) if template else None,
+        default_format=default_format,
+    )
+    repo = _need(cfg, "repo_id", "--repo-id")
+    result = upload(
+        run_dir,
+        repo,
+        endpoint=cfg.get("endpoint"),
+        private=bool(cfg.get("private", False)),
+        tag=cfg.get("tag"),
+        dry_run=dry_run,
+        template=Path(cfg["template"]) if cfg.get("template") else None,
+        extras=cfg.get("card") or None,
+        default_format=cfg.get("default_format"),
+    )
+    _show(result, run_dir, dry_run)
+
+
+def publish_cmd(
+    source: str = typer.Argument(
+        None, help="Hub id, model folder, .gguf file or pypi:<model> (or `source`)."
+    ),
+    repo_id: str = typer.Option(None, "--repo-id", help="Target repo, ORG/NAME."),
+    run_dir: Path = typer.Option(None, "-o", "--run-dir", help="Run folder (default: runs/<repo name>)."),
+    endpoint: str = typer.Option(None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)."),
+    private: bool = typer.Option(None, "--private/--public", help="Create the repo private."),
+    tag: str = typer.Option(None, help="Tag for this release (default: the hubtool version)."),
+    dry_run: Path = typer.Option(
+        None, "--dry-run", help="Write each revision's tree to this folder instead."
+    ),
+    template: Path = typer.Option(None, help="Your own Jinja card template (rendered sandboxed)."),
+    default_format: str = typer.Option(None, help="Format that goes to main (default: auto_round)."),
+    calib: list[str] = typer.Option(None, help="Calibration set (repeat: one int4 variant per set)."),
+    prompts: Path = typer.Option(None, help="prompts.yaml for the INT4 vs 16-bit comparison."),
+    tasks: str = typer.Option(None, help="Comma-separated eval tasks (none: no evaluation)."),
+    limit: int = typer.Option(None, help="Samples per eval task."),
+    method: str = typer.Option(None, help="signround, opt-rtn or rtn."),
+    recipe: str = typer.Option(None, help="SignRound recipe: best, default or light."),
+    iters: int = typer.Option(None, help="Override the recipe's iterations per block."),
+    nsamples: int = typer.Option(None, help="Override the number of calibration samples."),
+    seqlen: int = typer.Option(None, help="Override the calibration sequence length."),
+    group_size: int = typer.Option(None, help="Group size: 32, 64 or 128."),
+    formats: str = typer.Option(None, help="Comma-separated formats to export."),
+    seed: int = typer.Option(None, help="Random seed."),
+    device: str = typer.Option(None, help="Device to tune on (cpu, cuda)."),
+    overwrite: bool = typer.Option(False, help="Redo every stage even if RUN_DIR already holds its results."),
+    config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """quantize -> compare -> eval -> card -> upload, in one command (driven by hubtool.toml if present)."""
+    from ..publish import publish
+
+    spec = {
+        "method": method,
+        "recipe": recipe,
+        "iters": iters,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "group_size": group_size,
+        "formats": formats.split(",") if formats else None,
+        "seed": seed,
+        "device": device,
+    }
+    cfg = merged(
+        _config(config),
+        source=source,
+        repo_id=repo_id,
+        run_dir=str(run_dir) if run_dir else None,
+        endpoint=endpoint,
+        private=private,
+        tag=tag,
+        template=str(template) if template else None,
+        default_format=default_format,
+        calibrations=list(calib) if calib else None,
+        prompts=str(prompts) if prompts else None,
+        tasks=[t for t in tasks.split(",") if t.strip()] if tasks else None,
+        limit=limit,
+        spec=spec,
+    )
+    repo = _need(cfg, "repo_id", "--repo-id")
+    result = publish(
+        _need(cfg, "source", "SOURCE"),
+        repo,
+        run_dir=Path(cfg["run_dir"]) if cfg.get("run_dir") else None,
+        spec=cfg.get("spec"),
+        calibrations=cfg.get("calibrations"),
+        prompts=Path(cfg["prompts"]) if cfg.get("prompts") else None,
+        tasks=cfg.get("tasks"),
+        limit=cfg.get("limit"),
+        endpoint=cfg.get("endpoint"),
+        private=bool(cfg.get("private", False)),
+        tag=cfg.get("tag"),
+        dry_run=dry_run,
+        template=Path(cfg["template"]) if cfg.get("template") else None,
+        extras=cfg.get("card") or None,
+        default_format=cfg.get("default_format"),
+        overwrite=overwrite,
+        quantize_fn=_quantize_with_progress(),
+    )
+    _show(result, Path(cfg["run_dir"]) if cfg.get("run_dir") else Path("runs") / repo.split("/")[-1], dry_run)
+
+
+def _quantize_with_progress():
+    try:
+        from .quantize import run_with_progress
+    except ImportError:  # the quantize command is not in this build
+        return None
+    return run_with_progress
+
+
+def _need(cfg: dict[str, Any], key: str, flag: str) -> str:
+    value = cfg.get(key)
+    if not value:
+        raise HubtoolError(f"no {key} given", f"pass {flag} or set {key} in hubtool.toml")
+    return str(value)
+
+
+def _show(result, run_dir: Path, dry_run: Path | None) -> None:
+    table = Table(title=f"{result.repo_id}" + (" (dry run)" if dry_run else ""), show_lines=False)
+    for col in ("revision", "tag", "format", "variant", "commit"):
+        table.add_column(col)
+    for r in result.revisions:
+        table.add_row(r.revision, r.tag or "-", r.format, r.variant, r.commit or "-")
+    console.print(table)
+    if dry_run:
+        console.print(
+            f"dry run: revision trees in {dry_run}/<revision>/, the card in {dry_run}/main/README.md"
+        )
+    else:
+        state = "verified" if result.verified else "NOT verified"
+        console.print(f"{state}; card: {Path(run_dir) / 'card' / 'README.md'}; endpoint: {result.endpoint}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `card`, `upload` and `publish` to the app."""
+    app.command("card")(card_cmd)
+    app.command("upload")(upload_cmd)
+    app.command("publish")(publish_cmd)
