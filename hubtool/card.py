@@ -100,6 +100,8 @@ def render_card(
     """The card's Markdown for the run in ``run_dir``, from its run.json (``template``: a user's Jinja file)."""
     run_dir = Path(run_dir)
     record = rec.load(run_dir)
+    if chart is None and _evals(record, _source_label(record)):
+        chart = CHART_NAME  # write_card draws it next to the card
     ctx = card_context(record, run_dir, extras=extras, repo_id=repo_id, chart=chart)
     return _render(ctx, template)
 
@@ -215,7 +217,7 @@ def card_context(
     repo_id = (
         repo_id or extras.get("repo_id") or (record.publish.repo_id if record.publish else PLACEHOLDER_REPO)
     )
-    meta = card_metadata(record, extras)
+    meta = card_metadata(record, {**extras, "repo_id": repo_id} if repo_id != PLACEHOLDER_REPO else extras)
     source = record.source
     base_label = _source_label(record)
     revisions = _revisions(record, extras)
@@ -300,12 +302,12 @@ def write_chart(record: rec.RunRecord, path: Path) -> bool:
 # -- rendering -------------------------------------------------------------------------------------
 def _environment(template: Path | None):
     from jinja2 import ChoiceLoader, FileSystemLoader, PackageLoader, StrictUndefined
-    from jinja2.sandbox import SandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     loaders = [PackageLoader("hubtool", "templates")]
     if template is not None:
         loaders.insert(0, FileSystemLoader(str(Path(template).resolve().parent)))
-    env = SandboxedEnvironment(
+    env = ImmutableSandboxedEnvironment(  # a SandboxedEnvironment that also refuses to mutate the data
         loader=ChoiceLoader(loaders),
         undefined=StrictUndefined,
         autoescape=False,
@@ -343,6 +345,11 @@ def _render(ctx: dict[str, Any], template: Path | None) -> str:
         line = getattr(exc, "lineno", None)
         raise HubtoolError(
             f"card template {where}{f' line {line}' if line else ''}: {exc}",
+            "fix the template; `hubtool card RUN_DIR --template PATH` re-renders it",
+        ) from None
+    except (ArithmeticError, LookupError, TypeError, ValueError) as exc:
+        raise HubtoolError(
+            f"card template {where}: {type(exc).__name__}: {exc}",
             "fix the template; `hubtool card RUN_DIR --template PATH` re-renders it",
         ) from None
     return re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n"
