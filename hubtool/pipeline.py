@@ -294,6 +294,7 @@ def _quantize_variant(
             seed=recipe.seed,
             is_vlm=loaded.info.is_vlm,
             image_text=opts.quantize_vision,
+            batch_size=recipe.batch_size,
         )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
