@@ -56,8 +56,13 @@ def quantize_model(
     work_dir: Path | None = None,
     resume: bool = False,
     progress: ProgressFn | None = None,
+    device_map: str | None = None,
 ) -> QuantResult:
-    """Quantize every linear in ``plan``: RTN needs no data; opt-rtn and signround run block by block."""
+    """Quantize every linear in ``plan``: RTN needs no data; opt-rtn and signround run block by block.
+
+    ``calib`` is a :class:`hubtool.quant.calib.CalibrationSet`; ``device_map`` ("cuda:0,cuda:1" or "auto")
+    spreads each block over several GPUs while it is tuned.
+    """
     if method == "rtn":
         return _rtn(model, plan, spec, progress)
     from .blockwise import quantize_blockwise
@@ -73,6 +78,7 @@ def quantize_model(
         work_dir=work_dir,
         resume=resume,
         progress=progress,
+        device_map=device_map,
     )
 
 
