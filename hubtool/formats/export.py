@@ -265,7 +265,8 @@ def quantization_config(
             "checkpoint_format": "gptq",
             "format": "gptq",  # transformers 5's GPTQConfig name for checkpoint_format
             "block_name_to_quantize": ",".join(blocks),
-            "meta": {"quantizer": [f"hubtool:{version}"], "method": meta.get("method") or "rtn"},
+            # provenance as auto-round writes it; no "meta" key: transformers reads one as GPTQModel's v2 format
+            "provider": f"hubtool {version} ({meta.get('method') or 'rtn'})",
         }
         if skipped:
             per_block: dict[str, set[str]] = {}

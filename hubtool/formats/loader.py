@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import HubtoolError
-from ..integrations.transformers import PACKING_V1, PACKING_V2
+from ..integrations.transformers import PACKING_AWQ, PACKING_V1, PACKING_V2
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,8 @@ def hubtool_config_for(qc: dict[str, Any], ck: CheckpointTensors) -> dict[str, A
             raise _unsupported("quantized activations")
         if "gptq" in packing_format and "awq" not in packing_format:
             packing = PACKING_V1
+        elif packing_format in ("auto_round:auto_awq", "auto_awq", "auto_round:awq"):
+            packing = PACKING_AWQ
         elif packing_format in (
             "auto_round",
             "auto_round:torch",
@@ -184,6 +186,14 @@ def hubtool_config_for(qc: dict[str, Any], ck: CheckpointTensors) -> dict[str, A
             if not str(rule).startswith("-:") and int((cfg or {}).get("bits", bits)) != 4:
                 raise _unsupported(f"GPTQ dynamic rule {rule!r} with {cfg.get('bits')}-bit weights")
         out = {}
+    elif method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm" or not qc.get("zero_point", True):
+            raise _unsupported(
+                f"AWQ version {version!r}" + ("" if qc.get("zero_point", True) else " without zero points")
+            )
+        packing = PACKING_AWQ
+        out = {}
     else:
         raise _unsupported(f"quant_method {method or '(none)'!r}")
 
@@ -195,7 +205,7 @@ def hubtool_config_for(qc: dict[str, Any], ck: CheckpointTensors) -> dict[str, A
                 raise HubtoolError(
                     f"the checkpoint has {name}.qweight but no {name}.{suffix}", "re-export it"
                 )
-        k = ck.shapes[f"{name}.qweight"][0] * 8
+        k = ck.shapes[f"{name}.qweight"][0] * (1 if packing == PACKING_AWQ else 8)
         groups = ck.shapes[f"{name}.scales"][0]
         if ck.dtypes[f"{name}.qweight"] != "I32":
             raise _unsupported(f"{name}.qweight is {ck.dtypes[f'{name}.qweight']}, not int32")
@@ -210,7 +220,7 @@ def hubtool_config_for(qc: dict[str, Any], ck: CheckpointTensors) -> dict[str, A
                 "modules": modules,
                 "bits": 4,
                 "group_size": group_size,
-                "sym": bool(qc.get("sym", True)),
+                "sym": bool(qc.get("sym", not qc.get("zero_point", False))),
                 "hubtool_version": None,
                 "method": None,
                 "source_quantization_config": qc,

@@ -25,6 +25,10 @@ QUANT_METHOD = "hubtool"
 # GPTQ v1 stores zero-1 in each qzeros nibble; v2 (gptq_v2, auto-round's own "auto_round" packing) stores zero.
 PACKING_V1 = "gptq"
 PACKING_V2 = "gptq_v2"
+# AWQ GEMM: qweight (K, N/8) and qzeros (G, N/8) packed along N in the order 0,2,4,6,1,3,5,7; zero as is.
+PACKING_AWQ = "awq"
+PACKINGS = (PACKING_V1, PACKING_V2, PACKING_AWQ)
+_AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column j of each 8 sits in nibble _AWQ_ORDER[j]
 
 _registered = False
 
@@ -33,8 +37,8 @@ class HubtoolConfig(QuantizationConfigMixin):
     """quantization_config of a hubtool checkpoint: int4 GPTQ-packed linears, listed by module name.
 
     ``modules`` are the model's module paths (as ``named_modules()`` shows them once loaded; checkpoint
-    paths of older layouts are resolved too). ``packing_format`` is ``gptq`` (zero-1 in qzeros) or
-    ``gptq_v2``. ``method`` / ``recipe`` / ``calibration`` / ``hubtool_version`` record how the weights
+    paths of older layouts are resolved too). ``packing_format`` is ``gptq`` (zero-1 in qzeros, what
+    hubtool writes), ``gptq_v2`` or ``awq`` (both converted to ``gptq`` as they load). ``method`` / ``recipe`` / ``calibration`` / ``hubtool_version`` record how the weights
     were made; ``backend`` (not saved by hubtool) pins a kernel backend at load time.
     """
 
@@ -81,7 +85,7 @@ class HubtoolConfig(QuantizationConfigMixin):
         """Check the fields transformers cannot check for us."""
         if self.bits != 4:
             raise ValueError(f"hubtool checkpoints hold int4 weights, got bits={self.bits}")
-        if self.packing_format not in (PACKING_V1, PACKING_V2):
+        if self.packing_format not in PACKINGS:
             raise ValueError(f"unknown hubtool packing_format {self.packing_format!r}")
         if not isinstance(self.modules, list) or not all(isinstance(m, str) for m in self.modules):
             raise ValueError("hubtool quantization_config.modules must be a list of module names")
@@ -139,6 +143,13 @@ class HubtoolHfQuantizer(HfQuantizer):
                 raise HubtoolError(f"cannot load {name} as int4: {exc}") from None
 
         replace_linears(model, list(resolved), factory)
+        if qc.packing_format == PACKING_AWQ:  # receive AWQ's layout; converted after loading
+            for name in resolved:
+                layer = model.get_submodule(name)
+                dev = layer.qweight.device
+                n, k, groups = layer.out_features, layer.in_features, layer.scales.shape[0]
+                layer.qweight = torch.zeros(k, n // 8, dtype=torch.int32, device=dev)
+                layer.qzeros = torch.zeros(groups, n // 8, dtype=torch.int32, device=dev)
         self.module_names = list(resolved)
         log.debug("swapped %d linears for Int4Linear", len(resolved))
         return model
@@ -147,12 +158,14 @@ class HubtoolHfQuantizer(HfQuantizer):
         """Convert gptq_v2 zero points to v1 and drop any kernel state prepared before the weights arrived."""
         from ..runtime.int4linear import Int4Linear
 
-        v2 = self.quantization_config.packing_format == PACKING_V2
+        packing = self.quantization_config.packing_format
         for name, module in model.named_modules():
             if not isinstance(module, Int4Linear):
                 continue
-            if v2:
+            if packing == PACKING_V2:
                 _v2_zeros_to_v1(name, module)
+            elif packing == PACKING_AWQ:
+                _awq_to_v1(name, module)
             module._prepared.clear()
             module._trivial = None
         return model
@@ -187,6 +200,41 @@ class HubtoolHfQuantizer(HfQuantizer):
         return model
 
 
+def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ int32 (R, C/8) -> uint8 (R, C) in column order."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # (R, C/8, 8): nibble i
+    cols = nibbles[..., list(_AWQ_ORDER)]  # column j is nibble _AWQ_ORDER[j]
+    return cols.reshape(packed.shape[0], -1).to(torch.uint8)
+
+
+def _awq_to_v1(name: str, module: Any) -> None:
+    """Repack a layer loaded in AWQ layout into GPTQ v1 (what Int4Linear computes from)."""
+    from ..formats import gptq
+    from ..quant.rtn import IntWeight
+
+    q = _unpack_awq(module.qweight.cpu())  # (K, N)
+    zero = _unpack_awq(module.qzeros.cpu())  # (G, N), stored as is
+    _refuse_zero_points_of_0(name, zero)
+    iw = IntWeight(
+        q=q.t().contiguous(),
+        scale=module.scales.cpu().t().float().contiguous(),
+        zero=zero.t().contiguous(),
+        group_size=module.group_size,
+    )
+    t = gptq.pack(iw)
+    module.qweight = t.qweight.to(module.scales.device)
+    module.qzeros = t.qzeros.to(module.scales.device)
+
+
+def _refuse_zero_points_of_0(name: str, zero: torch.Tensor) -> None:
+    if bool((zero == 0).any()):
+        raise HubtoolError(
+            f"{name} has a zero point of 0, which GPTQ v1 packing (hubtool's Int4Linear) cannot hold",
+            "re-export the checkpoint with GPTQ v1 packing (zero points 1..15)",
+        )
+
+
 def _v2_zeros_to_v1(name: str, module: Any) -> None:
     """Rewrite a gptq_v2 layer's qzeros (zero stored as is) into v1 (zero-1), refusing zero points of 0."""
     from ..formats import gptq
@@ -194,11 +242,7 @@ def _v2_zeros_to_v1(name: str, module: Any) -> None:
     t = module.packed_tensors()
     iw = gptq.unpack(gptq.GPTQTensors(t.qweight, t.qzeros, t.scales))
     zero = iw.zero.to(torch.int32) - 1  # unpack read the nibble as v1 (+1); v2's zero is the nibble itself
-    if bool((zero <= 0).any()):
-        raise HubtoolError(
-            f"{name} has a zero point of 0, which GPTQ v1 packing (hubtool's Int4Linear) cannot hold",
-            "re-export the checkpoint with GPTQ v1 packing (zero points 1..15)",
-        )
+    _refuse_zero_points_of_0(name, zero)
     iw.zero = zero.to(torch.uint8)
     qzeros = gptq.pack(iw).qzeros
     module.qzeros = qzeros.to(module.qzeros.device)
