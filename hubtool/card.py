@@ -287,12 +287,14 @@ def write_chart(record: rec.RunRecord, path: Path) -> bool:
         ys = [vals[i] * scale for i in xs]
         bars = ax.bar(xs, ys, color=[colors[i % len(colors)] for i in xs])
         ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7)
+        if ys and max(ys) > 0:
+            ax.set_ylim(0, max(ys) * 1.15)
         ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
         better = "higher is better" if row.higher_is_better else "lower is better"
         unit = " (%)" if row.percent else ""
         ax.set_title(f"{row.task} / {row.metric}{unit}\n({better})", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.2, top=0.82, wspace=0.3)  # fixed: fast and stable
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=110, metadata={"Software": None})
     plt.close(fig)

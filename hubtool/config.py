@@ -9,9 +9,9 @@ Command-line flags override it. Every key is optional::
     private = false
     tag = "v1.0.0"                              # default: the hubtool version (release.yml passes the release tag)
     default_format = "auto_round"               # the format that goes to main
-    calibrations = ["builtin:pydoc"]            # one int4 variant per calibration set
+    calibrations = ["builtin"]                  # one int4 variant per calibration set
     prompts = "prompts.yaml"
-    tasks = ["heldout"]
+    tasks = ["ppl"]
     limit = 64
     template = "card.md.j2"
 

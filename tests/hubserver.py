@@ -232,6 +232,8 @@ class Handler(BaseHTTPRequestHandler):
     """Routes one request; the server's ``state`` holds everything."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body leave at once: no delayed-ACK stalls per request
+    wbufsize = 1 << 16
     server: _Server
 
     # -- plumbing --------------------------------------------------------------------------------
