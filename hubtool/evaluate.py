@@ -254,7 +254,7 @@ def run_eval(
             for job in jobs:
                 name = job.data.spec.name
                 if job.results is not None:
-                    log.info("%s / %s: reusing %d cached samples", ref.label, name, len(job.cache.samples))
+                    log.info("%s / %s: reusing the cached results (%s)", ref.label, name, job.cache.path)
                     _emit(progress, ref.label, name, 1, 1, "cached")
                     out += job.results
                     continue
@@ -647,6 +647,10 @@ def eval_table(rec: record.RunRecord, primary_only: bool = False) -> EvalTable:
         row.stderrs[r.model] = r.stderr
         row.n[r.model] = r.n
     table_rows = list(rows.values())
+    for row in table_rows:  # every row has every column (None where a model lacks the result)
+        row.values = {c: row.values.get(c) for c in columns}
+        row.stderrs = {c: row.stderrs.get(c) for c in columns}
+        row.n = {c: row.n.get(c, 0) for c in columns}
     averaged = [row for row in table_rows if row.primary and row.higher_is_better and row.percent]
     average: dict[str, float | None] = {}
     for col in columns:

@@ -109,7 +109,8 @@ def parse_spec(spec: str) -> TaskSpec:
         items = [t.strip() for t in arg.split(",") if t.strip()]
         if not items:
             raise HubtoolError(f"task {spec!r} names no lm_eval task", "write lm_eval:TASK[,TASK]")
-        return TaskSpec(spec, "lm_eval", ",".join(items), ",".join(items))
+        names = [Path(t).stem if Path(t).suffix in (".yaml", ".yml") else t for t in items]
+        return TaskSpec(spec, "lm_eval", ",".join(names), ",".join(items))
     if head in VLM_KINDS:
         if not arg:
             raise HubtoolError(f"task {spec!r} needs a file", f"write {head}:FILE.tsv")
