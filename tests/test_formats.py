@@ -175,7 +175,7 @@ def test_every_format_is_a_complete_repo(tiny_models, tmp_path_factory):
         qc = config["quantization_config"]
         assert qc["quant_method"] == methods[fmt]
         assert (qc["bits"], qc["group_size"], qc["sym"]) == (4, 128, True)
-        assert config["dtype"] == "bfloat16"
+        assert config["dtype"] == config["torch_dtype"] == "bfloat16"
         ts = tensors(d)
         for name in ex.weights:
             assert ts[f"{name}.qweight"].dtype == torch.int32
@@ -355,3 +355,51 @@ def test_unknown_format_and_mismatched_weights_are_refused(tiny_models, tmp_path
     with pytest.raises(ValueError):
         export_format(ex.loaded.model, None, bad, SPEC, "hubtool", tmp_path / "o", {})
     assert not (tmp_path / "o").exists()
+
+
+# -- optimum ---------------------------------------------------------------------------------------
+def test_optimum_quantizer_quantizes_and_exports(tiny_models, tmp_path):
+    """HubtoolQuantizer is an OptimumQuantizer; from a path or a model, quantize() writes loadable formats."""
+    from optimum.quantization_base import OptimumQuantizer
+
+    from hubtool.formats.loader import load_quantized
+    from hubtool.integrations.optimum import HubtoolQuantizer
+    from hubtool.runtime.int4linear import Int4Linear
+
+    q = HubtoolQuantizer.from_pretrained(tiny_models("llama"))
+    assert isinstance(q, OptimumQuantizer)
+    one = q.quantize(tmp_path / "one", formats=("hubtool",))
+    assert one == {"hubtool": tmp_path / "one"}
+    model = load_quantized(tmp_path / "one", backend="reference")
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 14
+    two = HubtoolQuantizer.from_pretrained(q.model, processor=q.processor).quantize(
+        tmp_path / "two", formats="auto_round,auto_gptq", group_size=64, sym=False
+    )
+    assert set(two) == {"auto_round", "auto_gptq"} and all(
+        (p / "config.json").is_file() for p in two.values()
+    )
+    qc = json.loads((two["auto_round"] / "config.json").read_text())["quantization_config"]
+    assert (qc["group_size"], qc["sym"]) == (64, False)
+    with pytest.raises(HubtoolError):
+        q.quantize(tmp_path / "bad", formats=("onnx",))
+
+
+def test_optimum_cli_command_parses_and_runs(tiny_models, tmp_path, capsys):
+    """REGISTER_COMMANDS gives `optimum-cli hubtool quantize SOURCE -o DIR`."""
+    from optimum.commands.base import RootOptimumCLICommand
+    from optimum.commands.optimum_cli import register_optimum_cli_subcommand
+
+    from hubtool.integrations.optimum import REGISTER_COMMANDS
+
+    root = RootOptimumCLICommand("optimum-cli")
+    for command in REGISTER_COMMANDS:
+        register_optimum_cli_subcommand(command, parent_command=root)
+    out = tmp_path / "cli"
+    args = root.parser.parse_args(["hubtool", "quantize", str(tiny_models("qwen2")), "-o", str(out)])
+    args.func(args).run()
+    assert "hubtool:" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "hubtool"
+    args = root.parser.parse_args(["hubtool", "quantize", str(tmp_path / "nope"), "-o", str(out)])
+    with pytest.raises(SystemExit) as info:
+        args.func(args).run()
+    assert info.value.code == 2 and "error:" in capsys.readouterr().err

@@ -277,12 +277,15 @@ def test_index_naming_a_missing_shard_is_a_hubtool_error(export_copy):
     "qc,words",
     [
         (None, "not quantized"),
-        ({"quant_method": "awq", "bits": 4, "group_size": 128}, "awq"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "gemv"),
         ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "8-bit"),
         (
-            {"quant_method": "auto-round", "bits": 4, "packing_format": "auto_round:auto_awq"},
+            {"quant_method": "auto-round", "bits": 4, "packing_format": "auto_round:llm_compressor"},
             "packing_format",
         ),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
+        # AWQ declared over GPTQ-shaped tensors: the shapes cannot fit
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True}, ""),
     ],
 )
 def test_unsupported_quantization_configs_are_refused(export_copy, qc, words):

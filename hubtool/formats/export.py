@@ -339,6 +339,11 @@ def _write_repo(
     write_safetensors(state_dict, tmp, max_shard_size)
     config = _config_for(model, qconfig)
     config.save_pretrained(tmp)
+    # transformers 5 writes "dtype"; loaders built on transformers < 4.56 read "torch_dtype".
+    data = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+    if data.get("dtype") is not None:
+        data["torch_dtype"] = data["dtype"]
+        _write_json(tmp / "config.json", data)
     if fmt == "auto_round":  # auto-round writes its config a second time, for its own tools
         _write_json(tmp / "quantization_config.json", qconfig)
     elif fmt == "auto_gptq":  # AutoGPTQ / GPTQModel read quantize_config.json
