@@ -49,14 +49,21 @@ def llc_bytes() -> int:
 
 
 def dram_bandwidth_gbps(nbytes: int = 512 * 1024**2, rounds: int = 5) -> float:
-    """Read bandwidth of main memory in GB/s: the best of several sums over a large fp32 tensor."""
+    """Read bandwidth of main memory in GB/s: best of a torch fp32 sum and hubtool's streaming read."""
+    from .kernels import cpu
+
     a = torch.ones(nbytes // 4)
-    a.sum()
+    probes = [a.sum]
+    if cpu.load():
+        b = a.view(torch.uint8)
+        probes.append(lambda: torch.ops.hubtool.mem_read(b))
     best = math.inf
-    for _ in range(rounds):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
+    for probe in probes:
+        probe()
+        for _ in range(rounds):
+            t = time.perf_counter()
+            probe()
+            best = min(best, time.perf_counter() - t)
     return nbytes / best / 1e9
 
 
@@ -100,7 +107,9 @@ def _torch_int4_cpu(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor,
     return packed, sz
 
 
-def bench_cpu_shape(n: int, k: int, ms: Sequence[int], cache: int, rounds: int = 5) -> list[dict]:
+def bench_cpu_shape(
+    n: int, k: int, ms: Sequence[int], cache: int, rounds: int = 5, min_s: float = 0.05
+) -> list[dict]:
     """Times (ms per call) of every CPU variant at each M for one (N, K)."""
     from .kernels import cpu
 
@@ -119,22 +128,23 @@ def bench_cpu_shape(n: int, k: int, ms: Sequence[int], cache: int, rounds: int =
         xb = torch.randn(m, k, dtype=torch.bfloat16)
         xh, xf = xb.to(torch.float16), xb.float()
         times = {
-            "bf16_matmul": time_rotation([lambda w=w, x=xb: F.linear(x, w) for w in w16], rounds),
-            "fp32_matmul": time_rotation([lambda w=w, x=xf: F.linear(x, w) for w in w32], rounds),
+            "bf16_matmul": time_rotation([lambda w=w, x=xb: F.linear(x, w) for w in w16], rounds, min_s),
+            "fp32_matmul": time_rotation([lambda w=w, x=xf: F.linear(x, w) for w in w32], rounds, min_s),
             "torch_int4": time_rotation(
                 [
                     lambda p=p, x=xb: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p[0], GROUP, p[1])
                     for p in t4
                 ],
                 rounds,
+                min_s,
             ),
         }
         if have_ours:
             for name, x in (("ours_bf16", xb), ("ours_fp16", xh), ("ours_fp32", xf)):
-                times[name] = time_rotation([lambda p=p, x=x: cpu.int4_mm(x, p) for p in ours], rounds)
+                times[name] = time_rotation([lambda p=p, x=x: cpu.int4_mm(x, p) for p in ours], rounds, min_s)
             # fp32 activations rounded to bf16 first (HUBTOOL_CPU_ACT=bf16): torch's built-in precision.
             times["ours_fp32_act_bf16"] = time_rotation(
-                [lambda p=p, x=xf: cpu.int4_mm(x, p, act="bf16") for p in ours], rounds
+                [lambda p=p, x=xf: cpu.int4_mm(x, p, act="bf16") for p in ours], rounds, min_s
             )
         times = {key: v * 1e3 for key, v in times.items()}
         row = {"shape": [n, k], "m": m, "times_ms": times, "copies": {"bf16": c16, "fp32": c32, "int4": c4}}
@@ -263,6 +273,7 @@ def run(
     cuda: bool | None = None,
     cpu: bool = True,
     cuda_ms: Sequence[int] | None = None,
+    min_s: float = 0.05,
 ) -> dict:
     """Benchmark every (N, K) shape at every M on the CPU (and CUDA if present); optionally write JSON."""
     from .kernels import kernel_info
@@ -281,7 +292,7 @@ def run(
     }
     log.info("DRAM read bandwidth %.1f GB/s, LLC %d MiB", result["dram_read_gbps"], cache >> 20)
     for n, k in shapes if cpu else ():
-        result["cpu"].extend(bench_cpu_shape(n, k, ms, cache, rounds))
+        result["cpu"].extend(bench_cpu_shape(n, k, ms, cache, rounds, min_s))
     for r in result["cpu"]:
         if r["m"] == 1 and "ours_gbps" in r:
             r["ours_pct_dram"] = round(100 * r["ours_gbps"] / result["dram_read_gbps"], 1)

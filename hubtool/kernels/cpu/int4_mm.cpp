@@ -460,6 +460,49 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
+#ifdef HT_X86
+TGT_512 static uint64_t read_range_512(const uint8_t* p, int64_t n) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 256 <= n; i += 256) {
+    a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + i));
+    a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(p + i + 64));
+    a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(p + i + 128));
+    a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(p + i + 192));
+  }
+  uint64_t r = static_cast<uint64_t>(_mm512_reduce_add_epi64(_mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3))));
+  for (; i < n; ++i) r ^= p[i];
+  return r;
+}
+#endif
+
+// Streaming read of a byte tensor over all threads (for measuring DRAM read bandwidth): returns a checksum.
+int64_t mem_read(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kByte && t.is_contiguous(), "mem_read: contiguous uint8");
+  const uint8_t* p = t.data_ptr<uint8_t>();
+  const int64_t n = t.numel(), chunk = 1 << 20;
+  std::vector<uint64_t> part(static_cast<size_t>((n + chunk - 1) / chunk), 0);
+  const bool v512 = detect_isa() >= AVX512;
+  at::parallel_for(0, static_cast<int64_t>(part.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t len = std::min(chunk, n - c * chunk);
+      uint64_t r = 0;
+#ifdef HT_X86
+      if (v512) {
+        r = read_range_512(p + c * chunk, len);
+      } else
+#endif
+      {
+        for (int64_t i = 0; i < len; ++i) r += p[c * chunk + i];
+      }
+      part[static_cast<size_t>(c)] = r;
+    }
+  });
+  uint64_t r = 0;
+  for (uint64_t v : part) r ^= v;
+  return static_cast<int64_t>(r);
+}
+
 int64_t cpu_isa() { return detect_isa(); }
 
 int64_t cpu_tune(int64_t rows, int64_t rows_f32) {
@@ -484,6 +527,7 @@ TORCH_LIBRARY_FRAGMENT(hubtool, m) {
   m.def("int4_cpu_isa() -> int", &hubtool_cpu::cpu_isa);
   m.def("int4_cpu_has_vnni() -> int", &hubtool_cpu::cpu_has_vnni);
   m.def("int4_cpu_tune(int rows, int rows_f32) -> int", &hubtool_cpu::cpu_tune);
+  m.def("mem_read(Tensor t) -> int", &hubtool_cpu::mem_read);
 }
 
 TORCH_LIBRARY_IMPL(hubtool, CPU, m) { m.impl("int4_mm_cpu", &hubtool_cpu::int4_mm); }
