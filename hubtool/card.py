@@ -592,9 +592,7 @@ def _caveats(record: rec.RunRecord, extras: dict[str, Any], base: str) -> list[s
     for v in record.variants:
         if v.skipped:
             reasons = "; ".join(sorted({sk.reason for sk in v.skipped}))
-            out.append(
-                f"`{v.name}`: {len(v.skipped)} linear layers inside the quantized blocks stay 16-bit ({reasons})."
-            )
+            out.append(f"`{v.name}`: {len(v.skipped)} linear layer(s) stay 16-bit: {reasons}.")
     ns = sorted({r.n for r in record.evals if r.n})
     if ns:
         out.append(

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -475,6 +476,12 @@ def _describe(exc: BaseException, step: str, endpoint: str, repo_id: str) -> tup
                 "re-run the same command: what is already uploaded is not sent again",
             )
         return f"the Hub answered {status} while {step}: {detail}", None
+    frames = [f.name for e in chain for f in traceback.extract_tb(e.__traceback__)]
+    if any("xet" in str(e).lower() for e in chain) or any("xet" in name for name in frames):
+        return (
+            f"the Xet upload to {endpoint} failed while {step}: {_first_line(str(exc))}",
+            "an endpoint without Xet storage (a local or self-hosted Hub) needs HF_HUB_DISABLE_XET=1",
+        )
     if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
         return "HF_HUB_OFFLINE is set, so nothing can be uploaded", "unset HF_HUB_OFFLINE"
     network = next((e for e in chain if isinstance(e, _transport_errors())), None)

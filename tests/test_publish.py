@@ -297,3 +297,61 @@ def test_cli_reads_hubtool_toml(hub, run, tmp_path, capsys, monkeypatch):
     repo = hub.state.repos[REPO]
     assert "from-flag" in repo.tags and "from-toml" not in repo.tags  # the flag overrides the file
     assert "Built by CI." in hub.state.file_bytes(REPO, "main", "README.md").decode()
+
+
+def test_xet_without_xet_storage_gives_a_hint(hub, run, monkeypatch):
+    pytest.importorskip("hf_xet")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    with pytest.raises(HubtoolError) as info:
+        upload(run, REPO, endpoint=hub.url)
+    assert "HF_HUB_DISABLE_XET=1" in (info.value.hint or "")
+
+
+@pytest.mark.slow
+def test_publish_command_end_to_end(hub, tiny_models, tmp_path, capsys):
+    """`hubtool publish`: quantize (RTN) -> compare -> eval -> card -> upload, then a re-run that reuses it all."""
+    from hubtool.cli import main
+
+    src = tiny_models("llama")
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("- text: Say hi.\n  max_new_tokens: 6\n")
+    run_dir = tmp_path / "run"
+    argv = [
+        "publish",
+        str(src),
+        "--repo-id",
+        REPO,
+        "-o",
+        str(run_dir),
+        "--endpoint",
+        hub.url,
+        "--method",
+        "rtn",
+        "--formats",
+        "auto_round,hubtool",
+        "--prompts",
+        str(prompts),
+        "--tasks",
+        "ppl",
+        "--limit",
+        "2",
+    ]
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with pytest.raises(SystemExit) as code:
+            main(argv)
+        assert code.value.code == 0, capsys.readouterr().err
+        record = rec.load(run_dir)
+        assert record.publish.verified and record.comparisons and record.evals
+        assert record.command[:2] == ["hubtool", "quantize"] and "rtn" in record.command
+        card = hub.state.file_bytes(REPO, "main", "README.md").decode()
+        assert "## INT4 vs BF16" in card and "## Evaluation" in card and "Say hi." in card
+        commits = hub.state.commits(REPO)
+        with pytest.raises(SystemExit) as code:
+            main(argv)
+        assert code.value.code == 0
+        assert hub.state.commits(REPO) == commits  # nothing changed, nothing committed
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
