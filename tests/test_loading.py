@@ -205,6 +205,49 @@ def test_gptq_v2_zero_points_are_converted(tiny_models, tmp_path_factory, tmp_pa
         assert torch.equal(layer.dequantize(), ex.weights[name].dequantize())
 
 
+def _pack_awq(x: torch.Tensor) -> torch.Tensor:
+    """uint (R, C) -> AWQ GEMM int32 (R, C/8): column j of each 8 in nibble (0, 4, 1, 5, 2, 6, 3, 7)[j]."""
+    order = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7], dtype=torch.int32) * 4
+    r, c = x.shape
+    return (x.to(torch.int32).reshape(r, c // 8, 8) << order).sum(-1, dtype=torch.int32)
+
+
+def test_awq_checkpoints_load_and_resave_as_gptq(tiny_models, tmp_path_factory, tmp_path, monkeypatch):
+    """An AWQ GEMM checkpoint (asymmetric, zero points as is) loads exactly; save_pretrained writes GPTQ v1."""
+    monkeypatch.setenv("HUBTOOL_KERNEL", "reference")
+    ex = exported(
+        "qwen2", tiny_models("qwen2"), tmp_path_factory.mktemp("exports"), spec=QuantSpec(sym=False)
+    )
+    folder = tmp_path / "awq"
+    shutil.copytree(ex.dirs["auto_round"], folder)
+
+    def to_awq(ts):
+        for name, iw in ex.weights.items():
+            ts[f"{name}.qweight"] = _pack_awq(iw.q.t())  # (K, N/8)
+            ts[f"{name}.qzeros"] = _pack_awq(iw.zero.t())  # (G, N/8), zero as is
+
+    _rewrite(folder, to_awq)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": 128,
+        "version": "gemm",
+        "zero_point": True,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    x = inputs_for(ex)
+    want = logits(ex.fake_quant(), x)
+    model = load_quantized(folder)
+    for name, layer in int4_layers(model).items():
+        assert torch.equal(layer.dequantize(), ex.weights[name].dequantize())
+    assert (logits(model, x) - want).abs().max().item() <= EXACT
+    model.save_pretrained(tmp_path / "resaved")
+    qc = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "hubtool" and qc["packing_format"] == "gptq"
+    assert (logits(load_quantized(tmp_path / "resaved"), x) - want).abs().max().item() <= EXACT
+
+
 def test_loaded_model_saves_and_dequantizes(tiny_models, tmp_path_factory, tmp_path, monkeypatch):
     """save_pretrained of a loaded model writes a loadable hubtool checkpoint; model.dequantize() gives nn.Linear."""
     monkeypatch.setenv("HUBTOOL_KERNEL", "reference")
@@ -299,6 +342,13 @@ def test_unsupported_quantization_configs_are_refused(export_copy, qc, words):
     with pytest.raises(HubtoolError) as info:
         load_quantized(export_copy)
     assert words in _one_line(info)
+
+
+def test_broken_config_json_is_a_hubtool_error(export_copy):
+    (export_copy / "config.json").write_text("{not json")
+    with pytest.raises(HubtoolError) as info:
+        load_quantized(export_copy)
+    assert "config.json" in _one_line(info)
 
 
 def test_pickle_only_folder_is_refused(export_copy):

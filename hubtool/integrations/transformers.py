@@ -90,6 +90,12 @@ class HubtoolConfig(QuantizationConfigMixin):
         if not isinstance(self.modules, list) or not all(isinstance(m, str) for m in self.modules):
             raise ValueError("hubtool quantization_config.modules must be a list of module names")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json block (a load-time ``backend`` choice is not saved)."""
+        out = super().to_dict()
+        out.pop("backend", None)
+        return out
+
     def group_size_of(self, name: str) -> int:
         """Group size of one module (a per-module override, else the global one)."""
         return int(getattr(self, "group_sizes", {}).get(name, self.group_size))
@@ -168,6 +174,8 @@ class HubtoolHfQuantizer(HfQuantizer):
                 _awq_to_v1(name, module)
             module._prepared.clear()
             module._trivial = None
+        # The layers now hold GPTQ v1 tensors: a save_pretrained must say so.
+        self.quantization_config.packing_format = PACKING_V1
         return model
 
     @property
