@@ -5,7 +5,8 @@ with huggingface_hub's ``ModelCardData`` / ``EvalResult`` so that the Hub's pars
 (ours and a user's ``--template``) render in a sandboxed Jinja environment and see plain data only.
 
 ``write_card`` writes ``RUN_DIR/card/``: ``README.md``, the eval chart ``eval_chart.png`` and the prompt
-images the card shows, and records their hashes in ``run.json`` (``card`` and ``card_assets``).
+images the card shows, and records their hashes in ``run.json`` (``card`` and ``card_assets``); card extras
+and a user template's path are kept in ``run.json`` too, so a later re-render gives the same card.
 """
 
 from __future__ import annotations
@@ -122,6 +123,13 @@ def write_card(
         record.extras["card"] = {**record.extras.get("card", {}), **extras}
     if repo_id:
         record.extras.setdefault("card", {})["repo_id"] = repo_id
+    if template is not None:  # remembered: a later `hubtool upload` re-renders with the same template
+        record.extras["card_template"] = str(Path(template).resolve())
+    elif record.extras.get("card_template"):
+        template = Path(record.extras["card_template"])
+        if not template.is_file():
+            log.warning("card template %s is gone; using hubtool's own", template)
+            template = None
     dest = Path(out_dir) if out_dir is not None else run_dir / CARD_DIR
     dest.mkdir(parents=True, exist_ok=True)
     chart = CHART_NAME if write_chart(record, dest / CHART_NAME) else None

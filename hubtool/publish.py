@@ -427,7 +427,7 @@ def _ensure_repo(api: Any, repo_id: str, private: bool, user: dict) -> None:
             f"user {user.get('name')} cannot create repos under {namespace}",
             "choose a --repo-id in your own namespace or one of your organizations",
         )
-    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    url = api.create_repo(repo_id, private=private or None, exist_ok=True)  # None: the namespace's default
     log.info("repo %s ready (%s)", repo_id, url)
     if private and not getattr(api.repo_info(repo_id), "private", True):
         log.warning("%s already exists and is public; --private does not change an existing repo", repo_id)

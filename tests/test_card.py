@@ -262,3 +262,11 @@ def test_card_after_publish_shows_commits(run: Path):
     assert f"| `{'f' * 40}` |" in text and "| `v9-auto_gptq` |" in text and "this revision" in text
     assert 'model_id = "acme/tiny-int4"' in text
     assert json.loads(json.dumps(ModelCard(text).data.to_dict()))  # plain, serializable metadata
+
+
+def test_a_user_template_is_remembered(run: Path, tmp_path: Path):
+    tpl = tmp_path / "mine.md.j2"
+    tpl.write_text("---\n{{ card_data }}\n---\n# Custom {{ model_name }}\n")
+    first = write_card(run, tpl, repo_id="acme/x").read_text()
+    assert "# Custom x" in first
+    assert write_card(run).read_text() == first  # e.g. the re-render inside `hubtool upload`
