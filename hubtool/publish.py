@@ -620,6 +620,12 @@ def publish(
     finished = (run_dir / rec.RECORD_NAME).is_file()
     if finished and not overwrite:
         record = rec.load(run_dir)
+        made_from = record.command[2] if record.command[:2] == ["hubtool", "quantize"] else None
+        if made_from is not None and source not in (made_from, record.source.name):
+            raise HubtoolError(
+                f"{run_dir} holds a run of {made_from}, not of {source}",
+                "pass --overwrite to redo it, or choose another --run-dir",
+            )
         log.info(
             "%s already holds a quantized run of %s; reusing it (--overwrite redoes it)",
             run_dir,

@@ -242,10 +242,12 @@ class Handler(BaseHTTPRequestHandler):
 
     @property
     def state(self) -> HubState:
+        """The server's state."""
         return self.server.state
 
     @property
     def base(self) -> str:
+        """This server's URL (for links it hands out)."""
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
 
@@ -379,6 +381,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes ----------------------------------------------------------------------------------
     def r_whoami(self, user) -> None:
+        """The token's user and organizations (401 without a valid token)."""
         if not user:
             self._error(401, "Invalid credentials in Authorization header")
             return
@@ -393,6 +396,7 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def r_create(self, user) -> None:
+        """Create a repo in the caller's namespace or one of its orgs (409 if it exists, 403 elsewhere)."""
         payload = json.loads(self._read_body() or b"{}")
         if not user:
             self._error(401, "You must be authenticated to create a repo")
@@ -412,11 +416,13 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {"url": f"{self.base}/{repo_id}", "name": repo_id, "id": repo_id})
 
     def r_validate_yaml(self, user) -> None:
+        """Check a README's metadata block the way the Hub does (400 with errors)."""
         payload = json.loads(self._read_body() or b"{}")
         errors = validate_card_metadata(payload.get("content", ""))
         self._send(400 if errors else 200, {"errors": [{"message": e} for e in errors], "warnings": []})
 
     def r_info(self, user, repo_id: str, revision: str = "main") -> None:
+        """Repo info at a revision: sha, visibility and siblings."""
         with self.state.lock:
             repo = self._repo(user, repo_id)
             if repo is None:
@@ -438,9 +444,11 @@ class Handler(BaseHTTPRequestHandler):
             )
 
     def r_info_rev(self, user, repo_id: str, revision: str) -> None:
+        """Repo info at an explicit revision."""
         self.r_info(user, repo_id, revision)
 
     def r_refs(self, user, repo_id: str) -> None:
+        """Branches and tags with their target commits (converts and pull requests empty)."""
         with self.state.lock:
             repo = self._repo(user, repo_id)
             if repo is None:
@@ -462,6 +470,7 @@ class Handler(BaseHTTPRequestHandler):
             )
 
     def r_commits(self, user, repo_id: str, revision: str) -> None:
+        """The commits of a revision, newest first."""
         with self.state.lock:
             repo = self._repo(user, repo_id)
             commit = repo and self._commit_of(repo, revision)
@@ -489,6 +498,7 @@ class Handler(BaseHTTPRequestHandler):
         return item
 
     def r_tree(self, user, repo_id: str, revision: str, path: str | None = None) -> None:
+        """The files (and folders) of a revision, optionally under a path and recursive."""
         recursive = self._query.get("recursive", "").lower() in ("1", "true")
         with self.state.lock:
             repo = self._repo(user, repo_id)
@@ -521,6 +531,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, out)
 
     def r_paths_info(self, user, repo_id: str, revision: str) -> None:
+        """Info on the given paths at a revision."""
         body = self._read_body().decode()
         form = parse_qs(body) if "json" not in self.headers.get("Content-Type", "") else json.loads(body)
         paths = form.get("paths", [])
@@ -532,6 +543,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, [self._tree_entry(p, commit.files[p]) for p in paths if p in commit.files])
 
     def r_preupload(self, user, repo_id: str, revision: str) -> None:
+        """Upload mode (lfs/regular), shouldIgnore and the remote oid of each announced file."""
         payload = json.loads(self._read_body() or b"{}")
         with self.state.lock:
             repo = self._repo(user, repo_id, write=True)
@@ -561,6 +573,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, {"files": files, "commitOid": commit.id})
 
     def r_lfs_batch(self, user, repo_id: str) -> None:
+        """LFS batch API: a signed upload link and a verify link per object the repo lacks."""
         payload = json.loads(self._read_body() or b"{}")
         with self.state.lock:
             repo = self._repo(user, repo_id, write=payload.get("operation") == "upload")
@@ -583,6 +596,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, {"transfer": "basic", "objects": objects})
 
     def r_lfs_put(self, user, repo_id: str, oid: str) -> None:
+        """Store an LFS object sent to its self-authorizing link (checks signature, size, sha256)."""
         data = self._read_body()
         size = int(self._query.get("size", "-1"))
         if not hmac.compare_digest(self._query.get("sig", ""), _sign(self.state.secret, repo_id, oid, size)):
@@ -597,6 +611,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {})
 
     def r_lfs_verify(self, user, repo_id: str) -> None:
+        """Confirm an LFS object is stored (404 if not)."""
         payload = json.loads(self._read_body() or b"{}")
         with self.state.lock:
             repo = self._repo(user, repo_id, write=True)
@@ -608,6 +623,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, {"success": True})
 
     def r_commit(self, user, repo_id: str, revision: str) -> None:
+        """Apply an NDJSON commit (base64 files, LFS files, deletions) to a branch head."""
         lines = [json.loads(ln) for ln in self._read_body().splitlines() if ln.strip()]
         with self.state.lock:
             repo = self._repo(user, repo_id, write=True)
@@ -662,6 +678,7 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def r_branch(self, user, repo_id: str, branch: str) -> None:
+        """Create a branch at a starting point (default: main's head; 409 if it exists)."""
         payload = json.loads(self._read_body() or b"{}")
         with self.state.lock:
             repo = self._repo(user, repo_id, write=True)
@@ -677,6 +694,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {})
 
     def r_tag(self, user, repo_id: str, revision: str) -> None:
+        """Tag a revision (409 if the tag exists)."""
         payload = json.loads(self._read_body() or b"{}")
         with self.state.lock:
             repo = self._repo(user, repo_id, write=True)
@@ -690,6 +708,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {})
 
     def r_delete_tag(self, user, repo_id: str, tag: str) -> None:
+        """Delete a tag."""
         with self.state.lock:
             repo = self._repo(user, repo_id, write=True)
             if repo is None:
@@ -700,6 +719,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {})
 
     def r_resolve(self, user, repo_id: str, revision: str, path: str) -> None:
+        """HEAD/GET a file at a revision, with X-Repo-Commit, ETag and the LFS linked headers."""
         head = self.command == "HEAD"
         with self.state.lock:
             repo = self._repo(user, repo_id, head=head)

@@ -355,3 +355,18 @@ def test_publish_command_end_to_end(hub, tiny_models, tmp_path, capsys):
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_publish_reuses_a_finished_run_of_the_same_source(run, tmp_path):
+    from hubtool.publish import publish
+
+    def must_not_quantize(opts):
+        raise AssertionError("quantize ran again")
+
+    result = publish(
+        "acme/tiny-chat", REPO, run_dir=run, dry_run=tmp_path / "dry", quantize_fn=must_not_quantize
+    )
+    assert [r.revision for r in result.revisions] == ["main", "auto_gptq"]
+    assert (tmp_path / "dry" / "main" / "README.md").is_file()
+    with pytest.raises(HubtoolError, match="holds a run of acme/tiny-chat, not of acme/other"):
+        publish("acme/other", REPO, run_dir=run, dry_run=tmp_path / "dry", quantize_fn=must_not_quantize)
