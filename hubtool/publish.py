@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import ipaddress
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import record as rec
 from .__about__ import __version__
@@ -176,7 +178,7 @@ def upload(
     endpoint = _endpoint(endpoint)
     api = _api(endpoint, secret)
     step = _Step("connecting")
-    with _hub_errors(step, endpoint, repo_id, secret):
+    with _client_mode(endpoint), _hub_errors(step, endpoint, repo_id, secret):
         step.now = "checking the token"
         user = api.whoami()
         step.now = f"creating {repo_id}"
@@ -403,14 +405,52 @@ def _resolve_token(token: str | None) -> str:
 
 
 def _api(endpoint: str, token: str) -> Any:
-    """An HfApi for ``endpoint``; honours HF_HUB_DISABLE_XET / HF_HUB_OFFLINE as set now, not at import."""
-    from huggingface_hub import HfApi, constants
+    """An HfApi for ``endpoint`` with ``token``."""
+    from huggingface_hub import HfApi
 
-    if os.environ.get("HF_HUB_DISABLE_XET", "").strip().lower() in ("1", "true", "yes", "on"):
-        constants.HF_HUB_DISABLE_XET = True
-    if constants.HF_HUB_OFFLINE:
-        raise HubtoolError("HF_HUB_OFFLINE is set, so nothing can be uploaded", "unset HF_HUB_OFFLINE")
     return HfApi(endpoint=endpoint, token=token, library_name="hubtool", library_version=__version__)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether ``endpoint`` is a server on this machine (127.0.0.0/8, ::1, localhost)."""
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextmanager
+def _client_mode(endpoint: str) -> Iterator[None]:
+    """The client's import-time switches as this upload needs them, restored afterwards.
+
+    ``HF_HUB_DISABLE_XET`` is honoured as set now (the client reads it at import). An endpoint on this
+    machine (a local Hub such as tests/hubserver.py) gets classic LFS, which is all such a server speaks,
+    and is reachable in offline mode; any other endpoint is refused while ``HF_HUB_OFFLINE`` is set.
+    """
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET
+    try:
+        if _env_true("HF_HUB_DISABLE_XET"):
+            constants.HF_HUB_DISABLE_XET = True
+        if is_loopback(endpoint):
+            if constants.HF_HUB_OFFLINE or not constants.HF_HUB_DISABLE_XET:
+                log.info("%s is on this machine: classic LFS uploads, offline mode does not apply", endpoint)
+            constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = False, True
+        elif constants.HF_HUB_OFFLINE:
+            raise HubtoolError(
+                f"HF_HUB_OFFLINE is set, so nothing can be uploaded to {endpoint}", "unset HF_HUB_OFFLINE"
+            )
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = saved
 
 
 def _ensure_repo(api: Any, repo_id: str, private: bool, user: dict) -> None:

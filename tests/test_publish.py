@@ -302,6 +302,7 @@ def test_cli_reads_hubtool_toml(hub, run, tmp_path, capsys, monkeypatch):
 def test_xet_without_xet_storage_gives_a_hint(hub, run, monkeypatch):
     pytest.importorskip("hf_xet")
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    monkeypatch.setattr("hubtool.publish.is_loopback", lambda endpoint: False)  # as if it were remote
     with pytest.raises(HubtoolError) as info:
         upload(run, REPO, endpoint=hub.url)
     assert "HF_HUB_DISABLE_XET=1" in (info.value.hint or "")
@@ -370,3 +371,18 @@ def test_publish_reuses_a_finished_run_of_the_same_source(run, tmp_path):
     assert (tmp_path / "dry" / "main" / "README.md").is_file()
     with pytest.raises(HubtoolError, match="holds a run of acme/tiny-chat, not of acme/other"):
         publish("acme/other", REPO, run_dir=run, dry_run=tmp_path / "dry", quantize_fn=must_not_quantize)
+
+
+def test_a_local_endpoint_works_with_the_client_defaults(hub, run, monkeypatch):
+    """Offline mode and Xet (both on here, as in the demo's process) do not apply to a server on this machine."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    assert upload(run, REPO, endpoint=hub.url).verified
+    assert constants.HF_HUB_OFFLINE is True and constants.HF_HUB_DISABLE_XET is False  # restored
+
+
+def test_offline_mode_refuses_a_remote_endpoint(run, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(HubtoolError, match="HF_HUB_OFFLINE is set"):
+        upload(run, REPO, endpoint="https://hub.example.org")
