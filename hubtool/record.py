@@ -142,7 +142,8 @@ class PromptComparison:
     max_new_tokens: int = 64
     generations: list[Generation] = field(default_factory=list)
     agreements: list[Agreement] = field(default_factory=list)
-    image_source: str | None = None  # where the picture came from (path or URL as written; "hubtool:default.png")
+    # where the picture came from (path or URL as written; "hubtool:default.png")
+    image_source: str | None = None
 
 
 @dataclass
