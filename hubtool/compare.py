@@ -90,7 +90,13 @@ def model_refs(rec: record.RunRecord, run_dir: Path, variants: Sequence[str] | N
     """The 16-bit source followed by the chosen int4 variants (all by default), checked to exist on disk."""
     run_dir = Path(run_dir)
     src = rec.source
-    src_fp = json.dumps([src.kind, src.name, src.revision, src.commit, src.sha256, src.dtype], sort_keys=True)
+    files = []
+    if src.kind == "dir":  # a local folder can be re-saved in place: its weight files' sizes and times
+        files = [
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(Path(src.name).glob("*.safetensors"))
+        ]
+    src_fp = json.dumps([src.kind, src.name, src.revision, src.commit, src.sha256, src.dtype, files])
     refs = [ModelRef(source_label(rec), "source", fingerprint=hashlib.sha256(src_fp.encode()).hexdigest())]
     names = [v.name for v in rec.variants]
     wanted = list(variants) if variants else names

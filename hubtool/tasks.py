@@ -22,6 +22,7 @@ import base64
 import binascii
 import csv
 import hashlib
+import io
 import json
 import logging
 import re
@@ -413,8 +414,6 @@ def _vqa_answers(raw: str, where: str) -> list[str]:
 
 
 def _row_image(p: Path, where: str, row: dict, by_index: dict, depth: int = 0) -> bytes:
-    from .prompts import open_image
-
     value = row.get("image")
     if _missing(value) and not _missing(row.get("image_path")):
         ip = Path(str(row["image_path"]).strip())
@@ -433,8 +432,21 @@ def _row_image(p: Path, where: str, row: dict, by_index: dict, depth: int = 0) -
             data = base64.b64decode(value, validate=False)
         except (binascii.Error, ValueError) as exc:
             raise HubtoolError(f"{where}: column 'image' is not base64 ({exc})") from None
-    open_image(data, f"{where}: column 'image'")  # decodes fully: a broken image fails here
+    check_image(data, f"{where}: column 'image'")
     return data
+
+
+def check_image(data: bytes, what: str) -> None:
+    """Cheap check that bytes are an image PIL can read (header and, for PNG, checksums; no full decode)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise HubtoolError(
+            f"{what} is not a readable image ({exc})", "use a PNG, JPEG or WebP image"
+        ) from None
 
 
 def to_json_line(obj: dict) -> str:

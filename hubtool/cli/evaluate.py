@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -69,10 +70,8 @@ def compare_cmd(
             trust_remote_code=trust_remote_code,
         )
     for i, c in enumerate(comps, 1):
-        table = Table(
-            title=f"prompt {i}: {c.prompt[:80]}" + (f"  [image {c.image}]" if c.image else ""),
-            show_lines=True,
-        )
+        title = f"prompt {i}: {c.prompt[:80]}" + (f"  (image {c.image})" if c.image else "")
+        table = Table(title=escape(title), show_lines=True)
         for col in ("model", "answer", "tokens", "tok/s", "agreement"):
             table.add_column(col, overflow="fold")
         agree = {a.model: a for a in c.agreements}
@@ -87,7 +86,7 @@ def compare_cmd(
                     else f"first diff @{a.first_diff}, {100 * a.match_share:.0f}% same"
                 )
             )
-            table.add_row(g.model, g.text, str(g.tokens), f"{g.tokens_per_s:.1f}", note)
+            table.add_row(escape(g.model), escape(g.text), str(g.tokens), f"{g.tokens_per_s:.1f}", note)
         console.print(table)
 
 
@@ -124,7 +123,7 @@ def eval_cmd(
             trust_remote_code=trust_remote_code,
         )
     t = eval_table(record.load(run_dir))
-    table = Table(title=f"eval: {run_dir}")
+    table = Table(title=escape(f"eval: {run_dir}"))
     table.add_column("task")
     table.add_column("metric")
     for col in t.columns:
@@ -139,7 +138,9 @@ def eval_cmd(
                 txt += f" ± {100 * se:.2f}" if row.percent else f" ± {se:.2f}"
             cells.append(txt)
         n = max(row.n.values()) if row.n else 0
-        table.add_row(row.task, row.metric + ("" if row.higher_is_better else " ↓"), *cells, str(n))
+        table.add_row(
+            escape(row.task), escape(row.metric) + ("" if row.higher_is_better else " ↓"), *cells, str(n)
+        )
     if t.average_of:
         table.add_row(
             "average", ", ".join(t.average_of), *[t.format(None, c) for c in t.columns], "", style="bold"
