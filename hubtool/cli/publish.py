@@ -84,7 +84,7 @@ def upload_cmd(
 
 def publish_cmd(
     source: str = typer.Argument(
-        None, help="Hub id, model folder, .gguf file or pypi:<model> (or `source`)."
+        None, help="Hub id, model folder, .gguf file or pypi:<model> (default: hubtool.toml's source)."
     ),
     repo_id: str = typer.Option(None, "--repo-id", help="Target repo, ORG/NAME."),
     run_dir: Path = typer.Option(None, "-o", "--run-dir", help="Run folder (default: runs/<repo name>)."),
