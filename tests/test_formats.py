@@ -346,6 +346,26 @@ def test_disk_full_is_one_line_and_leaves_nothing_complete_looking(tiny_models, 
     assert [p.name for p in out.parent.iterdir()] == ["hubtool"]
 
 
+def test_interrupted_export_leaves_no_partial_folder(tiny_models, tmp_path, monkeypatch):
+    """Ctrl-C mid-write removes the temp folder; leftovers of a killed export are cleared by the next one."""
+    import subprocess
+
+    ex = exported("llama", tiny_models("llama"), tmp_path / "x", formats=())
+    out = tmp_path / "formats" / "auto_round"
+    _fail_on_save(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        export_format(ex.loaded.model, ex.loaded.processor, ex.weights, SPEC, "auto_round", out, meta_for(ex))
+    assert list(out.parent.iterdir()) == []
+    monkeypatch.undo()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = out.parent / f".auto_round.partial-{dead.pid}-0123abcd"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    export_format(ex.loaded.model, ex.loaded.processor, ex.weights, SPEC, "auto_round", out, meta_for(ex))
+    assert [p.name for p in out.parent.iterdir()] == ["auto_round"]
+
+
 def test_unknown_format_and_mismatched_weights_are_refused(tiny_models, tmp_path):
     """A format name outside FORMATS is a HubtoolError; an IntWeight for a non-linear is a ValueError."""
     ex = exported("llama", tiny_models("llama"), tmp_path / "x", formats=())

@@ -62,19 +62,20 @@ def export_format(
     """Write ``model`` with ``weights`` (full linear name -> IntWeight) as format ``fmt`` into ``out_dir``.
 
     ``meta`` may hold: ``method``, ``recipe`` (dict: iters, nsamples, seqlen, batch_size, lr...),
-    ``calibration`` (name or CalibrationInfo dict), ``hubtool_version``, ``block_lists``, ``quantized`` and ``skipped`` (names,
-    or SkippedLayer / dicts with a ``name``). The model is read, never modified. An existing ``out_dir``
-    is replaced only once the new folder is complete.
+    ``calibration`` (name or CalibrationInfo dict), ``hubtool_version``, ``block_lists``, ``quantized``
+    and ``skipped``. The model is read, never modified. An existing ``out_dir`` is replaced only once
+    the new folder is complete; a failure leaves the old one (or none) and no temporary folder.
     """
     if fmt not in FORMATS:
         raise HubtoolError(f"unknown format {fmt!r}", "use one of " + ", ".join(FORMATS))
     _check_weights(model, weights, spec)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     state_dict = None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out_dir)
+        tmp.mkdir()
         state_dict = build_state_dict(model, weights, with_g_idx=(fmt == "auto_gptq"))
         qconfig = quantization_config(model, weights, spec, fmt, meta)
         _write_repo(tmp, model, processor, state_dict, qconfig, fmt, max_shard_size)
@@ -428,11 +429,38 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists() or out_dir.is_symlink():
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            os.replace(old, out_dir)  # put the previous export back
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     else:
         os.replace(tmp, out_dir)
     _fsync_dir(out_dir.parent)
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """Delete hidden partial/old folders that a killed export of ``out_dir`` left behind."""
+    for p in out_dir.parent.glob(f".{out_dir.name}.*-*-*"):
+        m = re.fullmatch(rf"\.{re.escape(out_dir.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}", p.name)
+        if m and not _alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # this process cleans up its own temp folders (unless killed, and then it is gone)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _os_error(
