@@ -139,9 +139,6 @@ def load_int4(
     path: Path, device: str, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
     """Load an exported int4 model and its processor back from its format folder."""
-    # gptq.py builds module-level tensors at import: import it here, outside the meta-device context that
-    # transformers' from_pretrained opens (a first import there leaves them on "meta").
-    from .formats import gptq  # noqa: F401
     from .formats.loader import load_processor, load_quantized
 
     model = load_quantized(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
