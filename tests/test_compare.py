@@ -128,6 +128,31 @@ def test_malformed_prompts_are_rejected_with_the_line(tmp_path, monkeypatch, bod
     assert str(f) in exc.value.message or "expected" in exc.value.message
 
 
+def test_image_url_is_fetched_when_online(tmp_path, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    _png(tmp_path / "pic.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        f = tmp_path / "p.yaml"
+        f.write_text(f"- text: what?\n  image: {url}/pic.png\n- text: and?\n  image: {url}/missing.png\n")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        with pytest.raises(HubtoolError, match="line 3: cannot fetch image .*missing.png"):
+            load_prompts(f, is_vlm=True)
+        f.write_text(f"- text: what?\n  image: {url}/pic.png\n")
+        (p,) = load_prompts(f, is_vlm=True)
+        assert p.image.size == (32, 32) and p.image_ref.endswith("/pic.png")
+    finally:
+        server.shutdown()
+
+
 def test_image_prompt_for_a_text_model_is_rejected(tmp_path):
     _png(tmp_path / "pic.png")
     f = tmp_path / "p.yaml"

@@ -123,6 +123,20 @@ def test_vlm_files_parse(tmp_path):
         load_task(parse_spec(f"vqa:{tmp_path / 'TextVQA.tsv'}"), is_vlm=False)
 
 
+def test_text_files_for_perplexity(tmp_path):
+    (tmp_path / "docs.jsonl").write_text('{"text": "first doc"}\n\n"a bare string"\n{"text": "third"}\n')
+    d = load_task(parse_spec(f"ppl:{tmp_path / 'docs.jsonl'}"), is_vlm=False)
+    assert d.text == "first doc\n\na bare string\n\nthird" and d.spec.name == "ppl_docs"
+    (tmp_path / "t.txt").write_text("plain text")
+    t = load_task(parse_spec(f"ppl:{tmp_path / 't.txt'}"), is_vlm=False)
+    assert t.text == "plain text" and t.fingerprint != d.fingerprint
+    held = load_task(parse_spec("ppl"), is_vlm=False)
+    from hubtool.quant.calib import builtin_documents
+
+    assert len(held.text) > 10_000
+    assert not any(doc in held.text for doc in builtin_documents()[:50])  # held out from calibration
+
+
 def _broken(tmp_path: Path, case: str) -> str:
     good = b64_image(RED)
     header = ["index", "question", "A", "B", "answer", "image"]
@@ -181,6 +195,8 @@ def test_task_errors_without_model(fresh_run, tmp_path, no_model_loads):
         evaluate.run_eval(run, [f"ppl:{tmp_path / 'docs.jsonl'}"])
     with pytest.raises(HubtoolError, match="not found"):
         evaluate.run_eval(run, [f"ppl:{tmp_path / 'nothing.txt'}"])
+    with pytest.raises(HubtoolError, match="cannot load dataset 'someorg/somedata'"):
+        evaluate.run_eval(run, ["ppl:someorg/somedata:cfg@validation"])  # offline: a clear error
     (tmp_path / "t.yaml").write_text("dataset_path: json\n")
     with pytest.raises(HubtoolError, match="has no `task:`"):
         evaluate.run_eval(run, [f"lm_eval:{tmp_path / 't.yaml'}"])
