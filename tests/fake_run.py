@@ -7,7 +7,6 @@ back to the record.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from hubtool import record as rec
@@ -151,9 +150,3 @@ def make_run(
             )
     rec.save(record, run_dir)
     return record
-
-
-def touch_later(path: Path) -> None:
-    """Bump a file's mtime (for tests that change a file's content and want a fresh stat)."""
-    st = path.stat()
-    os.utime(path, (st.st_atime + 5, st.st_mtime + 5))
