@@ -21,6 +21,7 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|sys
 def _tokenizer_json() -> str:
     """A small byte-level BPE trained on the standard library's pydoc topics (no download)."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -14,7 +14,9 @@ import torch
 from ..quant.rtn import IntWeight
 
 PACK = 8  # int4 values per int32
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32, device="cpu")  # explicit: safe under a meta-device context
+_SHIFTS = torch.arange(
+    0, 32, 4, dtype=torch.int32, device="cpu"
+)  # explicit: safe under a meta-device context
 
 
 def _pack_rows(x: torch.Tensor) -> torch.Tensor:
