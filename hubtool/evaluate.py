@@ -241,6 +241,15 @@ def run_eval(
         if d.spec.kind == "lm_eval":
             _check_lm_eval(d)
     refs = model_refs(rec, run_dir, variants)
+    settings = {
+        "device": device,
+        "limit": limit,
+        "batch_size": batch_size,
+        "seqlen": seqlen,
+        "reference": source_label(rec),
+        "loaded_from": {r.label: r.format for r in refs if r.format},
+        "cache": CACHE_DIR,
+    }
     out: list[record.TaskResult] = []
     for ref in refs:
         jobs = []
@@ -250,18 +259,19 @@ def run_eval(
             job.results = _from_cache(job, ref, limit, run_dir)
             jobs.append(job)
         lm: LoadedRef | None = None
+        mine: list[record.TaskResult] = []
         try:
             for job in jobs:
                 name = job.data.spec.name
                 if job.results is not None:
                     log.info("%s / %s: reusing the cached results (%s)", ref.label, name, job.cache.path)
                     _emit(progress, ref.label, name, 1, 1, "cached")
-                    out += job.results
+                    mine += job.results
                     continue
                 if lm is None:
                     _emit(progress, ref.label, name, 0, 1, "loading")
                     lm = compare.load_model(ref, rec, device, trust_remote_code)
-                res = _run_job(
+                mine += _run_job(
                     job,
                     lm,
                     limit=limit,
@@ -270,23 +280,20 @@ def run_eval(
                     progress=progress,
                     run_dir=run_dir,
                 )
-                out += res
         finally:
             compare.unload(lm)
-    rec = record.load(run_dir)
-    done = {(r.task, r.model) for r in out}
-    rec.evals = [r for r in rec.evals if (r.task, r.model) not in done] + out
-    rec.extras["eval"] = {
-        "device": device,
-        "limit": limit,
-        "batch_size": batch_size,
-        "seqlen": seqlen,
-        "reference": source_label(rec),
-        "loaded_from": {r.label: r.format for r in refs if r.format},
-        "cache": CACHE_DIR,
-    }
-    record.save(rec, run_dir)
+        _store(run_dir, mine, settings)  # after each model: a later failure keeps what is done
+        out += mine
     return out
+
+
+def _store(run_dir: Path, results: list[record.TaskResult], settings: dict[str, Any]) -> None:
+    """Merge results into run.json (replacing the same task x model) as it is on disk now."""
+    rec = record.load(run_dir)
+    done = {(r.task, r.model) for r in results}
+    rec.evals = [r for r in rec.evals if (r.task, r.model) not in done] + results
+    rec.extras["eval"] = settings
+    record.save(rec, run_dir)
 
 
 def _emit(
