@@ -31,12 +31,6 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def _register_with_transformers() -> None:
-    try:
-        from .integrations.transformers import register
-    except ImportError:  # transformers integration not available in this build
-        return
-    register()
-
-
-_register_with_transformers()
+# Registers the `hubtool` quantization method with transformers as soon as transformers loads its
+# quantizer registry (an import hook: `import hubtool` itself stays cheap).
+from . import integrations as _integrations  # noqa: E402, F401

@@ -149,7 +149,7 @@ def load_model(
     ref: ModelRef, rec: record.RunRecord, device: str = "cpu", trust_remote_code: bool = False
 ) -> LoadedRef:
     """Load one model of the run for inference (eval mode) on ``device``."""
-    from .load import load_source, parse_dtype
+    from .source import load_source, parse_dtype
 
     dtype = parse_dtype(rec.source.dtype or "bfloat16")
     t0 = time.perf_counter()

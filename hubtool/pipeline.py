@@ -25,14 +25,14 @@ import torch
 from . import record as rec
 from .__about__ import __version__
 from .errors import HubtoolError
-from .load import load_source, locate, parse_dtype
+from .formats.export import FORMATS, export_format
 from .quant.driver import ProgressFn, quantize_model
 from .quant.layers import plan_layers
 from .quant.spec import QuantSpec, check_method, make_recipe
+from .source import load_source, locate, parse_dtype
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto_round", "auto_gptq", "hubtool")
 INCOMPLETE = ".incomplete"
 WORK_DIR = ".work"
 LIBRARIES = ("torch", "transformers", "huggingface_hub", "safetensors", "accelerate", "auto-round", "optimum")
@@ -330,8 +330,6 @@ def _quantize_variant(
         "skipped": [s.name for s in variant.skipped],
         "source": loaded.info.name,
     }
-    from .formats.export import export_format
-
     for fmt in formats:
         rel = format_dir(vname, fmt, single)
         out = run_dir / rel

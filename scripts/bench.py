@@ -58,7 +58,7 @@ def bench_rtn(work: Path, ppl_chunks: int, new_tokens: int) -> dict:
 
     from hubtool import record
     from hubtool.formats.loader import load_processor, load_quantized
-    from hubtool.load import load_source, locate
+    from hubtool.source import load_source, locate
 
     run = work / "rtn"
     wall, rss = _hubtool(

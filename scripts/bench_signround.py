@@ -119,7 +119,7 @@ def worker(method: str, cfg: dict) -> dict:
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
         tok = AutoTokenizer.from_pretrained(out)
     else:
-        from hubtool.load import load_source, locate
+        from hubtool.source import load_source, locate
 
         loaded = load_source(locate(cfg["model"]))
         model, tok = loaded.model, loaded.tokenizer

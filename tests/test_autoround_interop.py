@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hubtool.formats.loader import load_quantized
-from hubtool.load import auto_model_class
+from hubtool.source import auto_model_class
 from hubtool.runtime.int4linear import Int4Linear
 from tests.test_formats import exported
 from tests.test_loading import inputs_for, logits

@@ -31,7 +31,7 @@ class Exported:
 
     arch: str
     src: Path
-    loaded: Any  # hubtool.load.LoadedModel
+    loaded: Any  # hubtool.source.LoadedModel
     plan: Any
     weights: dict[str, IntWeight]
     spec: QuantSpec
@@ -56,7 +56,7 @@ _CACHE: dict[tuple, Exported] = {}
 
 def exported(arch: str, src: Path, tmp_root: Path, spec: QuantSpec = SPEC, formats=FORMATS) -> Exported:
     """Quantize ``src`` (a tiny model folder) with RTN and export ``formats`` once per session."""
-    from hubtool.load import load_source, locate
+    from hubtool.source import load_source, locate
     from hubtool.quant.driver import quantize_model
     from hubtool.quant.layers import plan_layers
 

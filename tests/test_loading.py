@@ -87,7 +87,7 @@ def test_every_format_loads_back_to_the_fake_quantized_model(
     # hubtool's own format through plain transformers, after `import hubtool`
     from transformers import AutoConfig
 
-    from hubtool.load import auto_model_class
+    from hubtool.source import auto_model_class
 
     monkeypatch.setenv("HUBTOOL_KERNEL", "reference")
     cls = auto_model_class(AutoConfig.from_pretrained(ex.dirs["hubtool"]))

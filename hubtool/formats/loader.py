@@ -43,7 +43,7 @@ def resolve_folder(
     path_or_id: str | Path, revision: str | None = None, trust_remote_code: bool = False
 ) -> Path:
     """A local folder holding the checkpoint (a Hub id is downloaded into the cache first)."""
-    from ..load import local_dir, locate
+    from ..source import local_dir, locate
 
     p = Path(path_or_id).expanduser()
     if p.is_file():
@@ -250,7 +250,7 @@ def load_quantized(
     from transformers import AutoConfig
 
     from ..integrations.transformers import register
-    from ..load import _check_remote_code, auto_model_class
+    from ..source import _check_remote_code, auto_model_class
 
     register()
     folder = resolve_folder(path_or_id, revision, trust_remote_code)
@@ -321,8 +321,8 @@ def load_processor(
     """The processor (VLM) or tokenizer (text model) saved with a checkpoint."""
     from transformers import AutoConfig
 
-    from ..load import load_processor as _load_processor
-    from ..load import locate
+    from ..source import load_processor as _load_processor
+    from ..source import locate
 
     folder = resolve_folder(path_or_id, revision, trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)

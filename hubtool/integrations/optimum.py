@@ -49,7 +49,7 @@ class HubtoolQuantizer(OptimumQuantizer):
         """Wrap a loaded model, or load a 16-bit one (Hub id, folder or .gguf) as ``hubtool quantize`` would."""
         if isinstance(model_or_path, nn.Module):
             return cls(model_or_path, processor)
-        from ..load import load_source, locate, parse_dtype
+        from ..source import load_source, locate, parse_dtype
 
         source = str(model_or_path)
         if file_name:

@@ -131,6 +131,6 @@ def _skip_reason(
         return f"matches --skip {skip_re.pattern!r}"
     if lin.in_features % spec.group_size:
         return f"input width {lin.in_features} is not a multiple of the group size {spec.group_size}"
-    if lin.out_features % 8:
-        return f"output width {lin.out_features} is not a multiple of 8 (GPTQ packing)"
+    if lin.out_features % 32:
+        return f"output width {lin.out_features} is not a multiple of 32 (GPTQ loaders pack zeros in 32-column words)"
     return None
