@@ -4,9 +4,9 @@ Shapes are (N, K) = (out_features, in_features): (4096, 4096) is a square projec
 Llama-7B up/gate projection and (4096, 11008) its down projection. For each shape and M the benchmark
 times, on the CPU: bf16 matmul, fp32 matmul, torch's ``_weight_int4pack_mm_for_cpu`` (bf16) and hubtool's
 kernel with bf16, fp16 and fp32 activations. Every variant cycles through enough copies of its weight to
-exceed 3x the last-level cache, so each call streams its weight from DRAM; a variant's time is the best,
-over several rounds, of the mean time per call across one full rotation (rounds absorb interference from
-other processes without hiding cache effects). The DRAM read bandwidth (a large fp32 sum) is measured in
+span 10x the last-level cache, so each call streams its weight from DRAM; a variant's time is the best,
+single call over several passes through the rotation (every call is cache-cold; the minimum rejects time
+slices lost to other processes on a shared machine and is applied alike to every variant). The DRAM read bandwidth (a large fp32 sum) is measured in
 the same run and put next to the M=1 figures. On CUDA the GPU path is timed too, each rotation captured
 in a CUDA graph: cuBLAS bf16, torch's ``_weight_int4pack_mm`` and hubtool's Triton kernels.
 """
@@ -48,47 +48,56 @@ def llc_bytes() -> int:
     return best or 32 * 1024**2
 
 
-def dram_bandwidth_gbps(nbytes: int = 512 * 1024**2, rounds: int = 5) -> float:
-    """Read bandwidth of main memory in GB/s: best of a torch fp32 sum and hubtool's streaming read."""
-    from .kernels import cpu
-
-    a = torch.ones(nbytes // 4)
-    probes = [a.sum]
-    if cpu.load():
-        b = a.view(torch.uint8)
-        probes.append(lambda: torch.ops.hubtool.mem_read(b))
-    best = math.inf
-    for probe in probes:
-        probe()
-        for _ in range(rounds):
-            t = time.perf_counter()
-            probe()
-            best = min(best, time.perf_counter() - t)
-    return nbytes / best / 1e9
+ROTATION_X_LLC = 10  # a rotation of weight copies spans this many last-level caches
 
 
 def _copies(nbytes: int, cache: int) -> int:
-    """How many copies of a weight of nbytes make a rotation at least 3x the cache."""
-    return max(2, math.ceil(3 * cache / max(nbytes, 1)))
+    """How many copies of a weight of nbytes make a rotation of ROTATION_X_LLC caches.
+
+    Three caches' worth is not enough on Zen 4: its L3 keeps part of a streamed working set across passes
+    (measured here: 100 MB rotations read at 1.5x the DRAM bandwidth).
+    """
+    return max(2, math.ceil(ROTATION_X_LLC * cache / max(nbytes, 1)))
 
 
 def time_rotation(fns: Sequence[Callable[[], object]], rounds: int = 5, min_s: float = 0.05) -> float:
-    """Seconds per call: the best over rounds of the mean over enough full rotations of fns."""
+    """Seconds per call: the fastest single call over several passes through the rotation fns.
+
+    Each call uses the next weight copy, so every timed call streams its weight from memory; taking the
+    fastest call (rather than a mean) rejects time slices lost to other processes on a shared machine,
+    and is applied the same way to every variant. At least ``rounds`` passes and ``min_s`` seconds.
+    """
     for f in fns:
         f()
-    t = time.perf_counter()
-    for f in fns:
-        f()
-    once = time.perf_counter() - t
-    reps = max(1, int(min_s / max(once, 1e-9)))
     best = math.inf
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(reps):
-            for f in fns:
-                f()
-        best = min(best, (time.perf_counter() - t) / (reps * len(fns)))
+    start = time.perf_counter()
+    passes = 0
+    while passes < rounds or time.perf_counter() - start < min_s:
+        for f in fns:
+            t = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t)
+        passes += 1
     return best
+
+
+def dram_bandwidth_gbps(cache: int | None = None, slice_bytes: int = 8 * 1024**2, passes: int = 5) -> float:
+    """Main-memory read bandwidth in GB/s, measured like the kernels: cache-cold reads of 8 MiB slices.
+
+    The slices rotate through a buffer of ROTATION_X_LLC caches; the figure is the fastest slice read by
+    a torch fp32 sum or hubtool's streaming read (all threads), whichever is faster.
+    """
+    from .kernels import cpu
+
+    cache = cache or llc_bytes()
+    n_slices = max(2, math.ceil(ROTATION_X_LLC * cache / slice_bytes))
+    buf = torch.ones(n_slices * slice_bytes // 4)
+    slices = list(buf.view(n_slices, -1))
+    probes = [[lambda s=s: s.sum() for s in slices]]
+    if cpu.load():
+        probes.append([lambda s=s.view(torch.uint8): torch.ops.hubtool.mem_read(s) for s in slices])
+    best = min(time_rotation(fns, passes) for fns in probes)
+    return slice_bytes / best / 1e9
 
 
 def _random_int4(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -284,7 +293,7 @@ def run(
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "llc_bytes": cache,
-        "dram_read_gbps": round(dram_bandwidth_gbps(), 2),
+        "dram_read_gbps": round(dram_bandwidth_gbps(cache), 2),
         "shape_convention": "(N, K) = (out_features, in_features)",
         "group_size": GROUP,
         "kernels": kernel_info(build=True),

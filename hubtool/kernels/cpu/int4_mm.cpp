@@ -46,6 +46,7 @@ constexpr int MC = 32;      // rows per chunk
 constexpr int ROWS_MAX = 5;  // rows per register-resident pass (5 x 4 tiles = 20 accumulators)
 static int g_rows = 4;      // rows per pass, bf16 path (tuning knob: hubtool::int4_cpu_tune)
 static int g_rows_f32 = 4;  // rows per pass, fp32 path
+static int g_pf = 2048;     // software prefetch distance in bytes (0: none)
 
 enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
 
@@ -156,35 +157,52 @@ TGT_512 static INL void epilogue_512(const Problem& pb, int64_t b, int64_t g, in
   }
 }
 
-// bf16 activations, weights of group g decoded in registers (all 4 tiles), MB rows from m0.
+// One pair of input rows for MB rows x 4 tiles: decode 64 bytes, one vdpbf16ps per row and tile.
+template <int MB>
+TGT_BF16 static INL void step_bf16(const uint8_t* src, const uint16_t* xg, int64_t ldx, int p, __m512 (&acc)[MB][TILES]) {
+  if (g_pf) _mm_prefetch(reinterpret_cast<const char*>(src + 64 * p + g_pf), _MM_HINT_T0);
+  __m512i w[TILES];
+  decode4_512(src + 64 * p, w);
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m) {
+    int32_t xv;
+    std::memcpy(&xv, xg + m * ldx + 2 * p, 4);
+    const __m512bh xb = (__m512bh)_mm512_set1_epi32(xv);
+#pragma GCC unroll 4
+    for (int t = 0; t < TILES; ++t) acc[m][t] = _mm512_dpbf16_ps(acc[m][t], (__m512bh)w[t], xb);
+  }
+}
+
+// bf16 activations, weights of group g decoded in registers (all 4 tiles), MB rows from m0. With one or
+// two rows, two accumulator sets (even and odd pairs) halve the vdpbf16ps dependency chains.
 template <int MB>
 TGT_BF16 static void direct_bf16(const Problem& pb, int64_t b, int64_t g, int64_t m0, float* out) {
-  __m512 acc[MB][TILES];
+  constexpr int NS = MB <= 2 ? 2 : 1;
+  __m512 acc[NS][MB][TILES];
 #pragma GCC unroll 16
-  for (int m = 0; m < MB; ++m)
-    for (int t = 0; t < TILES; ++t) acc[m][t] = _mm512_setzero_ps();
+  for (int s = 0; s < NS; ++s)
+    for (int m = 0; m < MB; ++m)
+      for (int t = 0; t < TILES; ++t) acc[s][m][t] = _mm512_setzero_ps();
   const uint16_t* xg = static_cast<const uint16_t*>(pb.x) + m0 * pb.K + g * pb.G;
   const uint8_t* sg = pb.packed + (b * pb.NG + g) * pb.P * 64;
-  for (int p = 0; p < pb.P; ++p) {
-    _mm_prefetch(reinterpret_cast<const char*>(sg + 64 * p + 1024), _MM_HINT_T0);
-    __m512i w[4];
-    decode4_512(sg + 64 * p, w);
-#pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) {
-      int32_t xv;
-      std::memcpy(&xv, xg + m * pb.K + 2 * p, 4);
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xv);
-#pragma GCC unroll 4
-      for (int t = 0; t < TILES; ++t) acc[m][t] = _mm512_dpbf16_ps(acc[m][t], (__m512bh)w[t], xb);
-    }
+  int p = 0;
+  for (; p + NS <= pb.P; p += NS) {
+#pragma GCC unroll 2
+    for (int s = 0; s < NS; ++s) step_bf16<MB>(sg, xg, pb.K, p + s, acc[s]);
   }
-  epilogue_512<MB, TILES>(pb, b, g, 0, pb.xs + m0 * pb.NG + g, out, acc);
+  for (; p < pb.P; ++p) step_bf16<MB>(sg, xg, pb.K, p, acc[0]);
+  if (NS == 2) {
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m)
+      for (int t = 0; t < TILES; ++t) acc[0][m][t] = _mm512_add_ps(acc[0][m][t], acc[NS - 1][m][t]);
+  }
+  epilogue_512<MB, TILES>(pb, b, g, 0, pb.xs + m0 * pb.NG + g, out, acc[0]);
 }
 
 // fp32 activations: a bf16 pair (v_k, v_k+1) widens to two fp32 vectors by a shift and a mask.
 template <int MB, int T>
 TGT_512 static INL void fma_pair_512(const __m512i (&w)[T], const float* xg, int64_t ldx, int p,
-                                     __m512 (&acc)[MB][T]) {
+                                     __m512 (&acc)[MB][T], __m512 (&acc_odd)[MB][T]) {
   const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 we[T], wo[T];
 #pragma GCC unroll 4
@@ -197,25 +215,37 @@ TGT_512 static INL void fma_pair_512(const __m512i (&w)[T], const float* xg, int
     const __m512 x0 = _mm512_set1_ps(xg[m * ldx + 2 * p]);
     const __m512 x1 = _mm512_set1_ps(xg[m * ldx + 2 * p + 1]);
 #pragma GCC unroll 4
-    for (int t = 0; t < T; ++t) acc[m][t] = _mm512_fmadd_ps(wo[t], x1, _mm512_fmadd_ps(we[t], x0, acc[m][t]));
+    for (int t = 0; t < T; ++t) {
+      acc[m][t] = _mm512_fmadd_ps(we[t], x0, acc[m][t]);
+      acc_odd[m][t] = _mm512_fmadd_ps(wo[t], x1, acc_odd[m][t]);
+    }
   }
 }
 
+// fp32 activations. With one or two rows the even and odd FMAs go to separate accumulators (shorter
+// chains); with more rows there are enough independent accumulators and they share one.
 template <int MB>
 TGT_512 static void direct_f32(const Problem& pb, int64_t b, int64_t g, int64_t m0, float* out) {
-  __m512 acc[MB][TILES];
+  constexpr int NS = MB <= 2 ? 2 : 1;
+  __m512 acc[NS][MB][TILES];
 #pragma GCC unroll 16
-  for (int m = 0; m < MB; ++m)
-    for (int t = 0; t < TILES; ++t) acc[m][t] = _mm512_setzero_ps();
+  for (int s = 0; s < NS; ++s)
+    for (int m = 0; m < MB; ++m)
+      for (int t = 0; t < TILES; ++t) acc[s][m][t] = _mm512_setzero_ps();
   const float* xg = static_cast<const float*>(pb.x) + m0 * pb.K + g * pb.G;
   const uint8_t* sg = pb.packed + (b * pb.NG + g) * pb.P * 64;
   for (int p = 0; p < pb.P; ++p) {
-    _mm_prefetch(reinterpret_cast<const char*>(sg + 64 * p + 1024), _MM_HINT_T0);
+    if (g_pf) _mm_prefetch(reinterpret_cast<const char*>(sg + 64 * p + g_pf), _MM_HINT_T0);
     __m512i w[TILES];
     decode4_512(sg + 64 * p, w);
-    fma_pair_512<MB, TILES>(w, xg, pb.K, p, acc);
+    fma_pair_512<MB, TILES>(w, xg, pb.K, p, acc[0], acc[NS - 1]);
   }
-  epilogue_512<MB, TILES>(pb, b, g, 0, pb.xs + m0 * pb.NG + g, out, acc);
+  if (NS == 2) {
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m)
+      for (int t = 0; t < TILES; ++t) acc[0][m][t] = _mm512_add_ps(acc[0][m][t], acc[NS - 1][m][t]);
+  }
+  epilogue_512<MB, TILES>(pb, b, g, 0, pb.xs + m0 * pb.NG + g, out, acc[0]);
 }
 
 // ------------------------------------------------------------------------------------------- AVX2
@@ -371,9 +401,16 @@ static int detect_isa() {
 }
 
 // ------------------------------------------------------------------------------------------ the op
+// Rows of the fp32 block buffer into y; with split = 2 each output row is the sum of two buffer rows.
 template <typename T>
-static void store_rows(const float* out, int mc, int64_t n0, int64_t n, T* y, int64_t ldy) {
+static void store_rows(const float* out, int mc, int split, int64_t n0, int64_t n, T* y, int64_t ldy) {
   const int64_t cols = std::min<int64_t>(NB, n - n0);
+  if (split == 2) {
+    for (int m = 0; m < mc / 2; ++m)
+      for (int64_t c = 0; c < cols; ++c)
+        y[m * ldy + n0 + c] = static_cast<T>(out[2 * m * NB + c] + out[(2 * m + 1) * NB + c]);
+    return;
+  }
   for (int m = 0; m < mc; ++m)
     for (int64_t c = 0; c < cols; ++c) y[m * ldy + n0 + c] = static_cast<T>(out[m * NB + c]);
 }
@@ -403,23 +440,37 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const int best = detect_isa();
   int use = isa < 0 ? best : static_cast<int>(isa);
   TORCH_CHECK(use <= best, "hubtool::int4_mm_cpu: ISA level ", use, " requested, this CPU has ", best);
-  const bool bf16_path = use == AVX512_BF16 && dt == at::kBFloat16;
-  if (use == AVX512_BF16 && !bf16_path) use = AVX512;
-
-  at::Tensor xin = bf16_path ? x.contiguous() : x.to(at::kFloat).contiguous();
-  at::Tensor xs = at::empty({M, NG}, x.options().dtype(at::kFloat));
+  // bf16 activations run vdpbf16ps directly. fp16/fp32 activations on the same path are split into two
+  // bf16 rows, hi = bf16(x) and lo = bf16(x - hi), whose results are summed: exact for fp16 (11-bit
+  // mantissa <= 8 + 8 bits), about 2^-17 relative for fp32, at the cost of twice the rows. With
+  // isa = avx512 forced they take the fp32 FMA path instead.
+  const bool bf16_path = use == AVX512_BF16;
+  const int split = (bf16_path && dt != at::kBFloat16) ? 2 : 1;
+  at::Tensor xin;
+  if (!bf16_path) {
+    xin = x.to(at::kFloat).contiguous();
+  } else if (split == 1) {
+    xin = x.contiguous();
+  } else {
+    const at::Tensor xf = x.to(at::kFloat);
+    const at::Tensor hi = xf.to(at::kBFloat16);
+    const at::Tensor lo = (xf - hi.to(at::kFloat)).to(at::kBFloat16);
+    xin = at::stack({hi, lo}, 1).reshape({2 * M, K}).contiguous();
+  }
+  const int64_t MV = M * split;  // rows the kernel computes
+  at::Tensor xs = at::empty({MV, NG}, x.options().dtype(at::kFloat));
   {
     float* xsp = xs.data_ptr<float>();
     if (bf16_path) {
       const c10::BFloat16* xp = xin.data_ptr<c10::BFloat16>();
-      for (int64_t i = 0; i < M * NG; ++i) {
+      for (int64_t i = 0; i < MV * NG; ++i) {
         float s = 0.f;
         for (int64_t k = 0; k < G; ++k) s += static_cast<float>(xp[i * G + k]);
         xsp[i] = s;
       }
     } else {
       const float* xp = xin.data_ptr<float>();
-      for (int64_t i = 0; i < M * NG; ++i) {
+      for (int64_t i = 0; i < MV * NG; ++i) {
         float s = 0.f;
         for (int64_t k = 0; k < G; ++k) s += xp[i * G + k];
         xsp[i] = s;
@@ -428,7 +479,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   }
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0) return y;
-  Problem pb{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), zp, K, G, G / 2, NG, NBLK, n, M,
+  Problem pb{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), zp, K, G, G / 2, NG, NBLK, n, MV,
              xin.data_ptr(), xs.data_ptr<float>()};
 
   at::parallel_for(0, NBLK, 1, [&](int64_t b0, int64_t b1) {
@@ -436,8 +487,8 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     std::vector<uint16_t, std::allocator<uint16_t>> raw(static_cast<size_t>(pb.P) * TILES * 32 + 64);
     uint16_t* buf = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
     for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t m0 = 0; m0 < M; m0 += MC) {
-        const int mc = static_cast<int>(std::min<int64_t>(MC, M - m0));
+      for (int64_t m0 = 0; m0 < MV; m0 += MC) {  // MC is even: hi/lo row pairs never straddle chunks
+        const int mc = static_cast<int>(std::min<int64_t>(MC, MV - m0));
         std::fill(out, out + mc * NB, 0.f);
         switch (use) {
 #ifdef HT_X86
@@ -447,12 +498,13 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 #endif
           default: block_scalar(pb, b, m0, mc, out); break;
         }
+        const int64_t r0 = m0 / split;
         if (dt == at::kBFloat16) {
-          store_rows(out, mc, b * NB, n, y.data_ptr<c10::BFloat16>() + m0 * n, n);
+          store_rows(out, mc, split, b * NB, n, y.data_ptr<c10::BFloat16>() + r0 * n, n);
         } else if (dt == at::kHalf) {
-          store_rows(out, mc, b * NB, n, y.data_ptr<c10::Half>() + m0 * n, n);
+          store_rows(out, mc, split, b * NB, n, y.data_ptr<c10::Half>() + r0 * n, n);
         } else {
-          store_rows(out, mc, b * NB, n, y.data_ptr<float>() + m0 * n, n);
+          store_rows(out, mc, split, b * NB, n, y.data_ptr<float>() + r0 * n, n);
         }
       }
     }
@@ -505,8 +557,9 @@ int64_t mem_read(const at::Tensor& t) {
 
 int64_t cpu_isa() { return detect_isa(); }
 
-int64_t cpu_tune(int64_t rows, int64_t rows_f32) {
+int64_t cpu_tune(int64_t rows, int64_t rows_f32, int64_t pf) {
   const int64_t old = g_rows * 10 + g_rows_f32;
+  if (pf >= 0) g_pf = static_cast<int>(pf);
   if (rows >= 1) g_rows = static_cast<int>(std::min<int64_t>(rows, ROWS_MAX));
   if (rows_f32 >= 1) g_rows_f32 = static_cast<int>(std::min<int64_t>(rows_f32, ROWS_MAX));
   return old;
@@ -526,7 +579,7 @@ TORCH_LIBRARY_FRAGMENT(hubtool, m) {
   m.def("int4_mm_cpu(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int group_size, int n, int isa=-1) -> Tensor");
   m.def("int4_cpu_isa() -> int", &hubtool_cpu::cpu_isa);
   m.def("int4_cpu_has_vnni() -> int", &hubtool_cpu::cpu_has_vnni);
-  m.def("int4_cpu_tune(int rows, int rows_f32) -> int", &hubtool_cpu::cpu_tune);
+  m.def("int4_cpu_tune(int rows, int rows_f32, int pf) -> int", &hubtool_cpu::cpu_tune);
   m.def("mem_read(Tensor t) -> int", &hubtool_cpu::mem_read);
 }
 
