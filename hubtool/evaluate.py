@@ -518,13 +518,19 @@ def _run_lm_eval(job: _Job, lm: LoadedRef, *, limit, batch_size, progress) -> li
     d, cache = job.data, job.cache
     name = d.spec.name
     _emit(progress, lm.ref.label, name, 0, 1)
-    hflm = HFLM(
-        pretrained=lm.model,
-        tokenizer=lm.tokenizer,
-        backend="causal",
-        batch_size=batch_size,
-        max_length=_max_positions(lm.model),
-    )
+    hf_log = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)  # it warns that `pretrained` is a model object: that is the point here
+    try:
+        hflm = HFLM(
+            pretrained=lm.model,
+            tokenizer=lm.tokenizer,
+            backend="causal",
+            batch_size=batch_size,
+            max_length=_max_positions(lm.model),
+        )
+    finally:
+        hf_log.setLevel(level)
     cache.path.parent.mkdir(parents=True, exist_ok=True)
     sqlite = str(cache.path.with_suffix(""))  # lm_eval appends _rank0.db: per-request cache, resumable
     out = simple_evaluate(
