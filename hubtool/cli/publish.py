@@ -106,6 +106,17 @@ def publish_cmd(
     nsamples: int = typer.Option(None, help="Override the number of calibration samples."),
     seqlen: int = typer.Option(None, help="Override the calibration sequence length."),
     group_size: int = typer.Option(None, help="Group size: 32, 64 or 128."),
+    bits: int = typer.Option(None, help="Weight bits (4)."),
+    sym: bool = typer.Option(None, "--sym/--asym", help="Symmetric (default) or asymmetric int4."),
+    batch_size: int = typer.Option(None, help="Override the tuning batch size."),
+    lr: float = typer.Option(None, help="Override the SignSGD learning rate."),
+    revision: str = typer.Option(None, help="Hub revision of SOURCE."),
+    dtype: str = typer.Option(None, help="16-bit dtype to load the source in."),
+    skip: str = typer.Option(None, help="Regex of linear names to keep 16-bit."),
+    quantize_vision: bool = typer.Option(None, "--quantize-vision", help="Also quantize the vision tower."),
+    trust_remote_code: bool = typer.Option(
+        None, "--trust-remote-code", help="Allow the model's own code to run."
+    ),
     formats: str = typer.Option(None, help="Comma-separated formats to export."),
     seed: int = typer.Option(None, help="Random seed."),
     device: str = typer.Option(None, help="Device to tune on (cpu, cuda)."),
@@ -125,6 +136,15 @@ def publish_cmd(
         "formats": formats.split(",") if formats else None,
         "seed": seed,
         "device": device,
+        "bits": bits,
+        "sym": sym,
+        "batch_size": batch_size,
+        "lr": lr,
+        "revision": revision,
+        "dtype": dtype,
+        "skip": skip,
+        "quantize_vision": quantize_vision,
+        "trust_remote_code": trust_remote_code,
     }
     cfg = merged(
         _config(config),
