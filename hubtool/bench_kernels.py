@@ -61,23 +61,38 @@ def _copies(nbytes: int, cache: int) -> int:
 
 
 def time_rotation(fns: Sequence[Callable[[], object]], rounds: int = 5, min_s: float = 0.05) -> float:
-    """Seconds per call: the fastest single call over several passes through the rotation fns.
+    """Seconds per call: the fastest single call over several passes through the rotation fns."""
+    return time_interleaved({"only": fns}, rounds, min_s, calls_per_pass=len(fns))["only"]
 
-    Each call uses the next weight copy, so every timed call streams its weight from memory; taking the
-    fastest call (rather than a mean) rejects time slices lost to other processes on a shared machine,
-    and is applied the same way to every variant. At least ``rounds`` passes and ``min_s`` seconds.
+
+def time_interleaved(
+    variants: dict[str, Sequence[Callable[[], object]]],
+    passes: int = 5,
+    min_s: float = 0.0,
+    calls_per_pass: int = 8,
+) -> dict[str, float]:
+    """Seconds per call of each variant: its fastest single call, the variants interleaved pass by pass.
+
+    Each variant's calls walk round-robin through its rotation of weight copies, so every timed call
+    streams its weight from memory. Interleaving spreads interference from other processes evenly over
+    the variants, and the fastest call rejects the time slices it steals; both apply alike to all.
     """
-    for f in fns:
-        f()
-    best = math.inf
-    start = time.perf_counter()
-    passes = 0
-    while passes < rounds or time.perf_counter() - start < min_s:
+    pos = dict.fromkeys(variants, 0)
+    best = dict.fromkeys(variants, math.inf)
+    for fns in variants.values():
         for f in fns:
-            t = time.perf_counter()
             f()
-            best = min(best, time.perf_counter() - t)
-        passes += 1
+    start = time.perf_counter()
+    done = 0
+    while done < passes or time.perf_counter() - start < min_s:
+        for name, fns in variants.items():
+            for _ in range(min(calls_per_pass, len(fns))):
+                f = fns[pos[name] % len(fns)]
+                pos[name] += 1
+                t = time.perf_counter()
+                f()
+                best[name] = min(best[name], time.perf_counter() - t)
+        done += 1
     return best
 
 
@@ -136,25 +151,19 @@ def bench_cpu_shape(
     for m in ms:
         xb = torch.randn(m, k, dtype=torch.bfloat16)
         xh, xf = xb.to(torch.float16), xb.float()
-        times = {
-            "bf16_matmul": time_rotation([lambda w=w, x=xb: F.linear(x, w) for w in w16], rounds, min_s),
-            "fp32_matmul": time_rotation([lambda w=w, x=xf: F.linear(x, w) for w in w32], rounds, min_s),
-            "torch_int4": time_rotation(
-                [
-                    lambda p=p, x=xb: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p[0], GROUP, p[1])
-                    for p in t4
-                ],
-                rounds,
-                min_s,
-            ),
+        variants: dict[str, list[Callable[[], object]]] = {
+            "bf16_matmul": [lambda w=w, x=xb: F.linear(x, w) for w in w16],
+            "fp32_matmul": [lambda w=w, x=xf: F.linear(x, w) for w in w32],
+            "torch_int4": [
+                lambda p=p, x=xb: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p[0], GROUP, p[1]) for p in t4
+            ],
         }
         if have_ours:
             for name, x in (("ours_bf16", xb), ("ours_fp16", xh), ("ours_fp32", xf)):
-                times[name] = time_rotation([lambda p=p, x=x: cpu.int4_mm(x, p) for p in ours], rounds, min_s)
+                variants[name] = [lambda p=p, x=x: cpu.int4_mm(x, p) for p in ours]
             # fp32 activations rounded to bf16 first (HUBTOOL_CPU_ACT=bf16): torch's built-in precision.
-            times["ours_fp32_act_bf16"] = time_rotation(
-                [lambda p=p, x=xf: cpu.int4_mm(x, p, act="bf16") for p in ours], rounds, min_s
-            )
+            variants["ours_fp32_act_bf16"] = [lambda p=p, x=xf: cpu.int4_mm(x, p, act="bf16") for p in ours]
+        times = time_interleaved(variants, rounds, min_s)
         times = {key: v * 1e3 for key, v in times.items()}
         row = {"shape": [n, k], "m": m, "times_ms": times, "copies": {"bf16": c16, "fp32": c32, "int4": c4}}
         if have_ours:
@@ -278,13 +287,25 @@ def run(
     json_path: str | None = None,
     shapes: Sequence[tuple[int, int]] = SHAPES,
     ms: Sequence[int] = MS,
-    rounds: int = 5,
+    rounds: int = 8,
     cuda: bool | None = None,
     cpu: bool = True,
     cuda_ms: Sequence[int] | None = None,
-    min_s: float = 0.05,
+    min_s: float = 1.0,
+    threads: int | None = None,
 ) -> dict:
     """Benchmark every (N, K) shape at every M on the CPU (and CUDA if present); optionally write JSON."""
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(json_path, shapes, ms, rounds, cuda, cpu, cuda_ms, min_s)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run(json_path, shapes, ms, rounds, cuda, cpu, cuda_ms, min_s) -> dict:
+    """run() with the thread count already set."""
     from .kernels import kernel_info
 
     cache = llc_bytes()
@@ -362,5 +383,7 @@ if __name__ == "__main__":  # python -m hubtool.bench_kernels [json_path]
     import sys
 
     logging.basicConfig(level=os.environ.get("HUBTOOL_LOG", "WARNING"))
-    res = run(sys.argv[1] if len(sys.argv) > 1 else None)
+    res = run(
+        sys.argv[1] if len(sys.argv) > 1 else None, threads=int(os.environ.get("HUBTOOL_BENCH_THREADS", "0"))
+    )
     sys.stdout.write(format_table(res) + "\n")

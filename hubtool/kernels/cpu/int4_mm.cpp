@@ -248,6 +248,49 @@ TGT_512 static void direct_f32(const Problem& pb, int64_t b, int64_t g, int64_t 
   epilogue_512<MB, TILES>(pb, b, g, 0, pb.xs + m0 * pb.NG + g, out, acc[0]);
 }
 
+// fp16/fp32 activations -> rows (hi, lo) of bf16 for the vdpbf16ps path, plus their per-group sums.
+template <bool HALF>
+TGT_BF16 static void split_rows_bf16(const void* xv, int64_t M, int64_t K, int64_t G, uint16_t* out, float* xs) {
+  const int64_t NG = K / G;
+  for (int64_t m = 0; m < M; ++m) {
+    uint16_t* hi_row = out + (2 * m) * K;
+    uint16_t* lo_row = out + (2 * m + 1) * K;
+    for (int64_t g = 0; g < NG; ++g) {
+      __m512 sh = _mm512_setzero_ps(), sl = _mm512_setzero_ps();
+      int64_t k = g * G;
+      const int64_t end = k + G;
+      for (; k + 16 <= end; k += 16) {
+        __m512 v;
+        if (HALF) {
+          v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(xv) + m * K + k)));
+        } else {
+          v = _mm512_loadu_ps(static_cast<const float*>(xv) + m * K + k);
+        }
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+        const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        const __m256i l = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
+        const __m512 lf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(l), 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi_row + k), h);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo_row + k), l);
+        sh = _mm512_add_ps(sh, hf);
+        sl = _mm512_add_ps(sl, lf);
+      }
+      float th = _mm512_reduce_add_ps(sh), tl = _mm512_reduce_add_ps(sl);
+      for (; k < end; ++k) {
+        const float v = HALF ? static_cast<float>(static_cast<const c10::Half*>(xv)[m * K + k])
+                             : static_cast<const float*>(xv)[m * K + k];
+        const c10::BFloat16 h(v), l(v - static_cast<float>(h));
+        hi_row[k] = h.x;
+        lo_row[k] = l.x;
+        th += static_cast<float>(h);
+        tl += static_cast<float>(l);
+      }
+      xs[(2 * m) * NG + g] = th;
+      xs[(2 * m + 1) * NG + g] = tl;
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------- AVX2
 // Same layout: the 64 bytes split into two 128-bit-lane pairs, so 256-bit unpacks give the two halves
 // (columns 0-7 and 8-15) of each tile.
@@ -447,19 +490,24 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const bool bf16_path = use == AVX512_BF16;
   const int split = (bf16_path && dt != at::kBFloat16) ? 2 : 1;
   at::Tensor xin;
+  const int64_t MV = M * split;  // rows the kernel computes
+  at::Tensor xs = at::empty({MV, NG}, x.options().dtype(at::kFloat));
   if (!bf16_path) {
     xin = x.to(at::kFloat).contiguous();
   } else if (split == 1) {
     xin = x.contiguous();
   } else {
-    const at::Tensor xf = x.to(at::kFloat);
-    const at::Tensor hi = xf.to(at::kBFloat16);
-    const at::Tensor lo = (xf - hi.to(at::kFloat)).to(at::kBFloat16);
-    xin = at::stack({hi, lo}, 1).reshape({2 * M, K}).contiguous();
+    xin = at::empty({MV, K}, x.options().dtype(at::kBFloat16));
+#ifdef HT_X86
+    const at::Tensor xc = x.contiguous();
+    if (dt == at::kHalf) {
+      split_rows_bf16<true>(xc.data_ptr(), M, K, G, reinterpret_cast<uint16_t*>(xin.data_ptr()), xs.data_ptr<float>());
+    } else {
+      split_rows_bf16<false>(xc.data_ptr(), M, K, G, reinterpret_cast<uint16_t*>(xin.data_ptr()), xs.data_ptr<float>());
+    }
+#endif
   }
-  const int64_t MV = M * split;  // rows the kernel computes
-  at::Tensor xs = at::empty({MV, NG}, x.options().dtype(at::kFloat));
-  {
+  if (split == 1) {
     float* xsp = xs.data_ptr<float>();
     if (bf16_path) {
       const c10::BFloat16* xp = xin.data_ptr<c10::BFloat16>();
