@@ -3,8 +3,8 @@
 Error bound (stated once, used everywhere): ``max|y - ref| <= TOL[dtype] * max|ref|`` where ref is the
 ``reference`` backend on the same layer and input. TOL is 2e-2 for bf16 (and for torch's built-in at any
 dtype: it computes in bf16), 4e-3 for fp16 and 1e-4 for fp32 — a few output roundings of each dtype.
-The first test run compiles the CPU kernel (about 20-25 s on 2 cores) into $HUBTOOL_CACHE or
-~/.cache/hubtool; later runs load it from there.
+The first test run compiles the CPU kernel (about 25 s on this 2-core machine) into $HUBTOOL_CACHE or
+~/.cache/hubtool; later runs load it from there (the whole file then takes about 30 s).
 """
 
 from __future__ import annotations

@@ -11,13 +11,15 @@
 // product runs on exact values and the correction uses a per-group sum of the activations.
 //
 // Paths, chosen by cpuid at run time (functions carry per-function target attributes):
-//   3 avx512_bf16 : bf16 activations, vdpbf16ps (32 multiply-adds per instruction)
-//   2 avx512      : fp32 activations (fp16/fp32 inputs, or bf16 without AVX512-BF16), FMA on fp32
+//   3 avx512_bf16 : vdpbf16ps (32 multiply-adds per instruction) on bf16 activations; fp16/fp32
+//                   activations become two bf16 rows hi + lo (exact for fp16, ~2^-17 for fp32)
+//   2 avx512      : fp32 activations (any input dtype), FMA on fp32
 //   1 avx2        : fp32 activations, 256-bit FMA
 //   0 scalar      : portable C++
 // Work is split over blocks of 64 columns (at::parallel_for). Rows are processed in chunks of 32; inside a
 // chunk, each weight group (4 KiB of codes for G = 128) is decoded in registers once per pass of 4 rows
-// (4 rows x 4 tiles = 16 accumulators) and stays in L1 between passes. Decoding into an L1 buffer once
+// (4 rows x 4 tiles = 16 accumulators; two sets at 1-2 rows, to shorten dependency chains) and stays in
+// L1 between passes; a software prefetch runs 2 KiB ahead of the stream. Decoding into an L1 buffer once
 // for all rows was measured slower on Zen 4: four 64-byte stores per 64-byte load cost more than the
 // nine register ops that re-decode. (The AVX2 path keeps the buffer: with 16 registers it needs it.)
 
