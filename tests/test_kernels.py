@@ -19,7 +19,8 @@ import textwrap
 import pytest
 import torch
 
-from hubtool.kernels import cpu, gpu, kernel_info
+from hubtool.errors import HubtoolError
+from hubtool.kernels import build_cpu_kernel, cpu, gpu, kernel_info
 from hubtool.quant.rtn import quantize_rtn
 from hubtool.quant.spec import QuantSpec
 from hubtool.runtime import Int4Linear, select_backend
@@ -200,6 +201,8 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog, tmp_path
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
         assert kernel_info()["cpu"]["fallback"] == "torch"
+        with pytest.raises(HubtoolError, match="could not be built"):
+            build_cpu_kernel()  # the explicit build (hubtool kernels build) fails loudly
     finally:
         cpu._state.clear()
         cpu._state.update(saved)

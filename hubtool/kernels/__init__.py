@@ -72,10 +72,19 @@ def register() -> None:
     backends.AUTO_ORDER.insert(0, BACKEND_NAME)
 
 
-def build_cpu_kernel(verbose: bool = False) -> dict:
-    """Compile (or load from the cache) the CPU kernel now; returns kernel_info()['cpu']."""
-    cpu.load(verbose=verbose)
-    return kernel_info()["cpu"]
+def build_cpu_kernel(verbose: bool = False) -> str:
+    """Compile (or load from the cache) the CPU kernel now; returns the library's path.
+
+    Raises HubtoolError if it cannot be built (at first use the same failure only logs a warning).
+    """
+    if not cpu.load(verbose=verbose):
+        from ..errors import HubtoolError
+
+        raise HubtoolError(
+            f"the CPU int4 kernel could not be built: {cpu.status()['error']}",
+            "install a C++ compiler (g++) and ninja; until then hubtool uses torch's built-in int4 kernel",
+        )
+    return str(cpu.status()["path"])
 
 
 def _cpu_flags() -> set[str]:
