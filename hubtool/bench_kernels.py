@@ -339,8 +339,11 @@ def _run(json_path, shapes, ms, rounds, cuda, cpu, cuda_ms, min_s) -> dict:
     for n, k in shapes if cpu else ():
         result["cpu"].extend(bench_cpu_shape(n, k, ms, cache, rounds, min_s, probes))
     probed = [r["dram_read_gbps"] for r in result["cpu"] if "dram_read_gbps" in r]
-    result["dram_read_gbps"] = round(max(probed) if probed else dram_bandwidth_gbps(cache), 2)
-    log.info("DRAM read bandwidth %.1f GB/s, LLC %d MiB", result["dram_read_gbps"], cache >> 20)
+    if probed or cpu:
+        result["dram_read_gbps"] = round(max(probed) if probed else dram_bandwidth_gbps(cache), 2)
+        log.info("DRAM read bandwidth %.1f GB/s, LLC %d MiB", result["dram_read_gbps"], cache >> 20)
+    else:
+        result["dram_read_gbps"] = None
     del probes
     for r in result["cpu"]:
         if r["m"] == 1 and "ours_gbps" in r:
@@ -364,6 +367,16 @@ def _run(json_path, shapes, ms, rounds, cuda, cpu, cuda_ms, min_s) -> dict:
 
 def format_table(result: dict) -> str:
     """The result as a plain-text table (what the CLI prints)."""
+    lines = []
+    if result["cpu"]:
+        lines += _cpu_lines(result)
+    if result.get("cuda"):
+        lines += _cuda_lines(result)
+    return "\n".join(lines)
+
+
+def _cpu_lines(result: dict) -> list[str]:
+    """The CPU part of format_table."""
     lines = [
         f"CPU: {result['cpu_threads']} threads, DRAM read {result['dram_read_gbps']:.1f} GB/s, "
         f"LLC {result['llc_bytes'] >> 20} MiB, kernel ISA {result['kernels']['cpu']['isa']}; "
@@ -384,6 +397,12 @@ def format_table(result: dict) -> str:
     for key, v in result.get("targets", {}).items():
         shown = v.get("worst", v.get("worst_by_m"))
         lines.append(f"target {key}: {shown} (>= {v['target']}) {'MET' if v['met'] else 'NOT MET'}")
+    return lines
+
+
+def _cuda_lines(result: dict) -> list[str]:
+    """The CUDA part of format_table."""
+    lines = []
     if result.get("cuda"):
         lines.append(f"CUDA ({result['cuda_device']}, CUDA graphs): ms per call")
         lines.append(
@@ -395,7 +414,7 @@ def format_table(result: dict) -> str:
                 f"{r['shape'][0]:>5} x {r['shape'][1]:<5} {r['m']:>3} {t['bf16_matmul']:8.4f} {t['torch_int4']:8.4f} "
                 f"{t['ours_bf16']:8.4f} {r['path']:>8} {ra['vs_bf16']:7.2f} {ra['vs_torch_int4']:6.2f}"
             )
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":  # python -m hubtool.bench_kernels [json_path]

@@ -317,3 +317,21 @@ def test_gpu_cuda_graph_and_compile():
     torch.cuda.synchronize()
     assert rel_err(y, y0) <= 1e-2
     assert rel_err(torch.compile(layer)(x), y0) <= 1e-2
+
+
+@needs_cpu_kernel
+def test_bench_kernels_smoke(monkeypatch, tmp_path):
+    """bench_kernels.run on a tiny shape: every column, ratios, targets, JSON and the table (no timing asserted)."""
+    from hubtool import bench_kernels as bk
+
+    monkeypatch.setattr(bk, "llc_bytes", lambda: 1 << 20)
+    out = tmp_path / "k.json"
+    res = bk.run(str(out), shapes=((128, 256),), ms=(1, 8), rounds=1, min_s=0.0, threads=1)
+    assert json.loads(out.read_text())["cpu"][0]["shape"] == [128, 256]
+    row = res["cpu"][0]
+    assert {"bf16_matmul", "fp32_matmul", "torch_int4", "ours_bf16", "ours_fp16", "ours_fp32"} <= set(
+        row["times_ms"]
+    )
+    assert row["dram_read_gbps"] > 0 and "vs_torch_int4" in row["ratios"]
+    assert set(res["targets"]) >= {"m1_vs_torch_int4", "m8_vs_bf16"}
+    assert "M=1 GB/s" in bk.format_table(res)
