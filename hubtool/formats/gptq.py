@@ -23,13 +23,13 @@ def _pack_rows(x: torch.Tensor) -> torch.Tensor:
     """Pack uint4 values (R, C) along rows into int32 (R/8, C)."""
     r, c = x.shape
     x = x.to(torch.int32).reshape(r // PACK, PACK, c)
-    return (x << _SHIFTS.view(1, PACK, 1)).sum(dim=1, dtype=torch.int32)
+    return (x << _SHIFTS.to(x.device).view(1, PACK, 1)).sum(dim=1, dtype=torch.int32)
 
 
 def _unpack_rows(p: torch.Tensor) -> torch.Tensor:
     """Unpack int32 (R/8, C) into uint8 (R, C)."""
     r8, c = p.shape
-    x = (p.unsqueeze(1) >> _SHIFTS.view(1, PACK, 1)) & 0xF
+    x = (p.unsqueeze(1) >> _SHIFTS.to(p.device).view(1, PACK, 1)) & 0xF
     return x.reshape(r8 * PACK, c).to(torch.uint8)
 
 
@@ -109,6 +109,6 @@ def dequantize(
     k = q.shape[0]
     if g_idx is None:
         g_idx = default_g_idx(k, k // scales.shape[0])
-    gi = g_idx.long()
+    gi = g_idx.long().to(q.device)
     w = (q - zeros[gi]) * scales.float()[gi]
     return w.t().contiguous().to(dtype)
