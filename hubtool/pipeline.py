@@ -26,9 +26,9 @@ from . import record as rec
 from .__about__ import __version__
 from .errors import HubtoolError
 from .formats.export import FORMATS, export_format
-from .quant.driver import ProgressFn, quantize_model
-from .quant.layers import plan_layers
-from .quant.spec import QuantSpec, check_method, make_recipe
+from .quant.driver import ProgressFn, QuantResult, quantize_model
+from .quant.layers import QuantPlan, plan_layers
+from .quant.spec import QuantSpec, Recipe, check_method, make_recipe
 from .source import load_source, locate, parse_dtype
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,77 @@ def _run(
     return record
 
 
+@dataclass
+class QuantizedVariant:
+    """One int4 variant in memory: its codes, the calibration it was tuned on, and the metadata exports carry."""
+
+    result: QuantResult
+    calibration: rec.CalibrationInfo | None
+    recipe: dict[str, Any] | None
+    meta: dict[str, Any]
+
+
+def quantize_variant(
+    model: Any,
+    processor: Any,
+    plan: QuantPlan,
+    spec: QuantSpec,
+    method: str,
+    recipe: Recipe,
+    calib_source: str | None,
+    *,
+    name: str = "int4",
+    source_name: str = "",
+    is_vlm: bool = False,
+    quantize_vision: bool = False,
+    device: str = "cpu",
+    work_dir: Path | None = None,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+) -> QuantizedVariant:
+    """Calibrate (unless RTN) and quantize ``plan``'s linears; the model itself is left unchanged."""
+    calib = None
+    if method != "rtn":
+        from .quant.calib import load_calibration
+
+        calib = load_calibration(
+            calib_source,
+            processor,
+            nsamples=recipe.nsamples,
+            seqlen=recipe.seqlen,
+            seed=recipe.seed,
+            is_vlm=is_vlm,
+            image_text=quantize_vision,
+            batch_size=recipe.batch_size,
+        )
+    result = quantize_model(
+        model,
+        plan,
+        spec,
+        method,
+        recipe,
+        calib,
+        device=device,
+        work_dir=work_dir,
+        resume=resume,
+        progress=progress,
+    )
+    info = getattr(calib, "info", None)
+    recipe_dict = asdict(recipe) if method != "rtn" else None
+    meta = {
+        "variant": name,
+        "method": method,
+        "recipe": recipe_dict,
+        "calibration": asdict(info) if info else None,
+        "hubtool_version": __version__,
+        "block_lists": plan.block_lists,
+        "quantized": sorted(result.weights),
+        "skipped": [s.name for s in plan.skipped + result.skipped],
+        "source": source_name,
+    }
+    return QuantizedVariant(result, info, recipe_dict, meta)
+
+
 def _quantize_variant(
     opts,
     loaded,
@@ -282,29 +353,20 @@ def _quantize_variant(
     progress,
 ) -> rec.VariantRecord:
     t0 = time.perf_counter()
-    calib = None
-    if method != "rtn":
-        from .quant.calib import load_calibration
-
-        calib = load_calibration(
-            calib_source,
-            loaded.processor,
-            nsamples=recipe.nsamples,
-            seqlen=recipe.seqlen,
-            seed=recipe.seed,
-            is_vlm=loaded.info.is_vlm,
-            image_text=opts.quantize_vision,
-            batch_size=recipe.batch_size,
-        )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = quantize_model(
+    q = quantize_variant(
         loaded.model,
+        loaded.processor,
         plan,
         spec,
         method,
         recipe,
-        calib,
+        calib_source,
+        name=vname,
+        source_name=loaded.info.name,
+        is_vlm=loaded.info.is_vlm,
+        quantize_vision=opts.quantize_vision,
         device=opts.device,
         work_dir=run_dir / WORK_DIR / vname,
         resume=opts.resume,
@@ -313,32 +375,18 @@ def _quantize_variant(
     variant = rec.VariantRecord(
         name=vname,
         method=method,
-        recipe=asdict(recipe) if method != "rtn" else None,
-        calibration=getattr(calib, "info", None),
-        quantized=sorted(result.weights),
-        skipped=plan.skipped + result.skipped,
-        block_losses=result.block_losses,
+        recipe=q.recipe,
+        calibration=q.calibration,
+        quantized=q.meta["quantized"],
+        skipped=plan.skipped + q.result.skipped,
+        block_losses=q.result.block_losses,
     )
-    meta = {
-        "variant": vname,
-        "method": method,
-        "recipe": variant.recipe,
-        "calibration": asdict(variant.calibration) if variant.calibration else None,
-        "hubtool_version": __version__,
-        "block_lists": plan.block_lists,
-        "quantized": variant.quantized,
-        "skipped": [s.name for s in variant.skipped],
-        "source": loaded.info.name,
-    }
     for fmt in formats:
         rel = format_dir(vname, fmt, single)
         out = run_dir / rel
-        export_format(loaded.model, loaded.processor, result.weights, spec, fmt, out, meta)
-        qm = (
-            json.loads((out / "config.json").read_text())
-            .get("quantization_config", {})
-            .get("quant_method", "")
-        )
+        export_format(loaded.model, loaded.processor, q.result.weights, spec, fmt, out, q.meta)
+        config = json.loads((out / "config.json").read_text())
+        qm = config.get("quantization_config", {}).get("quant_method", "")
         variant.formats.append(rec.FormatRecord(fmt, rel, qm, rec.file_records(out, run_dir)))
     variant.seconds = time.perf_counter() - t0
     variant.peak_rss_bytes = peak_rss_bytes()

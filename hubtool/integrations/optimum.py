@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from argparse import ArgumentParser
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +81,8 @@ class HubtoolQuantizer(OptimumQuantizer):
         max_shard_size: int | str | None = None,
     ) -> dict[str, Path]:
         """Quantize and export; return {format: folder}. One format goes to ``save_dir``, several to ``save_dir/<fmt>``."""
-        from ..__about__ import __version__
-        from ..formats.export import DEFAULT_MAX_SHARD_SIZE, FORMATS, export_format
-        from ..quant.driver import quantize_model
+        from ..formats.export import DEFAULT_MAX_SHARD_SIZE, export_format
+        from ..pipeline import parse_formats, quantize_variant
         from ..quant.layers import plan_layers
         from ..quant.spec import QuantSpec, check_method, make_recipe
 
@@ -92,44 +90,26 @@ class HubtoolQuantizer(OptimumQuantizer):
             log.debug("file_prefix %r is ignored: hubtool writes standard model repos", file_prefix)
         spec = QuantSpec(bits=bits, group_size=group_size, sym=sym)
         method = check_method(method)
-        fmts = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats)
-        bad = [f for f in fmts if f not in FORMATS]
-        if bad or not fmts:
-            raise HubtoolError(
-                f"unknown format {bad[0] if bad else '(none)'!r}", "use any of " + ",".join(FORMATS)
-            )
+        fmts = parse_formats(formats)
         rec = make_recipe(recipe, iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr)
         plan = plan_layers(self.model, spec, quantize_vision=quantize_vision, skip=skip)
-        calib_set = None
-        if method != "rtn":
-            from ..quant.calib import load_calibration
-
-            is_vlm = bool(
-                getattr(self.source, "is_vlm", False) or getattr(self.model.config, "vision_config", None)
-            )
-            calib_set = load_calibration(
-                calib,
-                self.processor,
-                nsamples=rec.nsamples,
-                seqlen=rec.seqlen,
-                seed=rec.seed,
-                is_vlm=is_vlm,
-                image_text=quantize_vision,
-                batch_size=rec.batch_size,
-            )
-        result = quantize_model(
-            self.model, plan, spec, method, rec if method != "rtn" else None, calib_set, device=device
+        is_vlm = bool(
+            getattr(self.source, "is_vlm", False) or getattr(self.model.config, "vision_config", None)
         )
-        calib_info = getattr(calib_set, "info", None)
-        meta = {
-            "method": method,
-            "recipe": asdict(rec) if method != "rtn" else None,
-            "calibration": asdict(calib_info) if calib_info is not None else None,
-            "hubtool_version": __version__,
-            "block_lists": plan.block_lists,
-            "quantized": sorted(result.weights),
-            "skipped": [s.name for s in plan.skipped + result.skipped],
-        }
+        q = quantize_variant(
+            self.model,
+            self.processor,
+            plan,
+            spec,
+            method,
+            rec,
+            calib,
+            source_name=getattr(self.source, "name", ""),
+            is_vlm=is_vlm,
+            quantize_vision=quantize_vision,
+            device=device,
+        )
+        result, meta = q.result, q.meta
         save_dir = Path(save_dir)
         out: dict[str, Path] = {}
         for fmt in dict.fromkeys(fmts):
