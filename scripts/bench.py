@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TQDM_DISABLE", "1")  # no library progress bars in the figures' output
 MODEL = "pypi:gemma3-270m"
 
 
