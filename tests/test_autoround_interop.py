@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from hubtool.formats.loader import load_quantized
-from hubtool.source import auto_model_class
 from hubtool.runtime.int4linear import Int4Linear
+from hubtool.source import auto_model_class
 from tests.test_formats import exported
 from tests.test_loading import inputs_for, logits
 

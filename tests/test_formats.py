@@ -56,9 +56,9 @@ _CACHE: dict[tuple, Exported] = {}
 
 def exported(arch: str, src: Path, tmp_root: Path, spec: QuantSpec = SPEC, formats=FORMATS) -> Exported:
     """Quantize ``src`` (a tiny model folder) with RTN and export ``formats`` once per session."""
-    from hubtool.source import load_source, locate
     from hubtool.quant.driver import quantize_model
     from hubtool.quant.layers import plan_layers
+    from hubtool.source import load_source, locate
 
     key = (arch, str(src), spec)
     if key not in _CACHE:
