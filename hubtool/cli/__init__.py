@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
+
+# hubtool draws its own progress; libraries' tqdm bars (e.g. transformers' GGUF loading) stay quiet.
+# tqdm reads this when it is imported, so it is set before any library loads.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 import typer
 from typer._click.exceptions import ClickException

@@ -19,12 +19,9 @@ def setup_logging(verbose: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("hubtool").setLevel(logging.DEBUG if verbose else logging.INFO)
-    import os
-
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # hubtool draws its own progress
-    os.environ.setdefault("TQDM_DISABLE", "1")  # also the bars transformers draws with tqdm directly (GGUF)
 
 
 def human_bytes(n: float) -> str:
