@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -119,10 +120,10 @@ def worker(method: str, cfg: dict) -> dict:
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
         tok = AutoTokenizer.from_pretrained(out)
     else:
-        from hubtool.source import load_source, locate
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        loaded = load_source(locate(cfg["model"]))
-        model, tok = loaded.model, loaded.tokenizer
+        model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.bfloat16).eval()
+        tok = AutoTokenizer.from_pretrained(cfg["model_dir"])
     load_s = time.perf_counter() - t0
     spec = QuantSpec(sym=True)
     recipe = make_recipe(
@@ -197,6 +198,22 @@ def worker(method: str, cfg: dict) -> dict:
 
 
 # -- the driver ------------------------------------------------------------------------------------
+def prepare_model(source: str, tmp: str) -> str:
+    """The 16-bit model as a local safetensors folder (a GGUF / PyPI model is dequantized once, here)."""
+    import torch
+
+    from hubtool.source import load_source, locate
+
+    info = locate(source)
+    if info.kind == "dir":
+        return info.name
+    loaded = load_source(info, dtype=torch.bfloat16)
+    out = Path(tmp) / "model"
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    return str(out)
+
+
 def run_worker(method: str, cfg: dict) -> dict:
     """Run ``worker(method)`` in a fresh Python process."""
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as f:
@@ -244,6 +261,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-signround-")
     cfg = {
         "model": args.model,
+        "model_dir": prepare_model(args.model, tmp) if args.methods else None,
         "iters": args.iters,
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
@@ -329,6 +347,7 @@ def main() -> None:
             "tiny-model peak RSS by depth (GB): "
             + ", ".join(f"{n} layers {_gb(d['peak_rss'])}" for n, d in depth.items())
         )
+    shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"config": cfg, "results": results, "depth": depth, "summary": summary}, indent=2)

@@ -26,12 +26,15 @@ same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import hashlib
 import json
 import logging
 import math
 import os
 import random
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +49,7 @@ from .driver import ProgressEvent, ProgressFn, QuantResult
 from .layers import BlockPlan, QuantPlan
 from .optrtn import HessianCollector, quantize_clipped, search_clip
 from .rtn import IntWeight, quantize_rtn
-from .signround import QLinear, TunedLinear
+from .signround import LinearGroup, QLinear, Scratch, TunedLinear
 from .spec import QuantSpec, Recipe
 
 log = logging.getLogger(__name__)
@@ -106,22 +109,32 @@ def _split(value: Any, bc: int, row: int) -> Any:
     return value
 
 
-def _merge(parts: list[Any], device: torch.device) -> Any:
+def _merge(parts: list[Any], device: torch.device, memo: dict) -> Any:
     """Collate one argument from several samples' parts (rows concatenated, shared values kept once)."""
     p0 = parts[0]
     if any(isinstance(p, _Row) for p in parts):
         return torch.cat([p.t if isinstance(p, _Row) else p for p in parts]).to(device)
     if isinstance(p0, torch.Tensor):
-        if all(p is p0 or torch.equal(p, p0) for p in parts[1:]):
-            return p0.to(device)
+        if all(p is p0 or _equal(p, p0, memo) for p in parts[1:]):
+            key = ("dev", id(p0), str(device))
+            if key not in memo:  # a shared tensor moves to the device once
+                memo[key] = (p0, p0.to(device))
+            return memo[key][1]
         if p0.dim() >= 2 and all(p.shape[0] == 1 for p in parts):
             return torch.cat(parts).to(device)
         raise RuntimeError("calibration batches disagree on a shared block argument")
     if isinstance(p0, (tuple, list)):
-        return type(p0)(_merge([p[i] for p in parts], device) for i in range(len(p0)))
+        return type(p0)(_merge([p[i] for p in parts], device, memo) for i in range(len(p0)))
     if isinstance(p0, dict):
-        return {k: _merge([p[k] for p in parts], device) for k in p0}
+        return {k: _merge([p[k] for p in parts], device, memo) for k in p0}
     return p0
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor, memo: dict) -> bool:
+    key = ("eq", id(a), id(b))
+    if key not in memo:  # captured tensors live as long as the memo: ids are not reused
+        memo[key] = a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    return memo[key]
 
 
 @dataclass
@@ -132,6 +145,7 @@ class _Capture:
     where: list[tuple[int, int, int]] = field(default_factory=list)  # sample -> (batch b, row, batch size)
     hidden_kw: bool = False  # hidden states passed as keyword ``hidden_states``
     tuple_out: bool = False  # the block returns a tuple (hidden first)
+    memo: dict = field(default_factory=dict)  # equality of shared tensors, their device copies
 
     def arguments(self, j: int, idx: list[int], device: torch.device) -> tuple[tuple, dict]:
         """Positional (after the hidden states) and keyword arguments of block j for samples ``idx``."""
@@ -140,8 +154,8 @@ class _Capture:
             b, row, bc = self.where[s]
             args, kwargs = self.calls[j][b]
             parts.append((_split(args, bc, row), _split(kwargs, bc, row)))
-        args = _merge([p[0] for p in parts], device)
-        kwargs = _merge([p[1] for p in parts], device)
+        args = _merge([p[0] for p in parts], device, self.memo)
+        kwargs = _merge([p[1] for p in parts], device, self.memo)
         return tuple(args), dict(kwargs)
 
 
@@ -477,7 +491,7 @@ class _Runner:
             for name, iw in weights.items():
                 lin = self.model.get_submodule(name)
                 q = QLinear(lin)
-                q.fixed = iw.dequantize(lin.weight.dtype).to(lin.weight.device)
+                q.group.use_fixed([iw.dequantize(lin.weight.dtype).to(lin.weight.device)])
                 swaps.append(_swap(self.model, name, q))
             yield bool(swaps)
         finally:
@@ -502,12 +516,14 @@ class _Runner:
                 undos.append(_swap(block, n, wrappers[n]))
             text = bp.tower == "text"
             # 1. reference outputs + X^T X
-            collector = HessianCollector(wrappers)
+            collector = HessianCollector(wrappers, self.spec.group_size)
             try:
                 fp_out = self._pass(block, j, cap, bufs.pop("fp"), None, collector, text)[1]
             finally:
                 collector.remove()
             q_in = bufs.pop("q")
+            for names in collector.groups.values():  # linears reading the same input: one matmul
+                LinearGroup([wrappers[n] for n in names])
             # 2. RTN on the quantized path
             rtn = {n: quantize_rtn(w.linear.weight.detach(), self.spec) for n, w in wrappers.items()}
             self._fix(wrappers, rtn)
@@ -538,11 +554,15 @@ class _Runner:
         finally:
             for undo in reversed(undos):
                 undo()
+            for g in _groups(wrappers):
+                g.release()
+            wrappers.clear()
             for p, flag in flags:
                 p.requires_grad_(flag)
             undo_dispatch()
             if moved:
                 block.to("cpu")
+            _release_memory(self.device)
         bufs["fp"], bufs["q"] = fp_out, q_out
 
     def _place(self, block: nn.Module):
@@ -555,10 +575,11 @@ class _Runner:
         return False, lambda: None
 
     def _fix(self, wrappers: dict[str, QLinear], weights: dict[str, IntWeight]) -> None:
-        for n, w in wrappers.items():
-            lin = w.linear.weight
-            w.state = None
-            w.fixed = weights[n].dequantize(lin.dtype).to(lin.device)
+        """Run every linear with the dequantized ``weights``."""
+        for g in _groups(wrappers):
+            lin = g.members[0].linear.weight
+            names = [_name_of(wrappers, m) for m in g.members]
+            g.use_fixed([weights[n].dequantize(lin.dtype).to(lin.device) for n in names])
 
     def _mask(self, idx: list[int], length: int, text: bool) -> torch.Tensor | None:
         if not text or self.mask is None or self.mask.shape[1] != length or bool(self.mask[idx].all()):
@@ -602,15 +623,15 @@ class _Runner:
 
     def _tune(self, i, block, j, cap, wrappers, clips, q_in, fp_out, text, rng, rtn_loss):
         bp = self.plan.blocks[i]
-        states = {}
-        for n, w in wrappers.items():
-            states[n] = TunedLinear.create(n, w.linear.weight, self.spec, clips[n])
-            w.fixed = None
-            w.state = states[n]
+        scratch = Scratch()
+        states = {
+            n: TunedLinear(n, w.linear.weight, self.spec, clips[n], scratch) for n, w in wrappers.items()
+        }
+        for g in _groups(wrappers):
+            g.use_states([states[_name_of(wrappers, m)] for m in g.members])
         sampler = _IndexSampler(q_in.shape[0], self.batch_size, rng)
         lr0 = self.recipe.learning_rate
         best_loss = math.inf
-        best = {n: s.snapshot() for n, s in states.items()}
         with torch.enable_grad():
             for it in range(self.iters):
                 idx = sampler.next()
@@ -621,13 +642,14 @@ class _Runner:
                 se, cnt = _sq_err(out, ref, mask, grad=True)
                 loss = se / cnt
                 value = float(loss.detach())
-                if value < best_loss:
+                if value < best_loss:  # the codes of this forward are the best so far
                     best_loss = value
-                    best = {n: s.snapshot() for n, s in states.items()}
-                (loss * LOSS_SCALE).backward()
+                    for s in states.values():
+                        s.keep_best()
                 lr = lr0 * (1.0 - it / self.iters)
                 for s in states.values():
-                    s.sign_step(lr)
+                    s.lr = lr
+                (loss * LOSS_SCALE).backward()  # steps V, alpha, beta (SignSGD inside the backward)
                 if (it + 1) % PROGRESS_EVERY == 0 and it + 1 < self.iters:
                     self._emit(
                         ProgressEvent(
@@ -640,7 +662,30 @@ class _Runner:
                             loss=value,
                         )
                     )
-        return {n: s.int_weight(*best[n]) for n, s in states.items()}
+        return {n: s.int_weight() for n, s in states.items()}
+
+
+def _release_memory(device: torch.device) -> None:
+    """Free what the block left behind, so that peak memory does not creep up with depth."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages otherwise
+        except (OSError, AttributeError):
+            pass
+
+
+def _groups(wrappers: dict[str, QLinear]) -> list[LinearGroup]:
+    seen: dict[int, LinearGroup] = {}
+    for w in wrappers.values():
+        seen.setdefault(id(w.group), w.group)
+    return list(seen.values())
+
+
+def _name_of(wrappers: dict[str, QLinear], member: QLinear) -> str:
+    return next(n for n, w in wrappers.items() if w is member)
 
 
 def _sq_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None, grad: bool = False):

@@ -12,22 +12,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .rtn import IntWeight, fp16_exact, group_view, quantize_with, scales_from_range
+from .rtn import IntWeight, group_view
+from .signround import asym_scale_zero, sym_scale
 from .spec import QuantSpec
 
 # Clipping factors tried (alpha = beta = c): a grid from 0.5 to 1, then a finer pass around the best.
-COARSE = torch.linspace(0.5, 1.0, 26)
+COARSE = torch.linspace(0.5, 1.0, 21)
 FINE_STEPS = (-0.0125, -0.00625, 0.00625, 0.0125)
 
 
 class HessianCollector:
-    """Accumulates ``X^T X`` (float32, on the activation's device) of each linear's input, padding masked."""
+    """Accumulates the G x G diagonal blocks of ``X^T X`` of each linear's input (float32), padding masked.
 
-    def __init__(self, linears: dict[str, nn.Linear]):
+    ``h[name]`` is (K // G, G, G): only these blocks enter the per-group error, and they cost
+    K * T * G multiply-adds instead of K * K * T for the whole matrix.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], group_size: int):
+        self.g = group_size
         self.h: dict[str, torch.Tensor] = {}
         self.tokens = 0
         self.mask: torch.Tensor | None = None  # (B, L) of the current batch, or None
-        self._shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shared: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}
+        self.groups: dict[str, list[str]] = {}  # first reader of an input -> every linear reading it
         self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
 
     def new_batch(self, mask: torch.Tensor | None) -> None:
@@ -41,12 +48,15 @@ class HessianCollector:
             key = id(x)
             hit = self._shared.get(key)
             xtx = hit[1] if hit is not None and hit[0] is x else None
+            if xtx is not None and not any(name in g for g in self.groups.values()):
+                self.groups.setdefault(hit[2], [hit[2]]).append(name)
             if xtx is None:
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
                 if self.mask is not None and self.mask.numel() == flat.shape[0]:
                     flat = flat[self.mask.reshape(-1).to(flat.device)]
-                xtx = flat.T @ flat
-                self._shared[key] = (x, xtx)  # x kept alive so that its id is not reused
+                xg = flat.reshape(flat.shape[0], -1, self.g).transpose(0, 1)  # (G#, T, G)
+                xtx = torch.bmm(xg.transpose(1, 2), xg)
+                self._shared[key] = (x, xtx, name)  # x kept alive so that its id is not reused
             if name in self.h:
                 self.h[name] += xtx
             else:
@@ -62,53 +72,85 @@ class HessianCollector:
         self._shared.clear()
 
 
-def _group_blocks(h: torch.Tensor, g: int) -> torch.Tensor:
-    """The (G#, G, G) diagonal blocks of a (K, K) matrix."""
-    k = h.shape[0]
-    n = k // g
-    return h.reshape(n, g, n, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+def scale_zero(
+    wmin: torch.Tensor, wmax: torch.Tensor, c: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16-exact scale and zero point per group for clipping alpha = beta = c (as SignRound computes them)."""
+    if spec.sym:
+        scale, _ = sym_scale(wmin, wmax, c, c, spec)
+        return scale, torch.full_like(scale, float(spec.sym_zero))
+    scale, zero, _ = asym_scale_zero(wmin, wmax, c, c, spec)
+    return scale, zero
 
 
-def _errors(wg: torch.Tensor, hb: torch.Tensor | None, spec: QuantSpec, c: torch.Tensor) -> torch.Tensor:
-    """Per-group output error (N, G#) of quantizing with clipping ``c`` (scalar or (N, G#))."""
-    scale, zero = scales_from_range(wg, spec, c, c)
-    scale = fp16_exact(scale)
-    s3, z3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    q = torch.clamp(torch.round(wg / s3) + z3, 0, spec.qmax)
-    e = wg - s3 * (q - z3)  # (N, G#, G)
-    if hb is None:
-        return (e * e).sum(-1)
-    et = e.transpose(0, 1)  # (G#, N, G)
-    return (torch.bmm(et, hb) * et).sum(-1).T
+class _Search:
+    """Per-group output error of clipped RTN for one weight, with preallocated buffers."""
+
+    def __init__(self, weight: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec):
+        self.spec = spec
+        self.wg = group_view(weight.detach(), spec.group_size).contiguous()
+        self.wmin = self.wg.amin(-1).clamp(max=0)
+        self.wmax = self.wg.amax(-1).clamp(min=0)
+        self.hb = h.to(self.wg.device).float() if h is not None else None
+        self.e = torch.empty_like(self.wg)
+        n, ng, g = self.wg.shape
+        self.y = torch.empty(ng, n, g, device=self.wg.device) if h is not None else None
+
+    def codes(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q - zero) in self.e (float, grouped), scale and zero for clipping c."""
+        spec = self.spec
+        scale, zero = scale_zero(self.wmin, self.wmax, c, spec)
+        s3 = scale.unsqueeze(-1)
+        e = self.e
+        torch.div(self.wg, s3, out=e)
+        e.round_()
+        if spec.sym:
+            e.clamp_(-spec.sym_zero, spec.sym_zero - 1)
+        else:
+            z3 = zero.unsqueeze(-1)
+            e.add_(z3).clamp_(0, spec.qmax).sub_(z3)
+        return e, scale, zero
+
+    def errors(self, c: torch.Tensor) -> torch.Tensor:
+        """Per-group error (N, G#) of clipping c (a scalar tensor or (N, G#))."""
+        e, scale, _ = self.codes(c)
+        e.mul_(scale.unsqueeze(-1))
+        torch.sub(self.wg, e, out=e)  # the weight error
+        if self.hb is None:
+            return e.pow_(2).sum(-1)
+        et = e.transpose(0, 1)
+        torch.bmm(et, self.hb, out=self.y)
+        return self.y.mul_(et).sum(-1).T
 
 
 @torch.no_grad()
 def search_clip(weight: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
-    """Per-group clipping factor (N, G#) minimizing the output error (weight error if ``h`` is None)."""
-    wg = group_view(weight.detach(), spec.group_size)
-    hb = _group_blocks(h.to(wg.device).float(), spec.group_size) if h is not None else None
-    best_c = torch.ones(wg.shape[:2], device=wg.device)
-    best = _errors(wg, hb, spec, best_c)
+    """Per-group clipping (N, G#) minimizing the output error; ``h``: (G#, G, G) blocks of X^T X, or None."""
+    srch = _Search(weight, h, spec)
+    dev = srch.wg.device
+    best_c = torch.ones(srch.wg.shape[:2], device=dev)
+    best = srch.errors(best_c)
     for c in COARSE.tolist():
         if c == 1.0:
             continue
-        err = _errors(wg, hb, spec, torch.tensor(c, device=wg.device))
+        err = srch.errors(torch.tensor(c, device=dev))
         better = err < best
         best = torch.where(better, err, best)
-        best_c = torch.where(better, torch.full_like(best_c, c), best_c)
+        best_c = torch.where(better, c, best_c)
     center = best_c.clone()
     for d in FINE_STEPS:
         cand = (center + d).clamp(0.3, 1.0)
-        err = _errors(wg, hb, spec, cand)
+        err = srch.errors(cand)
         better = err < best
         best = torch.where(better, err, best)
         best_c = torch.where(better, cand, best_c)
     return best_c
 
 
+@torch.no_grad()
 def quantize_clipped(weight: torch.Tensor, spec: QuantSpec, clip: torch.Tensor) -> IntWeight:
     """Codes for ``weight`` with per-group clipping ``clip`` (alpha = beta = clip), fp16-exact scales."""
-    wg = group_view(weight.detach(), spec.group_size)
-    scale, zero = scales_from_range(wg, spec, clip.to(wg.device), clip.to(wg.device))
-    iw = quantize_with(weight.detach(), spec, fp16_exact(scale), zero)
-    return IntWeight(iw.q.cpu(), iw.scale.cpu(), iw.zero.cpu(), iw.group_size, iw.bits)
+    srch = _Search(weight, None, spec)
+    e, scale, zero = srch.codes(clip.to(srch.wg.device))
+    q = (e + zero.unsqueeze(-1)).reshape(weight.shape).to(torch.uint8)
+    return IntWeight(q.cpu(), scale.float().cpu(), zero.to(torch.uint8).cpu(), spec.group_size, spec.bits)

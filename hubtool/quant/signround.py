@@ -1,25 +1,27 @@
-"""SignRound's tunable fake quantization of one linear (arXiv 2309.05516), and its SignSGD step.
+"""SignRound's tunable fake quantization (arXiv 2309.05516) with the SignSGD step fused into its backward.
 
 Per weight a rounding offset ``V`` (init 0, kept in [-0.5, 0.5]); per group clipping factors ``alpha``
 (on the negative end) and ``beta`` (on the positive end), kept in [0, 1] like auto-round. Symmetric
-quantization uses the "full range" scale ``max_v / -2**(bits-1)`` where ``max_v`` is the signed end of
-larger magnitude after clipping; scales are rounded to fp16 (what every format stores) with a
-straight-through estimator, so the codes are tuned against the exact stored scale. The weight is
-``s * clamp(round(w / s + V), ...)`` with a straight-through gradient for the rounding.
+quantization uses the "full range" scale ``max_v / -2**(bits-1)``, ``max_v`` being the signed end of
+larger magnitude after clipping; asymmetric uses ``(beta*max - alpha*min) / 15`` with a rounded zero
+point. Scales are rounded to fp16 (what every format stores; straight-through for the gradient), so
+the codes are tuned against the exact stored scale. The weight is ``s * (clamp(round(w/s + V) + z) - z)``
+with straight-through rounding; the clamp stops the gradient outside the code range.
 
-The symmetric path is one fused autograd function (few elementwise passes, no autograd graph per op);
-the asymmetric path uses plain autograd ops.
+Speed: the gradients are written out by hand (checked against autograd in the tests) and computed
+with in-place passes over preallocated buffers; SignSGD only needs their signs, so the update of V,
+alpha and beta happens inside the backward (``TunedLinear.lr`` must be set first) and no gradient
+tensor is ever stored. The codes of each iteration are kept, so the best iterate is a copy of int8 codes.
+Linears that read the same input (q/k/v, gate/up) run as one matmul on their concatenated weights.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .rtn import IntWeight, group_view, quantize_with
+from .rtn import IntWeight
 from .spec import QuantSpec
 
 FP16_TINY = torch.finfo(torch.float16).tiny
@@ -34,154 +36,278 @@ def _fp16_round(s: torch.Tensor) -> torch.Tensor:
 def sym_scale(
     wmin: torch.Tensor, wmax: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-range symmetric scale per group (fp16-exact, no gradient) and which end it came from."""
+    """Full-range symmetric scale per group (fp16-exact) and whether it came from the negative end."""
     a = wmin * alpha
     b = wmax * beta
     sel = (-a) >= b
-    max_v = torch.where(sel, a, b)
-    return _fp16_round(max_v / -spec.sym_zero), sel
+    return _fp16_round(torch.where(sel, a, b) / -spec.sym_zero), sel
 
 
 def asym_scale_zero(
     wmin: torch.Tensor, wmax: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric scale (fp16-exact) and zero point per group, as ``scales_from_range`` computes them."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric scale (fp16-exact), zero point in [1, qmax] and whether the zero is unclamped."""
     a = wmin * alpha
     b = wmax * beta
     scale = _fp16_round(((b - a) / spec.qmax).clamp(min=1e-9))
-    zero = torch.round(-a / scale).clamp(1, spec.qmax)
-    return scale, zero
+    z = torch.round(-a / scale)
+    zero = z.clamp(1, spec.qmax)
+    return scale, zero, z == zero
 
 
-class _SymFakeQuant(torch.autograd.Function):
-    """Fused symmetric fake quantization with straight-through rounding; returns the (N, K) weight."""
+class Scratch:
+    """Reusable float32 buffers (one block's linears run one at a time through them)."""
 
-    @staticmethod
-    def forward(ctx, wg, v, alpha, beta, wmin, wmax, half: int, out_dtype):
-        a = wmin * alpha
-        b = wmax * beta
-        sel = (-a) >= b
-        s = _fp16_round(torch.where(sel, a, b) / -half)
-        s3 = s.unsqueeze(-1)
-        r = torch.round(wg / s3 + v)
-        inside = (r >= -half) & (r <= half - 1)
-        q = r.clamp_(-half, half - 1)
-        ctx.save_for_backward(wg, s, sel, q.to(torch.int8), inside, wmin, wmax)
-        ctx.half = half
-        return (q * s3).reshape(wg.shape[0], -1).to(out_dtype)
+    def __init__(self):
+        self._bufs: dict[tuple, torch.Tensor] = {}
 
-    @staticmethod
-    def backward(ctx, grad):
-        wg, s, sel, q8, inside, wmin, wmax = ctx.saved_tensors
-        half = ctx.half
-        g = grad.float().reshape(wg.shape)
-        s3 = s.unsqueeze(-1)
-        # round passes the gradient straight through; the clamp stops it outside the code range
-        gm = g * inside
-        dv = gm * s3
-        # d(s * q)/ds = q + s * d(w/s)/ds inside the range = q - w/s
-        ds = (g * q8 - gm * (wg / s3)).sum(-1)
-        dmax = ds / -half
-        zero = torch.zeros_like(dmax)
-        dalpha = torch.where(sel, dmax * wmin, zero)
-        dbeta = torch.where(sel, zero, dmax * wmax)
-        return None, dv, dalpha, dbeta, None, None, None, None
+    def get(self, slot: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """A float32 buffer of ``shape`` (contents undefined)."""
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._bufs.get((slot, device))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=torch.float32, device=device)
+            self._bufs[(slot, device)] = buf
+        return buf[:n].view(shape)
 
 
-@dataclass
 class TunedLinear:
-    """The tuning state of one linear: fp32 grouped weight, its ranges and the tunable V, alpha, beta."""
+    """One linear's tuning state: fp32 grouped weight and ranges, V / alpha / beta, this and the best codes."""
 
-    name: str
-    wg: torch.Tensor  # (N, G#, G) float32
-    wmin: torch.Tensor  # (N, G#) min(w, 0)
-    wmax: torch.Tensor  # (N, G#) max(w, 0)
-    v: torch.Tensor  # (N, G#, G) float32, requires grad
-    alpha: torch.Tensor  # (N, G#) float32, requires grad
-    beta: torch.Tensor  # (N, G#) float32, requires grad
-    spec: QuantSpec
-    out_dtype: torch.dtype
+    def __init__(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        spec: QuantSpec,
+        clip: torch.Tensor | None = None,
+        scratch: Scratch | None = None,
+    ):
+        self.name = name
+        self.spec = spec
+        n, k = weight.shape
+        # the weight itself, grouped (no float copy: bf16 -> fp32 is exact and done on the fly)
+        self.wg = weight.detach().reshape(n, k // spec.group_size, spec.group_size)
+        dev = self.wg.device
+        self.wmin = self.wg.amin(-1).float().clamp(max=0)
+        self.wmax = self.wg.amax(-1).float().clamp(min=0)
+        shape = self.wg.shape[:2]
+        init = clip.float().to(dev) if clip is not None else torch.ones(shape, device=dev)
+        self.v = torch.zeros(self.wg.shape, dtype=torch.float32, device=dev)
+        self.alpha = init.clone()
+        self.beta = init.clone()
+        self.q = torch.empty(self.wg.shape, dtype=torch.int8, device=dev)  # codes of the last forward
+        self.inside = torch.empty(self.wg.shape, dtype=torch.bool, device=dev)
+        self.best = (torch.empty(self.wg.shape, dtype=torch.int8, device=dev), init.clone(), init.clone())
+        self.scratch = scratch or Scratch()
+        self.lr: float | None = None  # SignSGD step applied in backward; None: store the gradients instead
+        self.grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._ctx: tuple = ()
 
-    @classmethod
-    def create(
-        cls, name: str, weight: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None
-    ) -> TunedLinear:
-        """State for ``weight`` (N, K), alpha = beta = ``clip`` per group (the searched clipping) or 1."""
-        wg = group_view(weight.detach(), spec.group_size).contiguous()
-        shape = wg.shape[:2]
-        init = clip.float().to(wg.device) if clip is not None else torch.ones(shape, device=wg.device)
-        return cls(
-            name=name,
-            wg=wg,
-            wmin=wg.amin(-1).clamp(max=0),
-            wmax=wg.amax(-1).clamp(min=0),
-            v=torch.zeros_like(wg, requires_grad=True),
-            alpha=init.clone().requires_grad_(True),
-            beta=init.clone().requires_grad_(True),
-            spec=spec,
-            out_dtype=weight.dtype,
-        )
+    @property
+    def rows(self) -> int:
+        """out_features."""
+        return self.wg.shape[0]
 
-    def params(self) -> list[torch.Tensor]:
-        """The tunable tensors."""
-        return [self.v, self.alpha, self.beta]
-
-    def fake_weight(self) -> torch.Tensor:
-        """The dequantized (N, K) weight for the current V, alpha, beta, differentiable in all three."""
-        if self.spec.sym:
-            return _SymFakeQuant.apply(
-                self.wg,
-                self.v,
-                self.alpha,
-                self.beta,
-                self.wmin,
-                self.wmax,
-                self.spec.sym_zero,
-                self.out_dtype,
-            )
-        return self._asym_fake_weight()
-
-    def _asym_fake_weight(self) -> torch.Tensor:
+    # forward: the fake-quantized weight written into ``out`` (N, K) ------------------------------
+    @torch.no_grad()
+    def forward_into(self, out: torch.Tensor) -> None:
+        """Write ``s * (q - z)`` for the current V, alpha, beta into ``out`` and keep the codes."""
         spec = self.spec
-        a = self.wmin * self.alpha
-        b = self.wmax * self.beta
-        s = ((b - a) / spec.qmax).clamp(min=1e-9)
-        s = s + (_fp16_round(s.detach()) - s).detach()
-        z = -a / s
-        z = (z + (torch.round(z) - z).detach()).clamp(1, spec.qmax)
-        s3, z3 = s.unsqueeze(-1), z.unsqueeze(-1)
-        x = self.wg / s3 + self.v
-        x = x + (torch.round(x) - x).detach()
-        q = torch.clamp(x + z3, 0, spec.qmax)
-        return (s3 * (q - z3)).reshape(self.wg.shape[0], -1).to(self.out_dtype)
+        x = self.scratch.get(0, self.wg.shape, self.wg.device)
+        if spec.sym:
+            half = spec.sym_zero
+            s, sel = sym_scale(self.wmin, self.wmax, self.alpha, self.beta, spec)
+            s3 = s.unsqueeze(-1)
+            torch.div(self.wg, s3, out=x)
+            x.add_(self.v).round_()
+            torch.logical_and(x >= -half, x <= half - 1, out=self.inside)
+            x.clamp_(-half, half - 1)
+            self.q.copy_(x)
+            self._ctx = (s, sel)
+            torch.mul(x, s3, out=out.view(self.wg.shape))
+        else:
+            s, z, zin = asym_scale_zero(self.wmin, self.wmax, self.alpha, self.beta, spec)
+            s3, z3 = s.unsqueeze(-1), z.unsqueeze(-1)
+            torch.div(self.wg, s3, out=x)
+            x.add_(self.v).round_().add_(z3)
+            torch.logical_and(x >= 0, x <= spec.qmax, out=self.inside)
+            x.clamp_(0, spec.qmax)
+            self.q.copy_(x)
+            self._ctx = (s, z, zin)
+            x.sub_(z3)
+            torch.mul(x, s3, out=out.view(self.wg.shape))
+
+    # backward: gradients by hand, then the SignSGD step (or stored gradients) -------------------
+    @torch.no_grad()
+    def backward_from(self, g: torch.Tensor) -> None:
+        """Take dL/dW (N, K) of the fake weight; step V, alpha, beta by the signs of their gradients."""
+        spec = self.spec
+        g = g.view(self.wg.shape)
+        gm = self.scratch.get(0, self.wg.shape, self.wg.device)
+        tmp = self.scratch.get(1, self.wg.shape, self.wg.device)
+        torch.mul(g, self.inside, out=gm)  # the clamp passes the gradient only inside the code range
+        torch.mul(gm, self.wg, out=tmp)
+        gw = tmp.sum(-1)  # sum g * inside * w
+        torch.mul(g, self.q, out=tmp)
+        gq = tmp.sum(-1)  # sum g * q
+        if spec.sym:
+            s, sel = self._ctx
+            # W = s * q: dW/ds = q - inside * w / s ; s = max_v / -half
+            ds = gq - gw / s
+            dmax = ds / -spec.sym_zero
+            zero = torch.zeros_like(dmax)
+            dalpha = torch.where(sel, dmax * self.wmin, zero)
+            dbeta = torch.where(sel, zero, dmax * self.wmax)
+        else:
+            s, z, zin = self._ctx
+            # W = s * (q - z), q = clamp(round(w/s + v) + z): direct dW/ds = (q - z) - inside * w/s,
+            # dW/dz = -s * (1 - inside); z = round(-a/s); s = (b - a) / qmax
+            g_sum = g.float().sum(-1)
+            gin = gm.sum(-1)
+            ds_direct = gq - z * g_sum - gw / s
+            dz = -s * (g_sum - gin)
+            a = self.wmin * self.alpha
+            ds = ds_direct + dz * zin * a / (s * s)
+            da = -ds / spec.qmax - dz * zin / s
+            db = ds / spec.qmax
+            dalpha = da * self.wmin
+            dbeta = db * self.wmax
+        s3 = s.unsqueeze(-1)
+        if self.lr is None:
+            self.grads = (gm * s3, dalpha, dbeta)
+            return
+        # sign(dL/dV) = sign(g * inside * s)
+        torch.sign(gm, out=gm)
+        if spec.sym:
+            gm.mul_(torch.sign(s3))
+        self.v.sub_(gm, alpha=self.lr).clamp_(-0.5, 0.5)
+        self.alpha.sub_(torch.sign(dalpha), alpha=self.lr).clamp_(0.0, 1.0)
+        self.beta.sub_(torch.sign(dbeta), alpha=self.lr).clamp_(0.0, 1.0)
 
     @torch.no_grad()
-    def int_weight(self, v: torch.Tensor | None = None, alpha=None, beta=None) -> IntWeight:
-        """The final codes for the given (default: current) parameters, against fp16-exact scales."""
-        v = self.v if v is None else v
-        alpha = self.alpha if alpha is None else alpha
-        beta = self.beta if beta is None else beta
+    def keep_best(self) -> None:
+        """Remember the codes and clipping of the last forward as the best iterate."""
+        q, a, b = self.best
+        q.copy_(self.q)
+        a.copy_(self.alpha)
+        b.copy_(self.beta)
+
+    @torch.no_grad()
+    def int_weight(self, best: bool = True) -> IntWeight:
+        """The codes of the best iterate (or of the last forward), with their fp16-exact scales."""
+        q, alpha, beta = self.best if best else (self.q, self.alpha, self.beta)
         if self.spec.sym:
             scale, _ = sym_scale(self.wmin, self.wmax, alpha, beta, self.spec)
             zero = torch.full_like(scale, float(self.spec.sym_zero))
+            codes = q.to(torch.int16) + self.spec.sym_zero
         else:
-            scale, zero = asym_scale_zero(self.wmin, self.wmax, alpha, beta, self.spec)
-        n = self.wg.shape[0]
-        iw = quantize_with(self.wg.reshape(n, -1), self.spec, scale, zero, v.reshape(n, -1))
-        return IntWeight(iw.q.cpu(), iw.scale.cpu(), iw.zero.cpu(), iw.group_size, iw.bits)
+            scale, zero, _ = asym_scale_zero(self.wmin, self.wmax, alpha, beta, self.spec)
+            codes = q.to(torch.int16)
+        n = self.rows
+        return IntWeight(
+            q=codes.reshape(n, -1).to(torch.uint8).cpu(),
+            scale=scale.float().cpu(),
+            zero=zero.to(torch.uint8).cpu(),
+            group_size=self.spec.group_size,
+            bits=self.spec.bits,
+        )
 
-    @torch.no_grad()
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A copy of (V, alpha, beta)."""
-        return self.v.detach().clone(), self.alpha.detach().clone(), self.beta.detach().clone()
 
-    @torch.no_grad()
-    def sign_step(self, lr: float) -> None:
-        """One SignSGD step (p -= lr * sign(grad)), then the clamps; clears the gradients."""
-        for p, lo, hi in ((self.v, -0.5, 0.5), (self.alpha, 0.0, 1.0), (self.beta, 0.0, 1.0)):
-            if p.grad is not None:
-                p.sub_(torch.sign(p.grad), alpha=lr).clamp_(lo, hi)
-                p.grad = None
+class _FakeQuant(torch.autograd.Function):
+    """The concatenated fake-quantized weights of a group of linears; backward steps their parameters."""
+
+    @staticmethod
+    def forward(ctx, handle, states, dtype):
+        rows = sum(s.rows for s in states)
+        k = states[0].wg.shape[1] * states[0].wg.shape[2]
+        out = torch.empty(rows, k, dtype=dtype, device=states[0].wg.device)
+        r = 0
+        for s in states:
+            s.forward_into(out[r : r + s.rows])
+            r += s.rows
+        ctx.states = states
+        ctx.handle_device = handle.device
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        r = 0
+        for s in ctx.states:
+            s.backward_from(grad[r : r + s.rows])
+            r += s.rows
+        return torch.zeros((), device=ctx.handle_device), None, None
+
+
+class LinearGroup:
+    """Linears of one block that read the same input, run as one matmul on their concatenated weights.
+
+    Modes: the original weights, fixed (dequantized) weights, or the tuning states.
+    """
+
+    def __init__(self, members: list[QLinear]):
+        self.members = members
+        for m in members:
+            m.group = self
+        first = members[0].linear.weight
+        self.dtype, self.device = first.dtype, first.device
+        self.handle = torch.zeros((), device=self.device, requires_grad=True)
+        self.sizes = [m.linear.out_features for m in members]
+        biases = [m.linear.bias for m in members]
+        self.bias = None
+        if any(b is not None for b in biases):
+            self.bias = torch.cat(
+                [
+                    b.detach() if b is not None else first.new_zeros(n)
+                    for b, n in zip(biases, self.sizes, strict=True)
+                ]
+            )
+        self.weight: torch.Tensor | None = None
+        self.states: list[TunedLinear] | None = None
+        self.use_original()
+
+    def use_original(self) -> None:
+        """Run with the model's own weights."""
+        self.states = None
+        ws = [m.linear.weight for m in self.members]
+        self.weight = ws[0] if len(ws) == 1 else torch.cat(ws)
+        self._x, self._outs = None, {}
+
+    def use_fixed(self, weights: list[torch.Tensor]) -> None:
+        """Run with these dequantized weights (one per member)."""
+        self.states = None
+        self.weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        self._x, self._outs = None, {}
+
+    def use_states(self, states: list[TunedLinear]) -> None:
+        """Run with the fake-quantized weights of the tuning states."""
+        self.states = states
+        self.weight = None
+        self._x, self._outs = None, {}
+
+    def release(self) -> None:
+        """Drop every reference (the group and its members point at each other)."""
+        for m in self.members:
+            m.group = None
+        self.members, self.states, self.weight, self._x, self._outs = [], None, None, None, {}
+
+    def output(self, member: QLinear, x: torch.Tensor) -> torch.Tensor:
+        """Member's output for input x; on a new input all members are computed at once."""
+        key = id(member)
+        if self._x is x and key in self._outs:
+            return self._outs.pop(key)
+        w = self.weight if self.states is None else _FakeQuant.apply(self.handle, self.states, self.dtype)
+        if x.device != w.device:  # blocks spread over devices (--device-map)
+            x = x.to(w.device)
+        y = F.linear(x.to(w.dtype), w, self.bias)
+        if len(self.members) == 1:
+            return y
+        outs = y.split(self.sizes, dim=-1)
+        self._x = x
+        self._outs = {id(m): o for m, o in zip(self.members, outs, strict=True) if m is not member}
+        return outs[self.members.index(member)]
 
 
 class QLinear(nn.Module):
@@ -190,17 +316,9 @@ class QLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.linear = linear
-        self.state: TunedLinear | None = None
-        self.fixed: torch.Tensor | None = None  # a dequantized weight to use instead (no tuning)
+        self.group: LinearGroup | None = None
+        LinearGroup([self])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """F.linear with the fixed weight, the tuned fake-quantized weight, or the original one."""
-        if self.fixed is not None:
-            w = self.fixed
-        elif self.state is not None:
-            w = self.state.fake_weight()
-        else:
-            w = self.linear.weight
-        if x.device != w.device:  # blocks spread over devices (--device-map)
-            x = x.to(w.device)
-        return F.linear(x.to(w.dtype), w, self.linear.bias)
+        """The linear's output under its group's current mode."""
+        return self.group.output(self, x)

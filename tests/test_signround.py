@@ -1,0 +1,232 @@
+"""SignRound and opt-rtn on tiny models: losses, determinism, resume, VLMs, asymmetric, the fused gradient."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hubtool.errors import HubtoolError
+from hubtool.quant.calib import load_calibration
+from hubtool.quant.driver import ProgressEvent, quantize_model
+from hubtool.quant.layers import plan_layers
+from hubtool.quant.signround import TunedLinear, _fp16_round
+from hubtool.quant.spec import QuantSpec, make_recipe
+from tests import tiny
+
+SYM = QuantSpec()
+RECIPE = make_recipe("light", iters=16, nsamples=8, seqlen=48, batch_size=4, seed=7)
+
+
+def _load(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def _calib(tok, recipe=RECIPE):
+    return load_calibration(
+        "builtin",
+        tok,
+        nsamples=recipe.nsamples,
+        seqlen=recipe.seqlen,
+        seed=recipe.seed,
+        is_vlm=False,
+        batch_size=recipe.batch_size,
+    )
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k].q, b[k].q)
+        and torch.equal(a[k].scale, b[k].scale)
+        and torch.equal(a[k].zero, b[k].zero)
+        for k in a
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to other processes on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return _load(tiny_models("llama"))
+
+
+def test_signround_beats_rtn_on_every_block_and_is_deterministic(llama):
+    model, tok = llama
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_layers(model, SYM)
+    events: list[ProgressEvent] = []
+    a = quantize_model(model, plan, SYM, "signround", RECIPE, _calib(tok), progress=events.append)
+    assert set(a.weights) == set(plan.linear_names())
+    assert len(a.block_losses) == len(plan.blocks)
+    for bl in a.block_losses:
+        assert bl.tuned < bl.rtn, bl
+    done = [e for e in events if e.done]
+    assert [e.index for e in done] == list(range(len(plan.blocks)))
+    assert any(not e.done and e.iteration == 10 and e.loss is not None for e in events)
+    b = quantize_model(model, plan, SYM, "signround", RECIPE, _calib(tok))
+    assert _same(a.weights, b.weights)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
+    w = next(iter(a.weights.values()))
+    assert w.q.dtype == torch.uint8 and int(w.q.max()) <= 15 and torch.equal(w.scale, w.scale.half().float())
+    assert (w.scale < 0).any() and (w.scale > 0).any()  # full range: the sign follows the larger end
+
+
+def test_optrtn_not_worse_than_rtn(llama):
+    model, tok = llama
+    plan = plan_layers(model, SYM)
+    res = quantize_model(model, plan, SYM, "opt-rtn", RECIPE, _calib(tok))
+    assert all(bl.tuned <= bl.rtn for bl in res.block_losses)
+    assert any(bl.tuned < bl.rtn for bl in res.block_losses)
+
+
+def test_resume_after_interruption_gives_the_same_bytes(tmp_path):
+    folder = tiny.build_text_model("qwen2", tmp_path / "m", layers=3)
+    model, tok = _load(folder)
+    plan = plan_layers(model, SYM)
+    calib = _calib(tok)
+    full = quantize_model(model, plan, SYM, "signround", RECIPE, calib)
+
+    def stop_after_block_1(ev):
+        if ev.done and ev.index == 1:
+            raise KeyboardInterrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(
+            model, plan, SYM, "signround", RECIPE, calib, work_dir=work, progress=stop_after_block_1
+        )
+    assert json.loads((work / "state.json").read_text())["done"] == 2
+    assert not list(work.glob("*.pkl")) and not list(work.glob("*.pt"))
+    seen = []
+    resumed = quantize_model(
+        model, plan, SYM, "signround", RECIPE, calib, work_dir=work, resume=True, progress=seen.append
+    )
+    assert _same(full.weights, resumed.weights)
+    assert [bl.tuned for bl in resumed.block_losses] == [bl.tuned for bl in full.block_losses]
+    assert [e.index for e in seen if e.done] == [0, 1, 2]
+    other = make_recipe("light", iters=8, nsamples=8, seqlen=48, batch_size=4, seed=7)
+    with pytest.raises(HubtoolError, match="other settings"):
+        quantize_model(model, plan, SYM, "signround", other, calib, work_dir=work, resume=True)
+
+
+def test_asymmetric(tiny_models):
+    model, tok = _load(tiny_models("phi3"))
+    spec = QuantSpec(sym=False)
+    plan = plan_layers(model, spec)
+    res = quantize_model(model, plan, spec, "signround", RECIPE, _calib(tok))
+    assert all(bl.tuned < bl.rtn for bl in res.block_losses)
+    w = next(iter(res.weights.values()))
+    assert (w.scale > 0).all() and len(torch.unique(w.zero)) > 1 and int(w.zero.min()) >= 1
+
+
+def test_gemma3_sliding_window_layers(tiny_models):
+    """Gemma 3 gives its sliding and full attention layers different masks: each block gets its own."""
+    model, tok = _load(tiny_models("gemma3"))
+    recipe = make_recipe("light", iters=4, nsamples=4, seqlen=96, batch_size=2, seed=1)
+    plan = plan_layers(model, SYM)
+    res = quantize_model(model, plan, SYM, "opt-rtn", recipe, _calib(tok, recipe))
+    assert all(bl.tuned <= bl.rtn for bl in res.block_losses)
+
+
+def test_needs_calibration(llama):
+    model, _ = llama
+    with pytest.raises(HubtoolError, match="needs calibration"):
+        quantize_model(model, plan_layers(model, SYM), SYM, "signround", RECIPE, None)
+
+
+def test_llava_image_text_and_vision_blocks(tiny_models, tmp_path):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = tiny_models("llava")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    proc = AutoProcessor.from_pretrained(folder)
+    recs = []
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 20, 255 - 50 * i)).save(tmp_path / f"{i}.png")
+        recs.append({"image": f"{i}.png", "text": f"Picture number {i} shows a colored square. " * (i + 1)})
+    (tmp_path / "vl.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    recipe = make_recipe("light", iters=8, nsamples=4, seqlen=128, batch_size=2, seed=3)
+    calib = load_calibration(
+        str(tmp_path / "vl.jsonl"),
+        proc,
+        nsamples=4,
+        seqlen=128,
+        seed=3,
+        is_vlm=True,
+        image_text=True,
+        batch_size=2,
+    )
+    # language tower only, image-text calibration
+    text_plan = plan_layers(model, SYM)
+    res = quantize_model(model, text_plan, SYM, "signround", recipe, calib)
+    assert {bl.block.rsplit(".", 1)[0] for bl in res.block_losses} == {"model.language_model.layers"}
+    assert all(bl.tuned < bl.rtn for bl in res.block_losses)
+    # --quantize-vision: the vision blocks first, then the language model fed through them
+    plan = plan_layers(model, SYM, quantize_vision=True)
+    towers = {b.tower for b in plan.blocks}
+    assert towers == {"vision", "text"}
+    res = quantize_model(model, plan, SYM, "signround", recipe, calib)
+    assert set(res.weights) == set(plan.linear_names())
+    assert all(bl.tuned < bl.rtn for bl in res.block_losses)
+    # a text calibration set for the VLM's language model
+    text_calib = load_calibration("builtin", proc, nsamples=4, seqlen=32, seed=3, is_vlm=True, batch_size=2)
+    res = quantize_model(model, text_plan, SYM, "opt-rtn", recipe, text_calib)
+    assert all(bl.tuned <= bl.rtn for bl in res.block_losses)
+
+
+def _reference_weight(st: TunedLinear, v, alpha, beta) -> torch.Tensor:
+    """The fake-quantized weight with plain autograd ops (straight-through rounding)."""
+    spec = st.spec
+    a, b = st.wmin * alpha, st.wmax * beta
+    if spec.sym:
+        s = torch.where((-a) >= b, a, b) / -spec.sym_zero
+        s = (s + (_fp16_round(s.detach()) - s).detach()).unsqueeze(-1)
+        x = st.wg / s + v
+        q = torch.clamp(x + (torch.round(x) - x).detach(), -spec.sym_zero, spec.sym_zero - 1)
+        return (s * q).reshape(st.rows, -1)
+    s = ((b - a) / spec.qmax).clamp(min=1e-9)
+    s = s + (_fp16_round(s.detach()) - s).detach()
+    z = -a / s
+    z = (z + (torch.round(z) - z).detach()).clamp(1, spec.qmax)
+    s3, z3 = s.unsqueeze(-1), z.unsqueeze(-1)
+    x = st.wg / s3 + v
+    q = torch.clamp(x + (torch.round(x) - x).detach() + z3, 0, spec.qmax)
+    return (s3 * (q - z3)).reshape(st.rows, -1)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_hand_written_gradients_match_autograd(sym):
+    spec = QuantSpec(sym=sym)
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * 0.05
+    st = TunedLinear("x", w, spec, torch.rand(16, 2) * 0.5 + 0.5)
+    st.v.uniform_(-0.5, 0.5)
+    g = torch.randn(16, 256)
+    out = torch.empty(16, 256)
+    st.forward_into(out)
+    st.backward_from(g)  # lr is None: gradients are stored, nothing steps
+    v, alpha, beta = (t.clone().requires_grad_(True) for t in (st.v, st.alpha, st.beta))
+    ref = _reference_weight(st, v, alpha, beta)
+    torch.testing.assert_close(ref, out, rtol=0, atol=0)
+    (ref * g).sum().backward()
+    for mine, theirs in zip(st.grads, (v.grad, alpha.grad, beta.grad), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    st.keep_best()
+    assert torch.equal(st.int_weight().dequantize(), out)  # the stored codes are what was tuned
+    before = st.v.clone()
+    st.lr = 0.1
+    st.backward_from(g)
+    step = (st.v - before).abs()
+    assert step.max() <= 0.1 + 1e-6 and (step > 0).any() and st.v.abs().max() <= 0.5
