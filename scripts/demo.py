@@ -20,11 +20,11 @@ sys.path.insert(0, str(ROOT))
 from tests.hubserver import HubServer  # noqa: E402
 
 MODEL = "pypi:gemma3-270m"  # Gemma 3 270M, shipped as GGUF on PyPI (Makefile: MODELS)
-REPO = "demo/gemma-3-270m-it-int4"
-RUN = ROOT / "runs" / "demo"
+REPO = "demo/gemma-3-270m-int4"
+RUN = Path("runs") / "demo"  # relative: the card's reproduce command shows it as typed
 TOKEN = "hf_demo_local_only"
 DEMO_ARGS = [
-    "--recipe", "light", "--nsamples", "32", "--seqlen", "256", "--iters", "50",
+    "--recipe", "light", "--nsamples", "16", "--seqlen", "256", "--iters", "40",
     "--tasks", "ppl", "--limit", "8",
 ]  # fmt: skip
 
@@ -36,9 +36,9 @@ def main() -> int:
         hub.state.add_user(TOKEN, "demo")
         env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, "-m", "hubtool", "publish", MODEL, "--repo-id", REPO, "-o", str(RUN),
-               "--endpoint", hub.url, "--overwrite", *DEMO_ARGS]  # fmt: skip
+               "--endpoint", hub.url, "--overwrite", "--config", "scripts/demo.toml", *DEMO_ARGS]  # fmt: skip
         print("$ hubtool " + " ".join(cmd[3:]).replace(hub.url, "http://127.0.0.1:<port>"), flush=True)
-        subprocess.run(cmd, env=env, check=True)
+        subprocess.run(cmd, env=env, check=True, cwd=ROOT)
 
         from huggingface_hub import HfApi
 
@@ -50,10 +50,11 @@ def main() -> int:
             print(f"  branch {b.name:<12} {b.target_commit[:12]}  {len(files)} files")
         for t in refs.tags:
             print(f"  tag    {t.name:<12} {t.target_commit[:12]}")
-    card = RUN / "card" / "README.md"
+    run_abs = ROOT / RUN
+    card = run_abs / "card" / "README.md"
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
-    for f in (RUN / "card").iterdir():
+    for f in (run_abs / "card").iterdir():
         if f.is_file():
             shutil.copy2(f, docs / ("demo_card.md" if f.name == "README.md" else f.name))
     print(f"\ncard: {card}  (copied to docs/demo_card.md)")
