@@ -51,6 +51,14 @@ def main() -> int:
         for t in refs.tags:
             print(f"  tag    {t.name:<12} {t.target_commit[:12]}")
     run_abs = ROOT / RUN
+    from hubtool import record
+
+    for c in record.load(run_abs).comparisons[:1]:  # one prompt: the 16-bit answer, then each int4 answer
+        print(f"\nprompt: {c.prompt}")
+        for g in c.generations:
+            print(
+                f"--- {g.model} ({g.tokens_per_s:.1f} tokens/s, loaded back from its export for int4)\n{g.text}"
+            )
     card = run_abs / "card" / "README.md"
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
