@@ -98,9 +98,12 @@ def _apply(model, weights) -> None:
 
 
 def worker(method: str, cfg: dict) -> dict:
-    """Run one method in this process and return its measurements."""
+    """Run one method in this process and return its measurements ("signround@20": 20 iterations)."""
     import torch
 
+    method, _, iters = method.partition("@")
+    if iters:
+        cfg = {**cfg, "iters": int(iters)}
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
     from hubtool.quant.calib import heldout_text, load_calibration
@@ -229,6 +232,11 @@ def run_worker(method: str, cfg: dict) -> dict:
     return data
 
 
+def _label(m: str) -> str:
+    name, _, iters = m.partition("@")
+    return LABELS.get(name, name) + (f" ({iters} iters)" if iters else "")
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
@@ -247,6 +255,11 @@ def main() -> None:
     ap.add_argument("--eval-window", type=int, default=512)
     ap.add_argument("--eval-file", default=None, help="score this text instead of the held-out pydoc topics")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--fewer-iters",
+        default="20",
+        help="also run hubtool SignRound with these iteration counts (quality per time; '' to skip)",
+    )
     ap.add_argument("--depths", default="4,8,16", help="tiny-model depths for the RSS check ('' to skip)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -280,7 +293,9 @@ def main() -> None:
         flush=True,
     )
     results = {}
-    for m in [m for m in args.methods.split(",") if m]:
+    methods = [m for m in args.methods.split(",") if m]
+    methods += [f"signround@{n}" for n in args.fewer_iters.split(",") if n]
+    for m in methods:
         results[m] = run_worker(m, cfg)
         r = results[m]
         print(
@@ -307,7 +322,7 @@ def main() -> None:
         wall = f"{r['quant_s']:.1f}" if m != "bf16" else "-"
         cpu = f"{r['cpu_s']:.1f}" if m != "bf16" else "-"
         print(
-            f"| {LABELS.get(m, m)} | {r.get('ppl', float('nan')):.3f} | {ratio} | {wall} | {cpu} | {_gb(r['peak_rss'])} |"
+            f"| {_label(m)} | {r.get('ppl', float('nan')):.3f} | {ratio} | {wall} | {cpu} | {_gb(r['peak_rss'])} |"
         )
     summary = {}
     if "signround" in results and "autoround" in results:
@@ -342,10 +357,21 @@ def main() -> None:
             f"wall <= 0.7x: {summary['wall_ratio_signround'] <= 0.7}; RSS <= auto-round: "
             f"{summary['rss_ratio_signround'] <= 1.0}"
         )
+        for m, r in results.items():
+            if m.startswith("signround@"):
+                summary[f"{m}_wall_ratio"] = r["quant_s"] / ar["quant_s"]
+                summary[f"{m}_ppl_vs_best_autoround"] = r["ppl"] / best_ar
+                print(
+                    f"{_label(m)}: ppl {r['ppl']:.3f} ({r['ppl'] / best_ar:.3f}x the best auto-round mode) "
+                    f"in {r['quant_s'] / ar['quant_s']:.2f}x auto-round SignRound's wall time "
+                    f"({args.iters} iters)"
+                )
     if depth:
         print(
             "tiny-model peak RSS by depth (GB): "
             + ", ".join(f"{n} layers {_gb(d['peak_rss'])}" for n, d in depth.items())
+            + "; growth while quantizing (peak - before, MB): "
+            + ", ".join(f"{n} layers {(d['peak_rss'] - d['rss_before']) / 1e6:.0f}" for n, d in depth.items())
         )
     shutil.rmtree(tmp, ignore_errors=True)
     if args.json:

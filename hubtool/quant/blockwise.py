@@ -417,6 +417,20 @@ class _Runner:
         }
 
     def run(self, work_dir: Path | None, resume: bool) -> QuantResult:
+        with self._eval_mode():
+            return self._run(work_dir, resume)
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """No dropout while block outputs are compared; the model's mode is restored after."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(training)
+
+    def _run(self, work_dir: Path | None, resume: bool) -> QuantResult:
         wd = _WorkDir(work_dir, self._fingerprint()) if work_dir else None
         done = wd.start(resume) if wd else 0
         total = len(self.plan.blocks)
@@ -560,19 +574,20 @@ class _Runner:
             for p, flag in flags:
                 p.requires_grad_(flag)
             undo_dispatch()
-            if moved:
-                block.to("cpu")
+            if moved is not None:
+                block.to(moved)
             _release_memory(self.device)
         bufs["fp"], bufs["q"] = fp_out, q_out
 
     def _place(self, block: nn.Module):
-        """Put the block on the device (or spread it over --device-map); returns (moved, undo)."""
+        """Put the block on the device (or spread it over --device-map); returns (device to go back to, undo)."""
+        home = next(block.parameters()).device
         if len(self.devices) > 1:
-            return False, _dispatch(block, self.devices)
-        if self.device.type != "cpu":
+            return None, _dispatch(block, self.devices, home)
+        if home != self.device:
             block.to(self.device)
-            return True, lambda: None
-        return False, lambda: None
+            return home, lambda: None
+        return None, lambda: None
 
     def _fix(self, wrappers: dict[str, QLinear], weights: dict[str, IntWeight]) -> None:
         """Run every linear with the dequantized ``weights``."""
@@ -617,7 +632,7 @@ class _Runner:
             if ref is not None:
                 r = ref[start : start + len(idx)].to(self.device)
                 se, cnt = _sq_err(out, r, mask)
-                total += se
+                total += float(se)
                 count += cnt
         return (total / count if count else math.nan), out_buf
 
@@ -639,10 +654,10 @@ class _Runner:
                 ref = fp_out[idx].to(self.device)
                 mask = self._mask(idx, h.shape[1], text)
                 out = self._forward(block, j, cap, h, idx)
-                se, cnt = _sq_err(out, ref, mask, grad=True)
+                se, cnt = _sq_err(out, ref, mask)
                 loss = se / cnt
                 value = float(loss.detach())
-                if value < best_loss:  # the codes of this forward are the best so far
+                if value < best_loss:  # the codes of this forward are the best so far (on its batch)
                     best_loss = value
                     for s in states.values():
                         s.keep_best()
@@ -688,17 +703,14 @@ def _name_of(wrappers: dict[str, QLinear], member: QLinear) -> str:
     return next(n for n, w in wrappers.items() if w is member)
 
 
-def _sq_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None, grad: bool = False):
-    """(sum of squared errors over valid positions, number of valid elements)."""
+def _sq_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(sum of squared errors over the valid positions, number of valid elements)."""
     d = out.float() - ref.float()
+    d = d * d
     if mask is not None:
-        m = mask.to(d.device, d.dtype).unsqueeze(-1)
-        se = (d * d * m).sum()
-        cnt = int(mask.sum()) * d.shape[-1]
-    else:
-        se = (d * d).sum()
-        cnt = d.numel()
-    return (se if grad else float(se)), max(cnt, 1)
+        d = d * mask.to(d.device, d.dtype).unsqueeze(-1)
+        return d.sum(), max(int(mask.sum()) * d.shape[-1], 1)
+    return d.sum(), max(d.numel(), 1)
 
 
 def _cpu(w: IntWeight) -> IntWeight:
@@ -714,7 +726,7 @@ def _swap(root: nn.Module, name: str, new: nn.Module):
     return lambda: setattr(parent, child, old)
 
 
-def _dispatch(block: nn.Module, devices: list[torch.device]):
+def _dispatch(block: nn.Module, devices: list[torch.device], home: torch.device):
     """Spread a block's direct children over ``devices`` by parameter bytes with accelerate (untested)."""
     from accelerate import dispatch_model
     from accelerate.hooks import remove_hook_from_module
@@ -733,6 +745,6 @@ def _dispatch(block: nn.Module, devices: list[torch.device]):
 
     def undo():
         remove_hook_from_module(block, recurse=True)
-        block.to("cpu")
+        block.to(home)
 
     return undo
