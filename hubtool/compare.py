@@ -323,6 +323,17 @@ def generate_batched(
 # -- the compare stage -----------------------------------------------------------------------------
 
 
+def _warm_up(lm: LoadedRef, prompt: Prompt) -> None:
+    """Two untimed tokens first, so kernel loading and int4 repacking are not counted as decode speed."""
+    generate(lm, [prompt.text], 2, images=[prompt.image] if prompt.image is not None else None)
+
+
+def kernel_backends(model: torch.nn.Module) -> str | None:
+    """Which kernel backend(s) the model's int4 layers last ran on, e.g. "hubtool" or "hubtool,torch"."""
+    used = sorted({b for m in model.modules() if (b := getattr(m, "last_backend", None))})
+    return ",".join(used) or None
+
+
 def _store_image(prompt: Prompt, i: int, run_dir: Path) -> str | None:
     """Save a prompt's image into the run folder (the card shows it); return its path relative to the run."""
     if prompt.image is None:
@@ -356,6 +367,7 @@ def run_compare(
     else:
         prompts = default_prompts(rec.source.is_vlm)
     gens: dict[str, list[record.Generation]] = {}
+    backends: dict[str, str | None] = {}
     loaded_from: dict[str, str] = {}
     for ref in refs:
         _notify(progress, "compare", ref.label, "prompts", 0, len(prompts), "loading")
@@ -364,6 +376,7 @@ def run_compare(
             loaded_from[ref.label] = ref.format
         out = []
         try:
+            _warm_up(lm, prompts[0])
             for k, p in enumerate(prompts):
                 g = generate(
                     lm,
@@ -377,6 +390,8 @@ def run_compare(
                     record.Generation(ref.label, g.text, len(g.token_ids), g.seconds, tps, g.token_ids)
                 )
                 _notify(progress, "compare", ref.label, "prompts", k + 1, len(prompts))
+            if ref.kind == "variant":
+                backends[ref.label] = kernel_backends(lm.model)
         finally:
             unload(lm)
         gens[ref.label] = out
@@ -407,6 +422,9 @@ def run_compare(
             c.agreements.append(record.Agreement(g.model, a.identical, a.first_diff, a.match_share))
         comps.append(c)
     rec.comparisons = comps
+    for v in rec.variants:
+        if v.name in backends:
+            v.kernel_backend = backends[v.name]
     rec.extras["compare"] = {
         "device": device,
         "dtype": rec.source.dtype,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import cache
 from .errors import HubtoolError
 from .record import SourceInfo, sha256_file
 
@@ -180,12 +181,14 @@ def locate(source: str, revision: str | None = None, trust_remote_code: bool = F
     if p.suffix == ".gguf":
         if not p.is_file():
             raise HubtoolError(f"GGUF file {source} not found", "check the path")
-        _check_gguf(p)
+        sha = sha256_file(p)
+        if not any(cache.load_converted(sha, d) for d in ("bfloat16", "float16", "float32")):
+            _check_gguf(p)  # bytes already converted once were checked then
         return SourceInfo(
             kind="gguf",
             name=str(p.resolve()),
             gguf_file=p.name,
-            sha256=sha256_file(p),
+            sha256=sha,
             note="dequantized from GGUF: the dequantized weights are the 16-bit baseline",
         )
     if p.exists():
@@ -231,51 +234,78 @@ def load_source(
     """Load the 16-bit model and its tokenizer/processor described by ``info`` (from ``locate``)."""
     from transformers import AutoConfig
 
-    folder = local_dir(info)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if info.kind == "gguf":
-        from transformers import GgufConfig
-
-        kwargs.update(gguf_file=info.gguf_file, quantization_config=GgufConfig(dequantize=True))
-        config = AutoConfig.from_pretrained(folder, gguf_file=info.gguf_file)
-    else:
-        config_dict = json.loads((folder / "config.json").read_text())
-        _check_remote_code(config_dict, trust_remote_code, info.name)
-        if config_dict.get("quantization_config"):
-            qm = config_dict["quantization_config"].get("quant_method")
-            raise HubtoolError(
-                f"{info.name} is already quantized ({qm})", "quantize its 16-bit original instead"
-            )
-        _check_weights(folder)
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        kwargs["use_safetensors"] = True
+        return _load_gguf(info, dtype, device)
+    folder = local_dir(info)
+    config_dict = json.loads((folder / "config.json").read_text())
+    _check_remote_code(config_dict, trust_remote_code, info.name)
+    if config_dict.get("quantization_config"):
+        qm = config_dict["quantization_config"].get("quant_method")
+        raise HubtoolError(f"{info.name} is already quantized ({qm})", "quantize its 16-bit original instead")
+    _check_weights(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     cls = auto_model_class(config)
     try:
-        model = cls.from_pretrained(folder, **kwargs)
+        model = cls.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
     except ValueError as exc:
         raise HubtoolError(f"cannot load {info.name}: {exc}".splitlines()[0]) from None
+    processor = load_processor(folder, info, config, trust_remote_code)
+    return _loaded(model, processor, config, info, dtype, device, folder, lambda: _license(folder, info))
+
+
+def _loaded(
+    model, processor, config, info: SourceInfo, dtype, device: str, folder: Path, license_fn
+) -> LoadedModel:
+    """Finish a load: eval mode, device, and what the record says about the source."""
     model.eval()
     if device != "cpu":
         model.to(device)
-    processor = load_processor(folder, info, config, trust_remote_code)
     info.architecture = (config.architectures or [type(model).__name__])[0]
     info.model_type = config.model_type
     info.is_vlm = _is_vlm(config)
     info.dtype = str(dtype).removeprefix("torch.")
     info.num_parameters = sum(p.numel() for p in model.parameters())
-    info.license = info.license or _license(folder, info)
+    info.license = info.license or license_fn()
     return LoadedModel(model=model, processor=processor, info=info, local_dir=folder)
+
+
+def _load_gguf(info: SourceInfo, dtype: torch.dtype, device: str) -> LoadedModel:
+    """Dequantize a GGUF into a 16-bit model, through hubtool's cache of converted GGUFs (see ``cache``)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    dname = str(dtype).removeprefix("torch.")
+    hit = cache.load_converted(info.sha256, dname) if info.sha256 else None
+    if hit is None:
+        from transformers import GgufConfig
+
+        folder = local_dir(info)
+        config = AutoConfig.from_pretrained(folder, gguf_file=info.gguf_file)
+        model = auto_model_class(config).from_pretrained(
+            folder, gguf_file=info.gguf_file, quantization_config=GgufConfig(dequantize=True), dtype=dtype
+        )
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=info.gguf_file)
+        meta = gguf_metadata(Path(info.name))
+        if not getattr(tok, "chat_template", None):
+            tok.chat_template = meta.get("tokenizer.chat_template")
+        if info.sha256:
+            cache.store_converted(model, tok, info.sha256, dname, {"gguf_file": info.gguf_file, **meta})
+    else:
+        cached, meta = hit
+        log.info("reading the converted GGUF from %s", cached)
+        config = AutoConfig.from_pretrained(cached)
+        model = auto_model_class(config).from_pretrained(cached, dtype=dtype, use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(cached)
+    return _loaded(
+        model, tok, config, info, dtype, device, local_dir(info), lambda: meta.get("general.license")
+    )
 
 
 def load_processor(folder: Path, info: SourceInfo, config: Any, trust_remote_code: bool = False) -> Any:
     """The processor (VLM) or tokenizer (text), with the chat template filled in from a GGUF if needed."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    if info.kind == "gguf":
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=info.gguf_file)
-        if not getattr(tok, "chat_template", None):
-            tok.chat_template = gguf_metadata(Path(info.name)).get("tokenizer.chat_template")
-        return tok
     if _is_vlm(config):
         return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -295,8 +325,6 @@ def gguf_metadata(path: Path, keys: tuple[str, ...] = ("tokenizer.chat_template"
 
 
 def _license(folder: Path, info: SourceInfo) -> str | None:
-    if info.kind == "gguf":
-        return gguf_metadata(Path(info.name)).get("general.license")
     readme = folder / "README.md"
     if readme.is_file():
         try:

@@ -58,6 +58,7 @@ def bench_rtn(work: Path, ppl_chunks: int, new_tokens: int) -> dict:
     import torch
 
     from hubtool import record
+    from hubtool.compare import kernel_backends
     from hubtool.formats.loader import load_processor, load_quantized
     from hubtool.source import load_source, locate
 
@@ -95,7 +96,7 @@ def bench_rtn(work: Path, ppl_chunks: int, new_tokens: int) -> dict:
         os.environ["HUBTOOL_KERNEL"] = backend
         model = load_quantized(run / "formats" / "hubtool", dtype=torch.bfloat16)
         tps = _decode_tps(model, tok or load_processor(run / "formats" / "hubtool"), new_tokens, 3)
-        used = sorted({m.last_backend for m in model.modules() if getattr(m, "last_backend", None)})
+        used = kernel_backends(model)
         d = out["decode_tokens_per_s"]
         d[f"int4_{backend}"], d[f"int4_{backend}_over_bf16"] = tps, tps / tps_bf16
         d[f"int4_{backend}_backends_used"] = used

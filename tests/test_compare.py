@@ -191,6 +191,8 @@ def test_compare_tiny_vlm_default_prompts(fresh_run):
     saved = record.load(run)
     assert record.to_dict(saved.comparisons) == record.to_dict(comps) or saved.comparisons == comps
     assert saved.extras["compare"]["loaded_from"] == {"int4": "hubtool"}
+    (v,) = saved.variants  # the record says which kernel ran the int4 layers
+    assert v.kernel_backend in {"hubtool", "torch", "reference", "hubtool,torch", "hubtool,reference"}
     assert any(e.status == "done" and e.model == "int4" for e in events)
 
 

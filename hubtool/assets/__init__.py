@@ -61,7 +61,9 @@ def default_image_path() -> Path:
     try:
         return write_default_image(DEFAULT_IMAGE)
     except OSError:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hubtool" / "default.png"
+        from ..cache import cache_root
+
+        cache = cache_root() / "default.png"
         if not cache.is_file():
             write_default_image(cache)
         log.debug("package folder is read-only; drew the default image at %s", cache)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ...cache import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_mm.cpp")
@@ -37,12 +39,6 @@ ACT_ENV = "HUBTOOL_CPU_ACT"
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None, "build_s": None, "path": None}
-
-
-def cache_root() -> Path:
-    """The hubtool cache folder: $HUBTOOL_CACHE or ~/.cache/hubtool."""
-    env = os.environ.get("HUBTOOL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "hubtool"
 
 
 def source_hash() -> str:
