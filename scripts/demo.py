@@ -56,9 +56,8 @@ def main() -> int:
     for c in record.load(run_abs).comparisons[:1]:  # one prompt: the 16-bit answer, then each int4 answer
         print(f"\nprompt: {c.prompt}")
         for g in c.generations:
-            print(
-                f"--- {g.model} ({g.tokens_per_s:.1f} tokens/s, loaded back from its export for int4)\n{g.text}"
-            )
+            how = "the 16-bit source" if g.model == c.generations[0].model else "loaded back from its export"
+            print(f"--- {g.model} ({how}, {g.tokens_per_s:.1f} tokens/s)\n{g.text}")
     card = run_abs / "card" / "README.md"
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
