@@ -171,8 +171,8 @@ def bench_cpu_shape(
         if have_ours:
             for name, x in (("ours_bf16", xb), ("ours_fp16", xh), ("ours_fp32", xf)):
                 variants[name] = [lambda p=p, x=x: cpu.int4_mm(x, p) for p in ours]
-            # fp32 activations rounded to bf16 first (HUBTOOL_CPU_ACT=bf16): torch's built-in precision.
-            variants["ours_fp32_act_bf16"] = [lambda p=p, x=xf: cpu.int4_mm(x, p, act="bf16") for p in ours]
+            # fp16/fp32 run the int16 path by default; HUBTOOL_CPU_ACT=exact splits them into bf16 hi + lo.
+            variants["ours_fp16_exact"] = [lambda p=p, x=xh: cpu.int4_mm(x, p, act="exact") for p in ours]
         if probes and m == ms[0]:
             variants.update(probes)  # the bandwidth is measured under the same conditions as the M=1 calls
         times = time_interleaved(variants, rounds, min_s)
@@ -189,6 +189,7 @@ def bench_cpu_shape(
                 "vs_torch_int4": times["torch_int4"] / o,
                 "fp16_vs_bf16": o / times["ours_fp16"],
                 "fp32_vs_bf16": o / times["ours_fp32"],
+                "fp16_exact_vs_bf16": o / times["ours_fp16_exact"],
             }
             row["ours_gbps"] = ours_bytes / (o * 1e-3) / 1e9
         row["torch_int4_gbps"] = (n * k // 2 + n * (k // GROUP) * 4) / (times["torch_int4"] * 1e-3) / 1e9

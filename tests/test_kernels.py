@@ -102,6 +102,47 @@ def test_every_cpu_isa_path_matches_reference(isa, monkeypatch):
                 assert rel_err(run(layer, x, "hubtool"), run(layer, x, "reference")) <= TOL[dt], (m, dt)
 
 
+def int16_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x as the int16 path sees it: per (row, group) codes round(x * 32767 / absmax) times absmax / 32767."""
+    xg = x.float().reshape(x.shape[0], -1, group_size)
+    scale = xg.abs().amax(-1, keepdim=True) / 32767
+    codes = torch.where(scale > 0, torch.round(xg / scale.clamp_min(1e-38)), torch.zeros_like(xg))
+    return (codes * scale).reshape(x.shape)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dt", [torch.float16, torch.float32])
+@pytest.mark.parametrize("sym", [True, False])
+def test_cpu_int16_activation_path(dt, sym):
+    """fp16/fp32 activations (default "int16" mode): exactly the product of the int16-coded activations.
+
+    Bound: per value |x - x^| <= absmax(group) / 65534, so |y - y_exact| <= sum_k |w_k| absmax_g / 65534;
+    the result must equal the fp64 product with x^ up to fp32 accumulation, and stay within that bound
+    of the exact product even with a 1000x outlier in the row. "exact" mode must be closer still.
+    """
+    if not cpu.has_vnni() or cpu.detected_isa() != "avx512_bf16":
+        pytest.skip("the int16 path needs AVX512-BF16 and VNNI")
+    layer = make_layer(136, 640, sym, seed=11, bias=False)
+    w = layer.dequantize(torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    for m in (1, 3, 8, 33):
+        x = torch.randn(m, 640, generator=gen)
+        x[0, 5] = 1000.0  # an outlier: its group's other values lose precision, within the bound
+        x = x.to(dt)
+        y = run(layer, x, "hubtool").double()
+        xq = int16_activations(x, 128).double()
+        on_codes = xq @ w.t()
+        out_round = (2.0**-10 if dt == torch.float16 else 2.0**-20) * on_codes.abs()  # y's own rounding
+        assert ((y - on_codes).abs() <= out_round + 1e-5 * on_codes.abs().max()).all(), m
+        exact = x.double() @ w.t()
+        amax = x.double().abs().reshape(m, -1, 128).amax(-1).repeat_interleave(128, dim=1)
+        bound = (amax / 65534) @ w.abs().t()  # sum_k |w_k| absmax_g / 65534, per output
+        out_round = (2.0**-10 if dt == torch.float16 else 2.0**-20) * exact.abs()
+        assert ((y - exact).abs() <= bound + out_round + 1e-6).all(), m
+        y_exact = cpu.int4_mm(x, B.get_backend("hubtool").prepare(layer, x.device), act="exact").double()
+        assert (y_exact - exact).abs().max() <= (y - exact).abs().max() + out_round.max() + 1e-6
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_cpu_kernel_other_group_sizes(group_size):

@@ -33,9 +33,12 @@ ISA_CODES = {v: k for k, v in ISA_NAMES.items()}
 BLOCK_N = 64  # output columns per block of the repacked layout
 # Force a lower ISA level (scalar|avx2|avx512|avx512_bf16), for tests and comparisons.
 ISA_ENV = "HUBTOOL_CPU_ISA"
-# fp16/fp32 activations: "exact" (default) keeps them in fp32 (FMA path, 2x the multiply work of bf16 when
-# compute-bound); "bf16" rounds them to bf16 first, as torch's built-in does, for bf16 speed at any M.
+# fp16/fp32 activations: "int16" (default; on CPUs with AVX512-VNNI) turns each group of G values into
+# int16 codes with one scale (error <= group absmax / 65534 per value) for bf16 speed; "exact" splits them
+# into two bf16 parts, hi + lo (exact for fp16, ~2^-17 relative for fp32), at up to twice the multiply work;
+# "bf16" rounds them to bf16 first, as torch's built-in does.
 ACT_ENV = "HUBTOOL_CPU_ACT"
+ACT_MODES = {"int16": 0, "exact": 1, "bf16": 0}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None, "build_s": None, "path": None}
@@ -109,7 +112,7 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake("hubtool::int4_mm_cpu")
-    def _fake(x, packed, scales, zeros, group_size, n, isa=-1):
+    def _fake(x, packed, scales, zeros, group_size, n, isa=-1, act=0):
         return x.new_empty((x.shape[0], n))
 
     _fake_registered = True
@@ -121,7 +124,7 @@ def detected_isa() -> str:
 
 
 def has_vnni() -> bool:
-    """Whether the CPU has AVX512-VNNI (reported only: the kernel keeps activations in floating point)."""
+    """Whether the CPU has AVX512-VNNI (the int16 path for fp16/fp32 activations needs it)."""
     return bool(torch.ops.hubtool.int4_cpu_has_vnni())
 
 
@@ -181,10 +184,14 @@ def repack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size:
 def int4_mm(x: torch.Tensor, p: Packed, isa: int | None = None, act: str | None = None) -> torch.Tensor:
     """(M, K) activations times the packed weight -> (M, N) in x's dtype (the custom op)."""
     level = forced_isa() if isa is None else isa
-    act = act or os.environ.get(ACT_ENV, "exact")
+    act = act or os.environ.get(ACT_ENV, "int16")
+    if act not in ACT_MODES:
+        raise ValueError(f"{ACT_ENV}={act!r}: use one of {', '.join(ACT_MODES)}")
     if act == "bf16" and x.dtype != torch.bfloat16:
         y = torch.ops.hubtool.int4_mm_cpu(
             x.to(torch.bfloat16), p.packed, p.scales, p.zeros, p.group_size, p.n, level
         )
         return y.to(x.dtype)
-    return torch.ops.hubtool.int4_mm_cpu(x, p.packed, p.scales, p.zeros, p.group_size, p.n, level)
+    return torch.ops.hubtool.int4_mm_cpu(
+        x, p.packed, p.scales, p.zeros, p.group_size, p.n, level, ACT_MODES[act]
+    )

@@ -12,7 +12,9 @@
 //
 // Paths, chosen by cpuid at run time (functions carry per-function target attributes):
 //   3 avx512_bf16 : vdpbf16ps (32 multiply-adds per instruction) on bf16 activations; fp16/fp32
-//                   activations become two bf16 rows hi + lo (exact for fp16, ~2^-17 for fp32)
+//                   activations become int16 codes per group and run vpdpwssd (VNNI, also 32 per
+//                   instruction; error <= group absmax / 65534 per value), or with act = 1 (or no VNNI)
+//                   two bf16 rows hi + lo (exact for fp16, ~2^-17 for fp32) at twice the work
 //   2 avx512      : fp32 activations (any input dtype), FMA on fp32
 //   1 avx2        : fp32 activations, 256-bit FMA
 //   0 scalar      : portable C++
@@ -30,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -49,6 +52,7 @@ constexpr int ROWS_MAX = 5;  // rows per register-resident pass (5 x 4 tiles = 2
 static int g_rows = 4;      // rows per pass, bf16 path (tuning knob: hubtool::int4_cpu_tune)
 static int g_rows_f32 = 4;  // rows per pass, fp32 path
 static int g_pf = 4096;     // software prefetch distance in bytes (0: none)
+static int g_rows_i16 = 2;  // rows per pass, int16 path (2 rows use two accumulator sets: measured fastest)
 
 enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
 
@@ -57,8 +61,9 @@ struct Problem {
   const c10::Half* scales;
   const uint8_t* zeros;  // null: symmetric (z = 8)
   int64_t K, G, P, NG, NBLK, N, M;
-  const void* x;    // bf16 (M, K) for the bf16 path, fp32 (M, K) otherwise
+  const void* x;    // bf16 (M, K) for the bf16 path, int16 (M, K) for the int16 path, fp32 (M, K) otherwise
   const float* xs;  // (M, NG) per-group sums of the activations as used
+  const float* xsc = nullptr;  // (M, NG) int16 path: the scale of each row's group (x ~ xsc * int16)
 };
 
 // Decode one column block / group into per-tile scale coefficients: s16 = 16 s, corr = -(16 + z) s.
@@ -293,6 +298,143 @@ TGT_BF16 static void split_rows_bf16(const void* xv, int64_t M, int64_t K, int64
   }
 }
 
+// ------------------------------------------------------------------------- fp16/fp32 through int16 VNNI
+// fp16/fp32 activations at bf16 speed: each row's group of G values becomes int16 codes with one fp32
+// scale (absmax / 32767, so |x - x^| <= absmax / 65534 per value), the weight nibbles become int16 words
+// (same layout as the bf16 decode, high byte 0), and vpdpwssd does 32 multiply-adds per instruction, as
+// vdpbf16ps does. The int32 sums are exact (|sum| <= 2 * 15 * 32767 * G/2 < 2^31 for G <= 4096); the
+// group then adds  s * xsc * sum_k q x^_k - z s * sum_k x^_k  to the output.
+#define TGT_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")))
+constexpr int64_t I16_MAX_GROUP = 4096;
+
+TGT_VNNI static INL void decode4_i16(const uint8_t* src, __m512i z[4]) {
+  const __m512i m0f = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  const __m512i v = _mm512_loadu_si512(src);
+  const __m512i lo = _mm512_and_si512(v, m0f);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+  z[0] = _mm512_unpacklo_epi8(lo, zero);
+  z[1] = _mm512_unpackhi_epi8(lo, zero);
+  z[2] = _mm512_unpacklo_epi8(hi, zero);
+  z[3] = _mm512_unpackhi_epi8(hi, zero);
+}
+
+template <int MB>
+TGT_VNNI static INL void step_i16(const uint8_t* src, const int16_t* xg, int64_t ldx, int p, __m512i (&acc)[MB][TILES]) {
+  if (g_pf) _mm_prefetch(reinterpret_cast<const char*>(src + 64 * p + g_pf), _MM_HINT_T0);
+  __m512i w[TILES];
+  decode4_i16(src + 64 * p, w);
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m) {
+    int32_t xv;
+    std::memcpy(&xv, xg + m * ldx + 2 * p, 4);
+    const __m512i xb = _mm512_set1_epi32(xv);
+#pragma GCC unroll 4
+    for (int t = 0; t < TILES; ++t) acc[m][t] = _mm512_dpwssd_epi32(acc[m][t], w[t], xb);
+  }
+}
+
+template <int MB>
+TGT_VNNI static void direct_i16(const Problem& pb, int64_t b, int64_t g, int64_t m0, float* out) {
+  constexpr int NS = MB <= 2 ? 2 : 1;
+  __m512i acc[NS][MB][TILES];
+#pragma GCC unroll 16
+  for (int s = 0; s < NS; ++s)
+    for (int m = 0; m < MB; ++m)
+      for (int t = 0; t < TILES; ++t) acc[s][m][t] = _mm512_setzero_si512();
+  const int16_t* xg = static_cast<const int16_t*>(pb.x) + m0 * pb.K + g * pb.G;
+  const uint8_t* sg = pb.packed + (b * pb.NG + g) * pb.P * 64;
+  int p = 0;
+  for (; p + NS <= pb.P; p += NS) {
+#pragma GCC unroll 2
+    for (int s = 0; s < NS; ++s) step_i16<MB>(sg, xg, pb.K, p + s, acc[s]);
+  }
+  for (; p < pb.P; ++p) step_i16<MB>(sg, xg, pb.K, p, acc[0]);
+#pragma GCC unroll 4
+  for (int t = 0; t < TILES; ++t) {
+    const int64_t off = (b * pb.NG + g) * NB + 16 * t;
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb.scales + off)));
+    __m512 z = _mm512_set1_ps(8.f);
+    if (pb.zeros) {
+      z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb.zeros + off))));
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) {
+      __m512i a = acc[0][m][t];
+      if (NS == 2) a = _mm512_add_epi32(a, acc[NS - 1][m][t]);
+      const int64_t r = (m0 + m) * pb.NG + g;
+      float* o = out + m * NB + 16 * t;
+      // o += s * (xsc * sum q x^  -  z * sum x^)
+      const __m512 d = _mm512_fnmadd_ps(z, _mm512_set1_ps(pb.xs[r]), _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(pb.xsc[r])));
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(d, s, _mm512_loadu_ps(o)));
+    }
+  }
+}
+
+// One (row, group) of fp16/fp32 activations -> int16 codes; returns the scale, sets the sum of x^.
+template <bool HALF>
+TGT_VNNI static float quantize_group_i16(const void* xv, int64_t off, int64_t G, int16_t* out, float* xsum) {
+  const uint16_t* h = static_cast<const uint16_t*>(xv) + off;
+  const float* f = static_cast<const float*>(xv) + off;
+  const int64_t gv = (G / 16) * 16;  // vector part; the rest (G not a multiple of 16) is scalar
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < gv; k += 16) {
+    const __m512 v = HALF ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + k))) : _mm512_loadu_ps(f + k);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+  }
+  float amax = _mm512_reduce_max_ps(vmax);
+  auto at = [&](int64_t k) { return HALF ? static_cast<float>(c10::Half(h[k], c10::Half::from_bits())) : f[k]; };
+  for (int64_t k = gv; k < G; ++k) amax = std::max(amax, std::fabs(at(k)));
+  const float scale = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i lim = _mm512_set1_epi32(32767), nlim = _mm512_set1_epi32(-32767);
+  __m512i vsum = _mm512_setzero_si512();
+  for (int64_t k = 0; k < gv; k += 16) {
+    const __m512 v = HALF ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + k))) : _mm512_loadu_ps(f + k);
+    const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i c = _mm512_max_epi32(_mm512_min_epi32(q, lim), nlim);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm512_cvtepi32_epi16(c));
+    vsum = _mm512_add_epi32(vsum, c);
+  }
+  int32_t sum = _mm512_reduce_add_epi32(vsum);
+  for (int64_t k = gv; k < G; ++k) {
+    const int32_t q = static_cast<int32_t>(std::nearbyint(at(k) * inv));
+    const int16_t c = static_cast<int16_t>(std::min(32767, std::max(-32767, q)));
+    out[k] = c;
+    sum += c;
+  }
+  *xsum = static_cast<float>(sum) * scale;
+  return scale;
+}
+
+// fp16/fp32 rows -> int16 codes, per (row, group) scale and sum of the dequantized values.
+template <bool HALF>
+static void quantize_rows_i16(const void* xv, int64_t M, int64_t K, int64_t G, int16_t* out, float* xsc, float* xs) {
+  const int64_t NG = K / G;
+  at::parallel_for(0, M * NG, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t off = (i / NG) * K + (i % NG) * G;
+      xsc[i] = quantize_group_i16<HALF>(xv, off, G, out + off, xs + i);
+    }
+  });
+}
+
+static void block_i16(const Problem& pb, int64_t b, int64_t m0, int mc, float* out) {
+  for (int64_t g = 0; g < pb.NG; ++g) {
+    for (int m = 0; m < mc; m += g_rows_i16) {
+      const int mb = std::min(g_rows_i16, mc - m);
+#define HT_CALL(MB) direct_i16<MB>(pb, b, g, m0 + m, out + m * NB)
+      switch (mb) {
+        case 1: HT_CALL(1); break;
+        case 2: HT_CALL(2); break;
+        case 3: HT_CALL(3); break;
+        case 4: HT_CALL(4); break;
+        default: HT_CALL(5); break;
+      }
+#undef HT_CALL
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------- AVX2
 // Same layout: the 64 bytes split into two 128-bit-lane pairs, so 256-bit unpacks give the two halves
 // (columns 0-7 and 8-15) of each tile.
@@ -461,7 +603,7 @@ static void store_rows(const float* out, int mc, int split, int64_t n0, int64_t 
 }
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                   const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t n, int64_t isa) {
+                   const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t n, int64_t isa, int64_t act) {
   TORCH_CHECK(x.dim() == 2, "hubtool::int4_mm_cpu: x must be 2-D (M, K)");
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "hubtool::int4_mm_cpu: CPU tensors only");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == 64 && packed.is_contiguous(),
@@ -489,12 +631,30 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   // bf16 rows, hi = bf16(x) and lo = bf16(x - hi), whose results are summed: exact for fp16 (11-bit
   // mantissa <= 8 + 8 bits), about 2^-17 relative for fp32, at the cost of twice the rows. With
   // isa = avx512 forced they take the fp32 FMA path instead.
+  // act = 0 (auto): on a CPU with VNNI, fp16/fp32 activations take the int16 path instead (bf16 speed,
+  // |x - x^| <= group absmax / 65534); act = 1 keeps the exact hi/lo split.
   const bool bf16_path = use == AVX512_BF16;
-  const int split = (bf16_path && dt != at::kBFloat16) ? 2 : 1;
-  at::Tensor xin;
+#ifdef HT_X86
+  const bool i16_path = bf16_path && dt != at::kBFloat16 && act == 0 && has_vnni() && G <= I16_MAX_GROUP;
+#else
+  const bool i16_path = false;
+#endif
+  const int split = (bf16_path && dt != at::kBFloat16 && !i16_path) ? 2 : 1;
+  at::Tensor xin, xsc;
   const int64_t MV = M * split;  // rows the kernel computes
   at::Tensor xs = at::empty({MV, NG}, x.options().dtype(at::kFloat));
-  if (!bf16_path) {
+  if (i16_path) {
+#ifdef HT_X86
+    const at::Tensor xc = x.contiguous();
+    xin = at::empty({M, K}, x.options().dtype(at::kShort));
+    xsc = at::empty({M, NG}, x.options().dtype(at::kFloat));
+    if (dt == at::kHalf) {
+      quantize_rows_i16<true>(xc.data_ptr(), M, K, G, xin.data_ptr<int16_t>(), xsc.data_ptr<float>(), xs.data_ptr<float>());
+    } else {
+      quantize_rows_i16<false>(xc.data_ptr(), M, K, G, xin.data_ptr<int16_t>(), xsc.data_ptr<float>(), xs.data_ptr<float>());
+    }
+#endif
+  } else if (!bf16_path) {
     xin = x.to(at::kFloat).contiguous();
   } else if (split == 1) {
     xin = x.contiguous();
@@ -509,7 +669,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     }
 #endif
   }
-  if (split == 1) {
+  if (split == 1 && !i16_path) {
     float* xsp = xs.data_ptr<float>();
     if (bf16_path) {
       const c10::BFloat16* xp = xin.data_ptr<c10::BFloat16>();
@@ -530,7 +690,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0) return y;
   Problem pb{packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), zp, K, G, G / 2, NG, NBLK, n, MV,
-             xin.data_ptr(), xs.data_ptr<float>()};
+             xin.data_ptr(), xs.data_ptr<float>(), i16_path ? xsc.data_ptr<float>() : nullptr};
 
   at::parallel_for(0, NBLK, 1, [&](int64_t b0, int64_t b1) {
     alignas(64) float out[MC * NB];
@@ -542,7 +702,13 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
         std::fill(out, out + mc * NB, 0.f);
         switch (use) {
 #ifdef HT_X86
-          case AVX512_BF16: block_bf16(pb, b, m0, mc, out); break;
+          case AVX512_BF16:
+            if (i16_path) {
+              block_i16(pb, b, m0, mc, out);
+            } else {
+              block_bf16(pb, b, m0, mc, out);
+            }
+            break;
           case AVX512: block_f32_512(pb, b, m0, mc, out); break;
           case AVX2: block_avx2(pb, b, m0, mc, out, buf); break;
 #endif
@@ -626,7 +792,7 @@ int64_t cpu_has_vnni() {
 }  // namespace hubtool_cpu
 
 TORCH_LIBRARY_FRAGMENT(hubtool, m) {
-  m.def("int4_mm_cpu(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int group_size, int n, int isa=-1) -> Tensor");
+  m.def("int4_mm_cpu(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int group_size, int n, int isa=-1, int act=0) -> Tensor");
   m.def("int4_cpu_isa() -> int", &hubtool_cpu::cpu_isa);
   m.def("int4_cpu_has_vnni() -> int", &hubtool_cpu::cpu_has_vnni);
   m.def("int4_cpu_tune(int rows, int rows_f32, int pf) -> int", &hubtool_cpu::cpu_tune);
