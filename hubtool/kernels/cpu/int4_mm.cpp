@@ -182,22 +182,26 @@ TGT_BF16 static INL void step_bf16(const uint8_t* src, const uint16_t* xg, int64
 
 // bf16 activations, weights of group g decoded in registers (all 4 tiles), MB rows from m0. With one or
 // two rows, two accumulator sets (even and odd pairs) halve the vdpbf16ps dependency chains.
+// The loop over the input-row pairs of group g shared by the bf16 and int16 paths (a macro, because each
+// path's function carries its own target attributes): NS accumulator sets of MB rows x 4 tiles, zeroed by
+// ZERO(); STEP<MB> decodes one 64-byte pair and multiplies it into a set.
+#define HT_PAIR_LOOP(ACC_T, ZERO, X_T, STEP)                                          \
+  constexpr int NS = MB <= 2 ? 2 : 1;                                                \
+  ACC_T acc[NS][MB][TILES];                                                           \
+  _Pragma("GCC unroll 16") for (int s = 0; s < NS; ++s)                              \
+    for (int m = 0; m < MB; ++m)                                                      \
+      for (int t = 0; t < TILES; ++t) acc[s][m][t] = ZERO();                          \
+  const X_T* xg = static_cast<const X_T*>(pb.x) + m0 * pb.K + g * pb.G;               \
+  const uint8_t* sg = pb.packed + (b * pb.NG + g) * pb.P * 64;                        \
+  int p = 0;                                                                          \
+  for (; p + NS <= pb.P; p += NS) {                                                   \
+    _Pragma("GCC unroll 2") for (int s = 0; s < NS; ++s) STEP<MB>(sg, xg, pb.K, p + s, acc[s]); \
+  }                                                                                   \
+  for (; p < pb.P; ++p) STEP<MB>(sg, xg, pb.K, p, acc[0]);
+
 template <int MB>
 TGT_BF16 static void direct_bf16(const Problem& pb, int64_t b, int64_t g, int64_t m0, float* out) {
-  constexpr int NS = MB <= 2 ? 2 : 1;
-  __m512 acc[NS][MB][TILES];
-#pragma GCC unroll 16
-  for (int s = 0; s < NS; ++s)
-    for (int m = 0; m < MB; ++m)
-      for (int t = 0; t < TILES; ++t) acc[s][m][t] = _mm512_setzero_ps();
-  const uint16_t* xg = static_cast<const uint16_t*>(pb.x) + m0 * pb.K + g * pb.G;
-  const uint8_t* sg = pb.packed + (b * pb.NG + g) * pb.P * 64;
-  int p = 0;
-  for (; p + NS <= pb.P; p += NS) {
-#pragma GCC unroll 2
-    for (int s = 0; s < NS; ++s) step_bf16<MB>(sg, xg, pb.K, p + s, acc[s]);
-  }
-  for (; p < pb.P; ++p) step_bf16<MB>(sg, xg, pb.K, p, acc[0]);
+  HT_PAIR_LOOP(__m512, _mm512_setzero_ps, uint16_t, step_bf16)
   if (NS == 2) {
 #pragma GCC unroll 16
     for (int m = 0; m < MB; ++m)
@@ -335,20 +339,7 @@ TGT_VNNI static INL void step_i16(const uint8_t* src, const int16_t* xg, int64_t
 
 template <int MB>
 TGT_VNNI static void direct_i16(const Problem& pb, int64_t b, int64_t g, int64_t m0, float* out) {
-  constexpr int NS = MB <= 2 ? 2 : 1;
-  __m512i acc[NS][MB][TILES];
-#pragma GCC unroll 16
-  for (int s = 0; s < NS; ++s)
-    for (int m = 0; m < MB; ++m)
-      for (int t = 0; t < TILES; ++t) acc[s][m][t] = _mm512_setzero_si512();
-  const int16_t* xg = static_cast<const int16_t*>(pb.x) + m0 * pb.K + g * pb.G;
-  const uint8_t* sg = pb.packed + (b * pb.NG + g) * pb.P * 64;
-  int p = 0;
-  for (; p + NS <= pb.P; p += NS) {
-#pragma GCC unroll 2
-    for (int s = 0; s < NS; ++s) step_i16<MB>(sg, xg, pb.K, p + s, acc[s]);
-  }
-  for (; p < pb.P; ++p) step_i16<MB>(sg, xg, pb.K, p, acc[0]);
+  HT_PAIR_LOOP(__m512i, _mm512_setzero_si512, int16_t, step_i16)
 #pragma GCC unroll 4
   for (int t = 0; t < TILES; ++t) {
     const int64_t off = (b * pb.NG + g) * NB + 16 * t;
