@@ -252,11 +252,13 @@ def load_source(
     except ValueError as exc:
         raise HubtoolError(f"cannot load {info.name}: {exc}".splitlines()[0]) from None
     processor = load_processor(folder, info, config, trust_remote_code)
-    return _loaded(model, processor, config, info, dtype, device, folder, lambda: _license(folder, info))
+    return _loaded(
+        model, processor, config, info, dtype, device, folder, info.license or _license(folder, info)
+    )
 
 
 def _loaded(
-    model, processor, config, info: SourceInfo, dtype, device: str, folder: Path, license_fn
+    model, processor, config, info: SourceInfo, dtype, device: str, folder: Path, license: str | None
 ) -> LoadedModel:
     """Finish a load: eval mode, device, and what the record says about the source."""
     model.eval()
@@ -267,7 +269,7 @@ def _loaded(
     info.is_vlm = _is_vlm(config)
     info.dtype = str(dtype).removeprefix("torch.")
     info.num_parameters = sum(p.numel() for p in model.parameters())
-    info.license = info.license or license_fn()
+    info.license = license
     return LoadedModel(model=model, processor=processor, info=info, local_dir=folder)
 
 
@@ -297,9 +299,8 @@ def _load_gguf(info: SourceInfo, dtype: torch.dtype, device: str) -> LoadedModel
         config = AutoConfig.from_pretrained(cached)
         model = auto_model_class(config).from_pretrained(cached, dtype=dtype, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(cached)
-    return _loaded(
-        model, tok, config, info, dtype, device, local_dir(info), lambda: meta.get("general.license")
-    )
+    license = info.license or meta.get("general.license")
+    return _loaded(model, tok, config, info, dtype, device, local_dir(info), license)
 
 
 def load_processor(folder: Path, info: SourceInfo, config: Any, trust_remote_code: bool = False) -> Any:

@@ -37,3 +37,12 @@ def tiny_models(tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to other processes on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,14 +11,7 @@ from hubtool.errors import HubtoolError
 from hubtool.quant import calib as C
 from tests import tiny
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to other processes on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run on one thread
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from hubtool.quant.signround import TunedLinear, _fp16_round
 from hubtool.quant.spec import QuantSpec, make_recipe
 from tests import tiny
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run on one thread
+
 SYM = QuantSpec()
 RECIPE = make_recipe("light", iters=16, nsamples=8, seqlen=48, batch_size=4, seed=7)
 
@@ -45,15 +47,6 @@ def _same(a, b) -> bool:
         and torch.equal(a[k].zero, b[k].zero)
         for k in a
     )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to other processes on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

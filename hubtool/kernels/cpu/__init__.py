@@ -38,7 +38,7 @@ ISA_ENV = "HUBTOOL_CPU_ISA"
 # into two bf16 parts, hi + lo (exact for fp16, ~2^-17 relative for fp32), at up to twice the multiply work;
 # "bf16" rounds them to bf16 first, as torch's built-in does.
 ACT_ENV = "HUBTOOL_CPU_ACT"
-ACT_MODES = {"int16": 0, "exact": 1, "bf16": 0}
+ACT_MODES = ("int16", "exact", "bf16")  # the op's act argument is the index; "bf16" converts x before it
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None, "build_s": None, "path": None}
@@ -193,5 +193,5 @@ def int4_mm(x: torch.Tensor, p: Packed, isa: int | None = None, act: str | None 
         )
         return y.to(x.dtype)
     return torch.ops.hubtool.int4_mm_cpu(
-        x, p.packed, p.scales, p.zeros, p.group_size, p.n, level, ACT_MODES[act]
+        x, p.packed, p.scales, p.zeros, p.group_size, p.n, level, ACT_MODES.index(act)
     )

@@ -562,10 +562,16 @@ static int detect_isa_impl() {
   return (avx2 && fma && f16c) ? AVX2 : SCALAR;
 }
 
-static bool has_vnni() {
+static bool has_vnni_impl() {
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
   return c & (1u << 11);
+}
+
+// Probed once, like the ISA level: cpuid is slow (a VM exit under a hypervisor) and the op calls this.
+static bool has_vnni() {
+  static const bool vnni = has_vnni_impl();
+  return vnni;
 }
 #endif  // HT_X86
 
