@@ -45,6 +45,7 @@ from torch import nn
 
 from ..errors import HubtoolError
 from ..record import BlockLoss
+from .attention import cpu_tuning_attention
 from .driver import ProgressEvent, ProgressFn, QuantResult
 from .layers import BlockPlan, QuantPlan
 from .optrtn import HessianCollector, quantize_clipped, search_clip
@@ -465,7 +466,8 @@ class _Runner:
             del hidden
             for i in pending:
                 j = chain.index(i)
-                self._block(i, j, blocks[j], cap, bufs, last=i == chain[-1])
+                with cpu_tuning_attention(blocks[j], self.device):
+                    self._block(i, j, blocks[j], cap, bufs, last=i == chain[-1])
                 if wd:
                     nxt = i + 1
                     wd.save_block(

@@ -304,7 +304,7 @@ class LinearGroup:
         y = F.linear(x.to(w.dtype), w, self.bias)
         if len(self.members) == 1:
             return y
-        outs = y.split(self.sizes, dim=-1)
+        outs = [o.contiguous() for o in y.split(self.sizes, dim=-1)]  # strided views make every later op slow
         self._x = x
         self._outs = {id(m): o for m, o in zip(self.members, outs, strict=True) if m is not member}
         return outs[self.members.index(member)]

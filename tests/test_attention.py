@@ -1,0 +1,99 @@
+"""The CPU tuning attention computes eager attention's function, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward  # handles softcap
+
+from hubtool.quant import attention
+from hubtool.quant.attention import NAME, cpu_tuning_attention, tuning_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+B, H, KV, L, D = 2, 4, 2, 24, 16
+
+
+class _Module(torch.nn.Module):
+    num_key_value_groups = H // KV
+    is_causal = True
+    training = False
+
+
+def _inputs(seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, n, L, D, generator=g).to(dtype).requires_grad_() for n in (H, KV, KV))
+    return q, k, v
+
+
+def _causal_bool(pad: int = 0) -> torch.Tensor:
+    keep = torch.ones(L, L, dtype=torch.bool).tril().expand(B, 1, L, L).clone()
+    keep[1, :, :, :pad] = False  # left padding of the second sample
+    return keep
+
+
+def _additive(keep: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(keep.shape, dtype=torch.bfloat16).masked_fill(~keep, torch.finfo(torch.bfloat16).min)
+
+
+def _run(fn, mask, softcap=None, seed=0):
+    q, k, v = _inputs(seed)
+    kwargs = {"softcap": softcap} if softcap is not None else {}
+    out, _ = fn(_Module(), q, k, v, mask, dropout=0.0, scaling=D**-0.5, **kwargs)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(out.shape, generator=g).to(out.dtype)
+    grads = torch.autograd.grad((out.float() * w.float()).sum(), (q, k, v))
+    return out.float(), [t.float() for t in grads]
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "additive", "padded"])
+def test_matches_eager_forward_and_backward(kind):
+    keep = _causal_bool(pad=5 if kind == "padded" else 0)
+    eager_mask = _additive(keep)
+    ours_mask = {"none": None, "bool": keep, "additive": eager_mask, "padded": keep}[kind]
+    ref, ref_grads = _run(eager_attention_forward, eager_mask)
+    out, grads = _run(tuning_attention, ours_mask)
+    valid = keep[:, 0].any(-1)  # query rows with at least one key (fully padded rows are never scored)
+    assert out.shape == ref.shape == (B, L, H, D)
+    err = (out - ref)[valid].abs().max() / ref[valid].abs().max()
+    assert err < 1e-2
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() / b.abs().max() < 2e-2
+
+
+def test_fully_masked_rows_stay_finite():
+    keep = _causal_bool(pad=5)
+    keep[1, :, :5] = False  # the padded queries see no key at all
+    out, grads = _run(tuning_attention, keep)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_softcap_falls_back_to_the_models_eager_attention(monkeypatch):
+    """An eager model's own eager function (looked up in the module's file: here, this test file)."""
+    ref, _ = _run(eager_attention_forward, _additive(_causal_bool()), softcap=2.0)
+    plain, _ = _run(eager_attention_forward, _additive(_causal_bool()))
+    cfg = type("Cfg", (), {})()
+    monkeypatch.setattr(_Module, "config", cfg, raising=False)
+    monkeypatch.setitem(attention._ORIGINAL, id(cfg), "eager")
+    out, _ = _run(tuning_attention, _additive(_causal_bool()), softcap=2.0)
+    assert (out - plain).abs().max() > 1e-2  # soft-capping changes the result...
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-2  # ...and the fallback computed it
+
+
+def test_context_switches_a_real_block_and_restores(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models("gemma3"), dtype=torch.bfloat16).eval()
+    cfg = model.model.layers[0].self_attn.config
+    before = cfg._attn_implementation
+    ids = torch.randint(8, 200, (2, 40))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        with cpu_tuning_attention(model.model.layers[0], torch.device("cpu")):
+            assert cfg._attn_implementation == NAME
+            out = model(ids).logits.float()
+        with cpu_tuning_attention(model.model.layers[0], torch.device("meta")):
+            assert cfg._attn_implementation == before  # other devices keep the model's own
+    assert cfg._attn_implementation == before
+    assert (out - ref).abs().max() / ref.abs().max() < 2e-2
