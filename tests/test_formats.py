@@ -18,7 +18,7 @@ from torch import nn
 from hubtool.errors import HubtoolError
 from hubtool.formats import gptq
 from hubtool.formats.export import FORMATS, export_format
-from hubtool.quant.rtn import IntWeight, quantize_rtn
+from hubtool.quant.rtn import IntWeight, PackedWeight, quantize_rtn
 from hubtool.quant.spec import QuantSpec
 
 SPEC = QuantSpec()
@@ -135,6 +135,18 @@ def test_pack_unpack_round_trip_is_bit_exact(shape, g, sym):
     assert torch.equal(gptq.dequantize(t.qweight, t.qzeros, t.scales), iw.dequantize())
     if sym:
         assert bool((t.qzeros == 0x77777777).all())
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_nibble_packed_weight_round_trip(sym):
+    """PackedWeight (what a calibration run holds) is half the bytes and unpacks bit for bit."""
+    iw = random_int_weight(48, 256, 128, sym)
+    p = PackedWeight.pack(iw)
+    assert p.nibbles.dtype == torch.uint8 and p.nibbles.numel() * 2 == iw.q.numel()
+    back = p.unpack()
+    assert torch.equal(back.q, iw.q) and torch.equal(back.scale, iw.scale) and torch.equal(back.zero, iw.zero)
+    with pytest.raises(ValueError):
+        PackedWeight.pack(IntWeight(iw.q[:, :255], iw.scale, iw.zero, 128))
 
 
 @pytest.mark.parametrize("sym", [True, False])

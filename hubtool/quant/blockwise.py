@@ -49,7 +49,7 @@ from .attention import cpu_tuning_attention
 from .driver import ProgressEvent, ProgressFn, QuantResult
 from .layers import BlockPlan, QuantPlan
 from .optrtn import HessianCollector, quantize_clipped, search_clip
-from .rtn import IntWeight, quantize_rtn
+from .rtn import IntWeight, PackedWeight, quantize_rtn
 from .signround import LinearGroup, QLinear, Scratch, TunedLinear
 from .spec import QuantSpec, Recipe
 
@@ -380,7 +380,7 @@ class _Runner:
         self.batch_size = max(1, min(recipe.batch_size, len(calib)))
         self.iters = recipe.iters if method == "signround" else 0
         self.amp = self.device.type == "cuda"
-        self.weights: dict[str, IntWeight] = {}
+        self.weights: dict[str, PackedWeight | IntWeight] = {}  # finished linears, 4-bit codes packed
         self.losses: list[BlockLoss] = []
         mask = (
             torch.cat([s["attention_mask"] for s in calib.samples])
@@ -437,7 +437,7 @@ class _Runner:
         total = len(self.plan.blocks)
         for i in range(done):
             loss, weights = wd.load_block(i, self.spec)
-            self.weights.update(weights)
+            self.weights.update({n: _keep(w) for n, w in weights.items()})
             self.losses.append(loss)
             self._emit(
                 ProgressEvent(
@@ -471,7 +471,9 @@ class _Runner:
                 if wd:
                     nxt = i + 1
                     wd.save_block(
-                        i, self.losses[-1], {n: self.weights[n] for n in self.plan.blocks[i].full_names()}
+                        i,
+                        self.losses[-1],
+                        {n: _codes(self.weights[n]) for n in self.plan.blocks[i].full_names()},
                     )
                     if i != chain[-1]:
                         wd.save_inputs(nxt, bufs["fp"], bufs["q"])
@@ -489,7 +491,10 @@ class _Runner:
                         loss=loss.tuned,
                     )
                 )
-        return QuantResult(weights=self.weights, block_losses=self.losses)
+        weights = {}
+        for n in list(self.weights):  # unpacked one by one, so the codes are never held twice
+            weights[n] = _codes(self.weights.pop(n))
+        return QuantResult(weights=weights, block_losses=self.losses)
 
     def _emit(self, ev: ProgressEvent) -> None:
         if self.progress:
@@ -497,7 +502,7 @@ class _Runner:
 
     def _earlier_weights(self, first: int) -> dict[str, IntWeight]:
         names = {n for b in self.plan.blocks[:first] for n in b.full_names()}
-        return {n: w for n, w in self.weights.items() if n in names}
+        return {n: _codes(w) for n, w in self.weights.items() if n in names}
 
     @contextlib.contextmanager
     def _quantized(self, weights: dict[str, IntWeight]):
@@ -564,7 +569,7 @@ class _Runner:
                     self._fix(wrappers, rtn)
                     q_out = self._pass(block, j, cap, q_in, fp_out, None, text)[1]
             for n, w in final.items():
-                self.weights[f"{bp.name}.{n}"] = _cpu(w)
+                self.weights[f"{bp.name}.{n}"] = _keep(_cpu(w))
             self.losses.append(BlockLoss(bp.name, float(rtn_loss), float(loss)))
             log.info("%s: loss RTN %.4g -> %s %.4g", bp.name, rtn_loss, self.method, loss)
         finally:
@@ -713,6 +718,15 @@ def _sq_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> 
         d = d * mask.to(d.device, d.dtype).unsqueeze(-1)
         return d.sum(), max(int(mask.sum()) * d.shape[-1], 1)
     return d.sum(), max(d.numel(), 1)
+
+
+def _keep(w: IntWeight) -> PackedWeight | IntWeight:
+    """What the run holds of a finished linear: 4-bit codes packed two per byte."""
+    return PackedWeight.pack(w) if w.bits == 4 and w.q.shape[1] % 2 == 0 else w
+
+
+def _codes(w: PackedWeight | IntWeight) -> IntWeight:
+    return w.unpack() if isinstance(w, PackedWeight) else w
 
 
 def _cpu(w: IntWeight) -> IntWeight:

@@ -37,6 +37,32 @@ class IntWeight:
         return (s * (self.q.float() - z)).to(dtype)
 
 
+@dataclass
+class PackedWeight:
+    """An IntWeight kept two 4-bit codes per byte (what a long calibration run accumulates, halved)."""
+
+    nibbles: torch.Tensor  # uint8 (N, K // 2): code 2j in the low nibble, 2j+1 in the high one
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+
+    @classmethod
+    def pack(cls, w: IntWeight) -> PackedWeight:
+        """Pack a 4-bit IntWeight."""
+        if w.bits != 4 or w.q.shape[1] % 2:
+            raise ValueError("only 4-bit codes with an even number of columns pack two per byte")
+        q = w.q.to(torch.uint8)
+        return cls(q[:, 0::2] | (q[:, 1::2] << 4), w.scale, w.zero, w.group_size)
+
+    def unpack(self) -> IntWeight:
+        """The IntWeight again, bit for bit."""
+        n, half = self.nibbles.shape
+        q = torch.empty(n, 2 * half, dtype=torch.uint8, device=self.nibbles.device)
+        q[:, 0::2] = self.nibbles & 0xF
+        q[:, 1::2] = self.nibbles >> 4
+        return IntWeight(q, self.scale, self.zero, self.group_size, 4)
+
+
 def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """Reshape (N, K) to (N, K // G, G) in float32."""
     n, k = w.shape
