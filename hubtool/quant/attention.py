@@ -1,9 +1,9 @@
 """Attention for block tuning on the CPU: eager attention's arithmetic with a hand-written backward.
 
 SignRound runs each block forward and backward about a hundred times. On the CPU, torch's SDPA
-(a flash kernel computing in fp32) and transformers' eager attention (several passes over the
-(B, H, L, S) scores) spend 15-30% of that time in attention. This one does what eager attention
-computes, in the same precision (bf16 products, an fp32 softmax, bf16 probabilities):
+(a flash kernel) and transformers' eager attention (several passes over the (B, H, L, S) scores) spend
+10-20% of that time in attention. This computes eager attention's function with SDPA's precision
+(fp32 logits and softmax, bf16 probabilities times bf16 values, fp32 accumulation):
 
 * query heads that share a key/value head form one batched matmul (no ``repeat_kv`` copies);
 * the backward is written out (``dS = P * (dP - rowsum(dP * P))``) and reuses the saved probabilities.

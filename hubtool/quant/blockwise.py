@@ -17,7 +17,9 @@ differ per layer, e.g. Gemma 3's sliding-window layers). Then, block by block:
    RTN on the calibration data).
 
 One block is on the device at a time; the activations stay on the CPU in the model dtype (three
-buffers of nsamples x seqlen x hidden at most), so memory does not grow with depth. With ``work_dir``
+buffers of nsamples x seqlen x hidden at most), so memory does not grow with depth beyond the finished
+codes, which are held two per byte (:class:`.rtn.PackedWeight`). On the CPU the block's attention runs
+:mod:`.attention` (eager attention's function, SDPA's precision, a faster backward). With ``work_dir``
 every finished block is saved (safetensors, atomic) with the next block's inputs, and ``resume=True``
 continues from there; the batch order of block i depends only on (seed, i), so a resumed run gives the
 same bytes as an uninterrupted one.
