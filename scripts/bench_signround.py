@@ -274,7 +274,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-signround-")
     cfg = {
         "model": args.model,
-        "model_dir": prepare_model(args.model, tmp) if args.methods else None,
+        "model_dir": prepare_model(args.model, tmp) if args.methods or args.fewer_iters else None,
         "iters": args.iters,
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
