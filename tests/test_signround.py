@@ -223,3 +223,37 @@ def test_hand_written_gradients_match_autograd(sym):
     st.backward_from(g)
     step = (st.v - before).abs()
     assert step.max() <= 0.1 + 1e-6 and (step > 0).any() and st.v.abs().max() <= 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("sym", [True, False])
+def test_fused_cpu_step_equals_the_torch_reference(sym, dtype, monkeypatch):
+    """The C++ forward/backward give the reference's weights, codes and V steps bit for bit."""
+    from hubtool.kernels import cpu
+    from hubtool.quant import signround
+
+    if not cpu.load():
+        pytest.skip("CPU kernel library unavailable")
+    spec = QuantSpec(sym=sym)
+    torch.manual_seed(1)
+    w = (torch.randn(24, 384) * 0.05).to(dtype)
+    clip = torch.rand(24, 3) * 0.5 + 0.5
+    states = [TunedLinear("x", w, spec, clip) for _ in range(2)]
+    v0 = torch.rand(states[0].v.shape) - 0.5
+    for st in states:
+        st.v.copy_(v0)
+        st.lr = 0.01
+    outs = [torch.empty(24, 384, dtype=dtype) for _ in range(2)]
+    for step in range(3):
+        g = torch.randn(24, 384).to(dtype)
+        for fused, st, out in zip((True, False), states, outs, strict=True):
+            monkeypatch.setitem(signround._FUSED, "ok", fused)
+            st.forward_into(out)
+            st.backward_from(g)
+        a, b = states
+        assert torch.equal(outs[0], outs[1]), f"step {step}: fake weights differ"
+        assert torch.equal(a.q, b.q) and torch.equal(a.inside, b.inside)
+        assert torch.equal(a.v, b.v)
+        # alpha/beta step on the signs of group sums added in another order: equal unless a sum is ~0
+        assert (a.alpha == b.alpha).float().mean() > 0.95 and (a.beta == b.beta).float().mean() > 0.95
+        a.alpha.copy_(b.alpha), a.beta.copy_(b.beta)  # the next step starts from the same state

@@ -12,10 +12,14 @@ Speed: the gradients are written out by hand (checked against autograd in the te
 with in-place passes over preallocated buffers; SignSGD only needs their signs, so the update of V,
 alpha and beta happens inside the backward (``TunedLinear.lr`` must be set first) and no gradient
 tensor is ever stored. The codes of each iteration are kept, so the best iterate is a copy of int8 codes.
+On the CPU the forward and the backward each run as one fused C++ pass (``kernels/cpu/signround.cpp``,
+the same arithmetic per element; ``HUBTOOL_SIGNROUND_FUSED=0`` runs the torch code below instead).
 Linears that read the same input (q/k/v, gate/up) run as one matmul on their concatenated weights.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -25,6 +29,27 @@ from .rtn import IntWeight
 from .spec import QuantSpec
 
 FP16_TINY = torch.finfo(torch.float16).tiny
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+_FUSED: dict[str, bool] = {}
+FUSED_ENV = "HUBTOOL_SIGNROUND_FUSED"  # "0": the torch code below on the CPU too
+
+
+def _fused(wg: torch.Tensor) -> bool:
+    """Whether the fused C++ step runs for this grouped weight (CPU, contiguous, G % 16 == 0, library built)."""
+    if (
+        wg.device.type != "cpu"
+        or not wg.is_contiguous()
+        or wg.dtype not in _FUSED_DTYPES
+        or wg.shape[-1] % 16
+    ):
+        return False
+    if "ok" not in _FUSED:
+        from ..kernels import cpu
+
+        _FUSED["ok"] = os.environ.get(FUSED_ENV, "1") != "0" and cpu.load()
+    return _FUSED["ok"]
 
 
 def _fp16_round(s: torch.Tensor) -> torch.Tensor:
@@ -119,23 +144,32 @@ class TunedLinear:
         if spec.sym:
             half = spec.sym_zero
             s, sel = sym_scale(self.wmin, self.wmax, self.alpha, self.beta, spec)
+            self._ctx = (s, sel)
+            if _fused(self.wg):
+                zero = torch.zeros_like(s)
+                torch.ops.hubtool.signround_fwd(
+                    self.wg, self.v, s, zero, -half, half - 1, out, self.q, self.inside
+                )
+                return
             s3 = s.unsqueeze(-1)
             torch.div(self.wg, s3, out=x)
             x.add_(self.v).round_()
             torch.logical_and(x >= -half, x <= half - 1, out=self.inside)
             x.clamp_(-half, half - 1)
             self.q.copy_(x)
-            self._ctx = (s, sel)
             torch.mul(x, s3, out=out.view(self.wg.shape))
         else:
             s, z, zin = asym_scale_zero(self.wmin, self.wmax, self.alpha, self.beta, spec)
+            self._ctx = (s, z, zin)
+            if _fused(self.wg):
+                torch.ops.hubtool.signround_fwd(self.wg, self.v, s, z, 0, spec.qmax, out, self.q, self.inside)
+                return
             s3, z3 = s.unsqueeze(-1), z.unsqueeze(-1)
             torch.div(self.wg, s3, out=x)
             x.add_(self.v).round_().add_(z3)
             torch.logical_and(x >= 0, x <= spec.qmax, out=self.inside)
             x.clamp_(0, spec.qmax)
             self.q.copy_(x)
-            self._ctx = (s, z, zin)
             x.sub_(z3)
             torch.mul(x, s3, out=out.view(self.wg.shape))
 
@@ -145,15 +179,26 @@ class TunedLinear:
         """Take dL/dW (N, K) of the fake weight; step V, alpha, beta by the signs of their gradients."""
         spec = self.spec
         g = g.view(self.wg.shape)
-        gm = self.scratch.get(0, self.wg.shape, self.wg.device)
-        tmp = self.scratch.get(1, self.wg.shape, self.wg.device)
-        torch.mul(g, self.inside, out=gm)  # the clamp passes the gradient only inside the code range
-        torch.mul(gm, self.wg, out=tmp)
-        gw = tmp.sum(-1)  # sum g * inside * w
-        torch.mul(g, self.q, out=tmp)
-        gq = tmp.sum(-1)  # sum g * q
+        s = self._ctx[0]
+        s3 = s.unsqueeze(-1)
+        gm = None
+        if self.lr is not None and _fused(self.wg):  # the sums and the step of V in one pass
+            gw, gq, g_sum, gin = torch.ops.hubtool.signround_bwd(
+                g, self.inside, self.wg, self.q, s, self.v, self.lr
+            )
+        else:
+            gm = self.scratch.get(0, self.wg.shape, self.wg.device)
+            tmp = self.scratch.get(1, self.wg.shape, self.wg.device)
+            torch.mul(g, self.inside, out=gm)  # the clamp passes the gradient only inside the code range
+            torch.mul(gm, self.wg, out=tmp)
+            gw = tmp.sum(-1)  # sum g * inside * w
+            torch.mul(g, self.q, out=tmp)
+            gq = tmp.sum(-1)  # sum g * q
+            g_sum = gin = None
+            if not spec.sym:
+                g_sum, gin = g.float().sum(-1), gm.sum(-1)
         if spec.sym:
-            s, sel = self._ctx
+            _, sel = self._ctx
             # W = s * q: dW/ds = q - inside * w / s ; s = max_v / -half
             ds = gq - gw / s
             dmax = ds / -spec.sym_zero
@@ -161,11 +206,9 @@ class TunedLinear:
             dalpha = torch.where(sel, dmax * self.wmin, zero)
             dbeta = torch.where(sel, zero, dmax * self.wmax)
         else:
-            s, z, zin = self._ctx
+            _, z, zin = self._ctx
             # W = s * (q - z), q = clamp(round(w/s + v) + z): direct dW/ds = (q - z) - inside * w/s,
             # dW/dz = -s * (1 - inside); z = round(-a/s); s = (b - a) / qmax
-            g_sum = g.float().sum(-1)
-            gin = gm.sum(-1)
             ds_direct = gq - z * g_sum - gw / s
             dz = -s * (g_sum - gin)
             a = self.wmin * self.alpha
@@ -174,15 +217,15 @@ class TunedLinear:
             db = ds / spec.qmax
             dalpha = da * self.wmin
             dbeta = db * self.wmax
-        s3 = s.unsqueeze(-1)
         if self.lr is None:
             self.grads = (gm * s3, dalpha, dbeta)
             return
-        # sign(dL/dV) = sign(g * inside * s)
-        torch.sign(gm, out=gm)
-        if spec.sym:
-            gm.mul_(torch.sign(s3))
-        self.v.sub_(gm, alpha=self.lr).clamp_(-0.5, 0.5)
+        if gm is not None:
+            # sign(dL/dV) = sign(g * inside * s)
+            torch.sign(gm, out=gm)
+            if spec.sym:
+                gm.mul_(torch.sign(s3))
+            self.v.sub_(gm, alpha=self.lr).clamp_(-0.5, 0.5)
         self.alpha.sub_(torch.sign(dalpha), alpha=self.lr).clamp_(0.0, 1.0)
         self.beta.sub_(torch.sign(dbeta), alpha=self.lr).clamp_(0.0, 1.0)
 

@@ -4,8 +4,10 @@ The C++ source (``int4_mm.cpp``) is compiled with ``torch.utils.cpp_extension`` 
 ``$HUBTOOL_CACHE/kernels/<hash>`` (default ``~/.cache/hubtool``); the hash covers the source, the torch
 version and the flags, so a new torch or a changed source rebuilds. The library registers the custom ops
 ``hubtool::int4_mm_cpu`` (with a fake implementation here, for ``torch.compile``), ``hubtool::int4_cpu_isa``
-and ``hubtool::int4_cpu_has_vnni``. If the build fails (no compiler, no ninja) ``load()`` returns False
-and logs one warning; callers then use torch's built-in kernel.
+and ``hubtool::int4_cpu_has_vnni``; ``signround.cpp`` adds SignRound's fused fake quantization
+(``hubtool::signround_fwd`` / ``signround_bwd``, used by :mod:`hubtool.quant.signround` on the CPU).
+If the build fails (no compiler, no ninja) ``load()`` returns False and logs one warning; callers then
+use torch's built-in kernel (and SignRound its torch code).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from ...cache import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_mm.cpp")
+SOURCES = (
+    SOURCE,
+    Path(__file__).with_name("signround.cpp"),
+)  # one library: the int4 matmul, SignRound's step
 EXT_NAME = "hubtool_int4_cpu"
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
 LDFLAGS = ["-fopenmp"]
@@ -47,7 +53,8 @@ _state: dict[str, object] = {"loaded": None, "error": None, "build_s": None, "pa
 def source_hash() -> str:
     """Hash of what the binary depends on: the source, torch's version and the compiler flags."""
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
+    for src in SOURCES:
+        h.update(src.read_bytes())
     h.update(torch.__version__.encode())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     return h.hexdigest()[:16]
@@ -76,7 +83,7 @@ def load(verbose: bool = False) -> bool:
             out.mkdir(parents=True, exist_ok=True)
             path = cpp_extension.load(
                 name=EXT_NAME,
-                sources=[str(SOURCE)],
+                sources=[str(src) for src in SOURCES],
                 extra_cflags=CFLAGS,
                 extra_ldflags=LDFLAGS,
                 build_directory=str(out),

@@ -1,0 +1,279 @@
+// SignRound's fake quantization, fused (one pass forward, one pass backward) for block tuning on the CPU.
+//
+// The same arithmetic as TunedLinear.forward_into / backward_from in hubtool/quant/signround.py, which
+// stay the reference (and run on other devices):
+//   forward:  x = round_half_even(w / s + v) + z; inside = lo <= x <= hi; x = clamp(x, lo, hi);
+//             q = x (int8); out = (x - z) * s, rounded to the model dtype
+//   backward: per group sums of g * inside * w, g * q, g and g * inside (float), and the SignSGD step
+//             v = clamp(v - lr * sign(g * inside) * sign(s), -0.5, 0.5)
+// Per element the results are the reference's bit for bit (IEEE division, round half to even, the same
+// fp32 products); the group sums add in another order (they feed only the signs of alpha/beta steps).
+// Each loop is compiled for AVX-512, AVX2 and baseline x86-64 (target_clones picks one at load time).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <immintrin.h>
+
+namespace {
+
+#define HT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+inline float to_f(c10::BFloat16 x) {
+  uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_f(c10::Half x) { return static_cast<float>(x); }
+inline float to_f(float x) { return x; }
+inline void store(float x, c10::BFloat16* o) {  // round to nearest even, as c10 (the values are finite)
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  o->x = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+inline void store(float x, c10::Half* o) { *o = c10::Half(x); }
+inline void store(float x, float* o) { *o = x; }
+
+// round half to even for |x| < 2^22 (adding 1.5 * 2^23 leaves a float spacing of 1), as torch.round
+inline float round_even(float x) {
+  const float magic = 12582912.0f;
+  return std::fabs(x) < 4194304.0f ? (x + magic) - magic : x;
+}
+
+// The loop bodies are macros, not templates: target_clones compiles each clone's own copy of the loop
+// (a called template would be compiled once, for the baseline target).
+#define HT_FWD_GROUP(T)                                                                    \
+  for (int64_t i = 0; i < g; ++i) {                                                        \
+    float x = round_even(to_f(w[i]) / sc + v[i]) + zz;                                     \
+    inside[i] = (x >= lo) & (x <= hi);                                                     \
+    x = std::min(std::max(x, lo), hi);                                                     \
+    q[i] = static_cast<int8_t>(x);                                                         \
+    store((x - zz) * sc, out + i);                                                         \
+  }
+
+#define HT_BWD_GROUP(T)                                                                    \
+  constexpr int L = 16; /* 16 partial sums each, so that the loop vectorizes */            \
+  float aw[L] = {}, aq[L] = {}, as[L] = {}, ai[L] = {};                                    \
+  for (int64_t i = 0; i < g; i += L) {                                                     \
+    for (int j = 0; j < L; ++j) {                                                          \
+      const float gf = to_f(gp[i + j]);                                                    \
+      const float gm = static_cast<float>(ip[i + j]) * gf;                                 \
+      aw[j] += gm * to_f(wp[i + j]);                                                       \
+      aq[j] += gf * static_cast<float>(qp[i + j]);                                         \
+      as[j] += gf;                                                                         \
+      ai[j] += gm;                                                                         \
+      const float sg = static_cast<float>(gm > 0.f) - static_cast<float>(gm < 0.f);        \
+      v[i + j] = std::min(std::max(v[i + j] - up * sg, -0.5f), 0.5f);                      \
+    }                                                                                      \
+  }                                                                                        \
+  float r0 = 0.f, r1 = 0.f, r2 = 0.f, r3 = 0.f;                                            \
+  for (int j = 0; j < L; ++j) r0 += aw[j], r1 += aq[j], r2 += as[j], r3 += ai[j];          \
+  sums[0] = r0, sums[1] = r1, sums[2] = r2, sums[3] = r3;
+
+#define HT_DEFINE(T, SUFFIX)                                                                                  \
+  HT_CLONES void fwd_group_##SUFFIX(const T* __restrict__ w, const float* __restrict__ v, float sc, float zz,  \
+                                    float lo, float hi, int64_t g, T* __restrict__ out,                        \
+                                    int8_t* __restrict__ q, bool* __restrict__ inside) {                      \
+    HT_FWD_GROUP(T)                                                                                           \
+  }                                                                                                           \
+  HT_CLONES void bwd_group_##SUFFIX(const T* __restrict__ gp, const bool* __restrict__ ip,                    \
+                                    const T* __restrict__ wp, const int8_t* __restrict__ qp, float up,         \
+                                    int64_t g, float* __restrict__ v, float* __restrict__ sums) {             \
+    HT_BWD_GROUP(T)                                                                                           \
+  }                                                                                                           \
+  inline void fwd_group(const T* w, const float* v, float sc, float zz, float lo, float hi, int64_t g, T* out, \
+                        int8_t* q, bool* inside) {                                                            \
+    fwd_group_##SUFFIX(w, v, sc, zz, lo, hi, g, out, q, inside);                                              \
+  }                                                                                                           \
+  inline void bwd_group(const T* gp, const bool* ip, const T* wp, const int8_t* qp, float up, int64_t g,       \
+                        float* v, float* sums) {                                                              \
+    bwd_group_##SUFFIX(gp, ip, wp, qp, up, g, v, sums);                                                       \
+  }
+
+HT_DEFINE(c10::BFloat16, bf16)
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 bf16x16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// bf16 with AVX-512 written out (the compiler keeps the generic loop above scalar): 16 weights per step.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void bwd_group_bf16_avx512(
+    const c10::BFloat16* gp, const bool* ip, const c10::BFloat16* wp, const int8_t* qp, float up, int64_t g, float* v,
+    float* sums) {
+  __m512 aw = _mm512_setzero_ps(), aq = _mm512_setzero_ps(), as = _mm512_setzero_ps(), ai = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps(), upv = _mm512_set1_ps(up);
+  const __m512 lo = _mm512_set1_ps(-0.5f), hi = _mm512_set1_ps(0.5f);
+  for (int64_t i = 0; i < g; i += 16) {
+    const __m512 gf = bf16x16(gp + i), wf = bf16x16(wp + i);
+    const __m128i in8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ip + i));
+    const __mmask16 in = _mm_test_epi8_mask(in8, in8);
+    const __m512 gm = _mm512_maskz_mov_ps(in, gf);
+    const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qp + i))));
+    aw = _mm512_add_ps(aw, _mm512_mul_ps(gm, wf));
+    aq = _mm512_add_ps(aq, _mm512_mul_ps(gf, qf));
+    as = _mm512_add_ps(as, gf);
+    ai = _mm512_add_ps(ai, gm);
+    __m512 vv = _mm512_loadu_ps(v + i);
+    vv = _mm512_mask_sub_ps(vv, _mm512_cmp_ps_mask(gm, zero, _CMP_GT_OQ), vv, upv);  // v - lr * sign(s)
+    vv = _mm512_mask_add_ps(vv, _mm512_cmp_ps_mask(gm, zero, _CMP_LT_OQ), vv, upv);  // v + lr * sign(s)
+    _mm512_storeu_ps(v + i, _mm512_min_ps(_mm512_max_ps(vv, lo), hi));
+  }
+  sums[0] = _mm512_reduce_add_ps(aw), sums[1] = _mm512_reduce_add_ps(aq);
+  sums[2] = _mm512_reduce_add_ps(as), sums[3] = _mm512_reduce_add_ps(ai);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void fwd_group_bf16_avx512(
+    const c10::BFloat16* w, const float* v, float sc, float zz, float lo, float hi, int64_t g, c10::BFloat16* out,
+    int8_t* q, bool* inside) {
+  const __m512 s = _mm512_set1_ps(sc), z = _mm512_set1_ps(zz), l = _mm512_set1_ps(lo), h = _mm512_set1_ps(hi);
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  for (int64_t i = 0; i < g; i += 16) {
+    __m512 x = _mm512_add_ps(_mm512_div_ps(bf16x16(w + i), s), _mm512_loadu_ps(v + i));
+    x = _mm512_add_ps(_mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), z);
+    const __mmask16 in = _mm512_cmp_ps_mask(x, l, _CMP_GE_OQ) & _mm512_cmp_ps_mask(x, h, _CMP_LE_OQ);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(inside + i), _mm_maskz_mov_epi8(in, _mm_set1_epi8(1)));
+    x = _mm512_min_ps(_mm512_max_ps(x, l), h);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(x)));
+    const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_sub_ps(x, z), s));  // to bf16, nearest even
+    const __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(r));
+  }
+}
+
+bool has_avx512bw() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+HT_DEFINE(c10::Half, f16)
+HT_DEFINE(float, f32)
+
+template <typename T>
+void fwd_impl(const at::Tensor& w, const at::Tensor& v, const at::Tensor& s, const at::Tensor& z, float lo,
+              float hi, at::Tensor& out, at::Tensor& q, at::Tensor& inside) {
+  const int64_t g = w.size(2);
+  const T* wp = w.data_ptr<T>();
+  const float* vp = v.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  T* op = out.data_ptr<T>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  bool* ip = inside.data_ptr<bool>();
+  const bool fast = has_avx512bw() && g % 16 == 0;
+  at::parallel_for(0, w.size(0) * w.size(1), 16, [&](int64_t b, int64_t e) {
+    for (int64_t grp = b; grp < e; ++grp) {
+      const int64_t o = grp * g;
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (fast) {
+          fwd_group_bf16_avx512(wp + o, vp + o, sp[grp], zp[grp], lo, hi, g, op + o, qp + o, ip + o);
+          continue;
+        }
+      }
+      fwd_group(wp + o, vp + o, sp[grp], zp[grp], lo, hi, g, op + o, qp + o, ip + o);
+    }
+  });
+}
+
+template <typename T>
+void bwd_impl(const at::Tensor& grad, const at::Tensor& inside, const at::Tensor& w, const at::Tensor& q,
+              const at::Tensor& s, at::Tensor& v, float lr, at::Tensor& sums) {
+  const int64_t g = w.size(2), total = w.size(0) * w.size(1);
+  const T* gp = grad.data_ptr<T>();
+  const bool* ip = inside.data_ptr<bool>();
+  const T* wp = w.data_ptr<T>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  float* out = sums.data_ptr<float>();  // (4, groups): g*inside*w, g*q, g, g*inside
+  const bool fast = has_avx512bw();
+  at::parallel_for(0, total, 16, [&](int64_t b, int64_t e) {
+    for (int64_t grp = b; grp < e; ++grp) {
+      const int64_t o = grp * g;
+      const float sgn_s = static_cast<float>(sp[grp] > 0.f) - static_cast<float>(sp[grp] < 0.f);
+      float four[4];
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (fast) {
+          bwd_group_bf16_avx512(gp + o, ip + o, wp + o, qp + o, lr * sgn_s, g, vp + o, four);
+        } else {
+          bwd_group(gp + o, ip + o, wp + o, qp + o, lr * sgn_s, g, vp + o, four);
+        }
+      } else {
+        bwd_group(gp + o, ip + o, wp + o, qp + o, lr * sgn_s, g, vp + o, four);
+      }
+      for (int k = 0; k < 4; ++k) out[k * total + grp] = four[k];
+    }
+  });
+}
+
+void check(const at::Tensor& t, at::ScalarType dt, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dt, name, " has the wrong dtype");
+}
+
+void signround_fwd(const at::Tensor& w, const at::Tensor& v, const at::Tensor& s, const at::Tensor& z, double lo,
+                   double hi, at::Tensor out, at::Tensor q, at::Tensor inside) {
+  const auto dt = w.scalar_type();
+  check(w, dt, "w"), check(v, at::kFloat, "v"), check(s, at::kFloat, "s"), check(z, at::kFloat, "z");
+  check(out, dt, "out"), check(q, at::kChar, "q"), check(inside, at::kBool, "inside");
+  TORCH_CHECK(w.dim() == 3 && v.sizes() == w.sizes() && q.sizes() == w.sizes() && inside.sizes() == w.sizes(),
+              "w, v, q, inside must be (N, K/G, G)");
+  TORCH_CHECK(out.numel() == w.numel() && s.numel() == w.size(0) * w.size(1) && z.numel() == s.numel(),
+              "out must hold N*K values and s, z one per group");
+  const float l = static_cast<float>(lo), h = static_cast<float>(hi);
+  if (dt == at::kBFloat16) {
+    fwd_impl<c10::BFloat16>(w, v, s, z, l, h, out, q, inside);
+  } else if (dt == at::kHalf) {
+    fwd_impl<c10::Half>(w, v, s, z, l, h, out, q, inside);
+  } else {
+    TORCH_CHECK(dt == at::kFloat, "signround_fwd: bf16, fp16 or fp32 weights");
+    fwd_impl<float>(w, v, s, z, l, h, out, q, inside);
+  }
+}
+
+at::Tensor signround_bwd(const at::Tensor& grad, const at::Tensor& inside, const at::Tensor& w, const at::Tensor& q,
+                         const at::Tensor& s, at::Tensor v, double lr) {
+  const auto dt = w.scalar_type();
+  check(grad, dt, "grad"), check(inside, at::kBool, "inside"), check(w, dt, "w"), check(q, at::kChar, "q");
+  check(s, at::kFloat, "s"), check(v, at::kFloat, "v");
+  TORCH_CHECK(w.dim() == 3 && w.size(2) % 16 == 0, "w must be (N, K/G, G) with G a multiple of 16");
+  TORCH_CHECK(grad.numel() == w.numel() && inside.sizes() == w.sizes() && q.sizes() == w.sizes() &&
+                  v.sizes() == w.sizes() && s.numel() == w.size(0) * w.size(1),
+              "grad, inside, q, v must match w and s have one value per group");
+  auto sums = at::empty({4, w.size(0), w.size(1)}, w.options().dtype(at::kFloat));
+  const float step = static_cast<float>(lr);
+  if (dt == at::kBFloat16) {
+    bwd_impl<c10::BFloat16>(grad, inside, w, q, s, v, step, sums);
+  } else if (dt == at::kHalf) {
+    bwd_impl<c10::Half>(grad, inside, w, q, s, v, step, sums);
+  } else {
+    TORCH_CHECK(dt == at::kFloat, "signround_bwd: bf16, fp16 or fp32 weights");
+    bwd_impl<float>(grad, inside, w, q, s, v, step, sums);
+  }
+  return sums;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(hubtool, m) {
+  m.def(
+      "signround_fwd(Tensor w, Tensor v, Tensor s, Tensor z, float lo, float hi, Tensor(a!) out, Tensor(b!) q, "
+      "Tensor(c!) inside) -> ()");
+  m.def("signround_bwd(Tensor grad, Tensor inside, Tensor w, Tensor q, Tensor s, Tensor(a!) v, float lr) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hubtool, CPU, m) {
+  m.impl("signround_fwd", &signround_fwd);
+  m.impl("signround_bwd", &signround_bwd);
+}
