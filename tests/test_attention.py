@@ -97,3 +97,18 @@ def test_context_switches_a_real_block_and_restores(tiny_models):
             assert cfg._attn_implementation == before  # other devices keep the model's own
     assert cfg._attn_implementation == before
     assert (out - ref).abs().max() / ref.abs().max() < 2e-2
+
+
+def test_non_causal_vision_tower_stays_non_causal(tiny_models):
+    """A CLIP encoder (no mask, is_causal False) computes the same features inside the context."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models("llava"), dtype=torch.bfloat16).eval()
+    tower = model.model.vision_tower
+    size = tower.config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = tower(pixel_values=pixels).last_hidden_state.float()
+        with cpu_tuning_attention(tower, torch.device("cpu")):
+            out = tower(pixel_values=pixels).last_hidden_state.float()
+    assert (out - ref).abs().max() / ref.abs().max() < 2e-2
