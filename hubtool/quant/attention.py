@@ -17,14 +17,11 @@ changes on other devices.
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 NAME = "hubtool_tune"
 _ORIGINAL: dict[int, str] = {}  # id(config) -> the implementation it had before tuning
@@ -74,8 +71,7 @@ def _additive_mask(
     if mask is None:
         if lq == 1 or not getattr(module, "is_causal", True):
             return None
-        keep = torch.ones(lq, s, dtype=torch.bool, device=device).tril(s - lq)
-        mask = keep
+        mask = torch.ones(lq, s, dtype=torch.bool, device=device).tril(s - lq)
     if mask.dtype == torch.bool:
         add = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         add.masked_fill_(~mask, _MASK_MIN)
@@ -87,7 +83,8 @@ def _additive_mask(
     return add.unsqueeze(2)  # (B|1, H|1 -> KV groups below, 1, Lq, S)
 
 
-def _fallback(module: nn.Module) -> callable:
+def _fallback(module: nn.Module) -> Callable:
+    """The model's own implementation (the one its config named before tuning)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = _ORIGINAL.get(id(module.config), "sdpa")

@@ -724,7 +724,7 @@ def _sq_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> 
 
 def _keep(w: IntWeight) -> PackedWeight | IntWeight:
     """What the run holds of a finished linear: 4-bit codes packed two per byte."""
-    return PackedWeight.pack(w) if w.bits == 4 and w.q.shape[1] % 2 == 0 else w
+    return PackedWeight.pack(w) if PackedWeight.fits(w) else w
 
 
 def _codes(w: PackedWeight | IntWeight) -> IntWeight:

@@ -46,10 +46,15 @@ class PackedWeight:
     zero: torch.Tensor
     group_size: int
 
+    @staticmethod
+    def fits(w: IntWeight) -> bool:
+        """Whether w packs: 4-bit codes, an even number of columns."""
+        return w.bits == 4 and w.q.shape[1] % 2 == 0
+
     @classmethod
     def pack(cls, w: IntWeight) -> PackedWeight:
         """Pack a 4-bit IntWeight."""
-        if w.bits != 4 or w.q.shape[1] % 2:
+        if not cls.fits(w):
             raise ValueError("only 4-bit codes with an even number of columns pack two per byte")
         q = w.q.to(torch.uint8)
         return cls(q[:, 0::2] | (q[:, 1::2] << 4), w.scale, w.zero, w.group_size)

@@ -140,38 +140,30 @@ class TunedLinear:
     def forward_into(self, out: torch.Tensor) -> None:
         """Write ``s * (q - z)`` for the current V, alpha, beta into ``out`` and keep the codes."""
         spec = self.spec
-        x = self.scratch.get(0, self.wg.shape, self.wg.device)
         if spec.sym:
-            half = spec.sym_zero
             s, sel = sym_scale(self.wmin, self.wmax, self.alpha, self.beta, spec)
             self._ctx = (s, sel)
-            if _fused(self.wg):
-                zero = torch.zeros_like(s)
-                torch.ops.hubtool.signround_fwd(
-                    self.wg, self.v, s, zero, -half, half - 1, out, self.q, self.inside
-                )
-                return
-            s3 = s.unsqueeze(-1)
-            torch.div(self.wg, s3, out=x)
-            x.add_(self.v).round_()
-            torch.logical_and(x >= -half, x <= half - 1, out=self.inside)
-            x.clamp_(-half, half - 1)
-            self.q.copy_(x)
-            torch.mul(x, s3, out=out.view(self.wg.shape))
+            z, lo, hi = None, -spec.sym_zero, spec.sym_zero - 1
         else:
             s, z, zin = asym_scale_zero(self.wmin, self.wmax, self.alpha, self.beta, spec)
             self._ctx = (s, z, zin)
-            if _fused(self.wg):
-                torch.ops.hubtool.signround_fwd(self.wg, self.v, s, z, 0, spec.qmax, out, self.q, self.inside)
-                return
-            s3, z3 = s.unsqueeze(-1), z.unsqueeze(-1)
-            torch.div(self.wg, s3, out=x)
-            x.add_(self.v).round_().add_(z3)
-            torch.logical_and(x >= 0, x <= spec.qmax, out=self.inside)
-            x.clamp_(0, spec.qmax)
-            self.q.copy_(x)
-            x.sub_(z3)
-            torch.mul(x, s3, out=out.view(self.wg.shape))
+            lo, hi = 0, spec.qmax
+        if _fused(self.wg):
+            zero = z if z is not None else torch.zeros_like(s)
+            torch.ops.hubtool.signround_fwd(self.wg, self.v, s, zero, lo, hi, out, self.q, self.inside)
+            return
+        x = self.scratch.get(0, self.wg.shape, self.wg.device)
+        s3 = s.unsqueeze(-1)
+        torch.div(self.wg, s3, out=x)
+        x.add_(self.v).round_()
+        if z is not None:
+            x.add_(z.unsqueeze(-1))
+        torch.logical_and(x >= lo, x <= hi, out=self.inside)
+        x.clamp_(lo, hi)
+        self.q.copy_(x)
+        if z is not None:
+            x.sub_(z.unsqueeze(-1))
+        torch.mul(x, s3, out=out.view(self.wg.shape))
 
     # backward: gradients by hand, then the SignSGD step (or stored gradients) -------------------
     @torch.no_grad()

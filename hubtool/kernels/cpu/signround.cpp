@@ -8,7 +8,7 @@
 //             v = clamp(v - lr * sign(g * inside) * sign(s), -0.5, 0.5)
 // Per element the results are the reference's bit for bit (IEEE division, round half to even, the same
 // fp32 products); the group sums add in another order (they feed only the signs of alpha/beta steps).
-// Each loop is compiled for AVX-512, AVX2 and baseline x86-64 (target_clones picks one at load time).
+// bf16 runs written-out AVX-512 when the CPU has AVX-512BW; everything else runs a plain C++ loop.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,8 +25,6 @@
 #include <immintrin.h>
 
 namespace {
-
-#define HT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 inline float to_f(c10::BFloat16 x) {
   uint32_t u = static_cast<uint32_t>(x.x) << 16;
@@ -50,64 +48,49 @@ inline float round_even(float x) {
   return std::fabs(x) < 4194304.0f ? (x + magic) - magic : x;
 }
 
-// The loop bodies are macros, not templates: target_clones compiles each clone's own copy of the loop
-// (a called template would be compiled once, for the baseline target).
-#define HT_FWD_GROUP(T)                                                                    \
-  for (int64_t i = 0; i < g; ++i) {                                                        \
-    float x = round_even(to_f(w[i]) / sc + v[i]) + zz;                                     \
-    inside[i] = (x >= lo) & (x <= hi);                                                     \
-    x = std::min(std::max(x, lo), hi);                                                     \
-    q[i] = static_cast<int8_t>(x);                                                         \
-    store((x - zz) * sc, out + i);                                                         \
+// One group of G weights, plain C++ (fp16, fp32, and bf16 without AVX-512BW): the fake weight, the codes
+// and where the clamp passes the gradient.
+template <typename T>
+void fwd_group(const T* w, const float* v, float sc, float zz, float lo, float hi, int64_t g, T* out, int8_t* q,
+               bool* inside) {
+  for (int64_t i = 0; i < g; ++i) {
+    float x = round_even(to_f(w[i]) / sc + v[i]) + zz;
+    inside[i] = (x >= lo) & (x <= hi);
+    x = std::min(std::max(x, lo), hi);
+    q[i] = static_cast<int8_t>(x);
+    store((x - zz) * sc, out + i);
   }
+}
 
-#define HT_BWD_GROUP(T)                                                                    \
-  constexpr int L = 16; /* 16 partial sums each, so that the loop vectorizes */            \
-  float aw[L] = {}, aq[L] = {}, as[L] = {}, ai[L] = {};                                    \
-  for (int64_t i = 0; i < g; i += L) {                                                     \
-    for (int j = 0; j < L; ++j) {                                                          \
-      const float gf = to_f(gp[i + j]);                                                    \
-      const float gm = static_cast<float>(ip[i + j]) * gf;                                 \
-      aw[j] += gm * to_f(wp[i + j]);                                                       \
-      aq[j] += gf * static_cast<float>(qp[i + j]);                                         \
-      as[j] += gf;                                                                         \
-      ai[j] += gm;                                                                         \
-      const float sg = static_cast<float>(gm > 0.f) - static_cast<float>(gm < 0.f);        \
-      v[i + j] = std::min(std::max(v[i + j] - up * sg, -0.5f), 0.5f);                      \
-    }                                                                                      \
-  }                                                                                        \
-  float r0 = 0.f, r1 = 0.f, r2 = 0.f, r3 = 0.f;                                            \
-  for (int j = 0; j < L; ++j) r0 += aw[j], r1 += aq[j], r2 += as[j], r3 += ai[j];          \
+// One group: the four sums (16 partial sums each, in the order of the AVX-512 path) and the step of V.
+template <typename T>
+void bwd_group(const T* gp, const bool* ip, const T* wp, const int8_t* qp, float up, int64_t g, float* v,
+               float* sums) {
+  constexpr int L = 16;
+  float aw[L] = {}, aq[L] = {}, as[L] = {}, ai[L] = {};
+  for (int64_t i = 0; i < g; i += L) {
+    for (int j = 0; j < L; ++j) {
+      const float gf = to_f(gp[i + j]);
+      const float gm = static_cast<float>(ip[i + j]) * gf;
+      aw[j] += gm * to_f(wp[i + j]);
+      aq[j] += gf * static_cast<float>(qp[i + j]);
+      as[j] += gf;
+      ai[j] += gm;
+      const float sg = static_cast<float>(gm > 0.f) - static_cast<float>(gm < 0.f);
+      v[i + j] = std::min(std::max(v[i + j] - up * sg, -0.5f), 0.5f);
+    }
+  }
+  float r0 = 0.f, r1 = 0.f, r2 = 0.f, r3 = 0.f;
+  for (int j = 0; j < L; ++j) r0 += aw[j], r1 += aq[j], r2 += as[j], r3 += ai[j];
   sums[0] = r0, sums[1] = r1, sums[2] = r2, sums[3] = r3;
-
-#define HT_DEFINE(T, SUFFIX)                                                                                  \
-  HT_CLONES void fwd_group_##SUFFIX(const T* __restrict__ w, const float* __restrict__ v, float sc, float zz,  \
-                                    float lo, float hi, int64_t g, T* __restrict__ out,                        \
-                                    int8_t* __restrict__ q, bool* __restrict__ inside) {                      \
-    HT_FWD_GROUP(T)                                                                                           \
-  }                                                                                                           \
-  HT_CLONES void bwd_group_##SUFFIX(const T* __restrict__ gp, const bool* __restrict__ ip,                    \
-                                    const T* __restrict__ wp, const int8_t* __restrict__ qp, float up,         \
-                                    int64_t g, float* __restrict__ v, float* __restrict__ sums) {             \
-    HT_BWD_GROUP(T)                                                                                           \
-  }                                                                                                           \
-  inline void fwd_group(const T* w, const float* v, float sc, float zz, float lo, float hi, int64_t g, T* out, \
-                        int8_t* q, bool* inside) {                                                            \
-    fwd_group_##SUFFIX(w, v, sc, zz, lo, hi, g, out, q, inside);                                              \
-  }                                                                                                           \
-  inline void bwd_group(const T* gp, const bool* ip, const T* wp, const int8_t* qp, float up, int64_t g,       \
-                        float* v, float* sums) {                                                              \
-    bwd_group_##SUFFIX(gp, ip, wp, qp, up, g, v, sums);                                                       \
-  }
-
-HT_DEFINE(c10::BFloat16, bf16)
+}
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 bf16x16(const c10::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// bf16 with AVX-512 written out (the compiler keeps the generic loop above scalar): 16 weights per step.
+// bf16 with AVX-512 written out (the compiler keeps the loops above scalar): 16 weights per step.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void bwd_group_bf16_avx512(
     const c10::BFloat16* gp, const bool* ip, const c10::BFloat16* wp, const int8_t* qp, float up, int64_t g, float* v,
     float* sums) {
@@ -157,8 +140,6 @@ bool has_avx512bw() {
                           __builtin_cpu_supports("avx512vl");
   return yes;
 }
-HT_DEFINE(c10::Half, f16)
-HT_DEFINE(float, f32)
 
 template <typename T>
 void fwd_impl(const at::Tensor& w, const at::Tensor& v, const at::Tensor& s, const at::Tensor& z, float lo,
