@@ -257,3 +257,62 @@ def test_fused_cpu_step_equals_the_torch_reference(sym, dtype, monkeypatch):
         # alpha/beta step on the signs of group sums added in another order: equal unless a sum is ~0
         assert (a.alpha == b.alpha).float().mean() > 0.95 and (a.beta == b.beta).float().mean() > 0.95
         a.alpha.copy_(b.alpha), a.beta.copy_(b.beta)  # the next step starts from the same state
+
+
+def test_int8_weight_gradient_keeps_the_signs_that_matter(monkeypatch):
+    """dL/dW as an int8 matmul: per-column codes, the exact step for its value, the bf16 step's signs."""
+    from hubtool.kernels import cpu
+    from hubtool.quant import signround
+
+    if not cpu.load():
+        pytest.skip("CPU kernel library unavailable")
+    g = torch.Generator().manual_seed(0)
+    # per-column int8 codes: scale = absmax / 127, every value within half a step, outlier columns alone
+    x = torch.randn(300, 64, generator=g)
+    x[7, 5] = 900.0
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        xd = x.to(dtype)
+        q, scale = torch.ops.hubtool.quantize_cols_i8(xd)
+        assert torch.allclose(scale, xd.float().abs().amax(0) / 127, rtol=1e-6, atol=0)
+        assert ((q.float() * scale - xd.float()).abs() <= scale * 0.5 * (1 + 1e-5)).all()
+        assert q[7, 5] == 127 and q[:, 4].abs().max() == 127
+
+    # the fused step on acc * row * col is the torch step on that float gradient, bit for bit
+    spec = QuantSpec(sym=True)
+    w = (torch.randn(32, 256, generator=g) * 0.05).to(torch.bfloat16)
+    a, b = (TunedLinear("x", w, spec) for _ in range(2))
+    acc = torch.randint(-(2**20), 2**20, (32, 256), generator=g, dtype=torch.int32)
+    row, col = torch.rand(32, generator=g) * 1e-3, torch.rand(256, generator=g) * 1e-3
+    for fused, st in ((True, a), (False, b)):
+        monkeypatch.setitem(signround._FUSED, "ok", fused)
+        st.lr = 0.01
+        st.forward_into(torch.empty(32, 256, dtype=torch.bfloat16))
+        if fused:
+            st.backward_from(acc, (row, col))
+        else:
+            st.backward_from(acc.float() * (row[:, None] * col[None, :]))
+    assert torch.equal(a.v, b.v) and (a.v != 0).any()
+    assert (a.alpha == b.alpha).float().mean() > 0.95
+
+    # in a block's backward: the int8 dL/dW steps V the way the exact one does wherever |dL/dW| matters
+    monkeypatch.setitem(signround._FUSED, "ok", True)
+    lin = torch.nn.Linear(256, 96, bias=False).to(torch.bfloat16)
+    xin = torch.randn(4, 64, 256, generator=g).to(torch.bfloat16)
+    xin[:, 0] *= 30  # a token with much larger activations, as the first token of real models
+    target = torch.randn(4, 64, 96, generator=g)
+    steps = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(signround.INT8_GRAD_ENV, mode)
+        q = signround.QLinear(lin)
+        st = TunedLinear("x", lin.weight, spec)
+        st.lr = 1.0
+        q.group.use_states([st])
+        ((q(xin).float() - target) ** 2).mean().backward()
+        steps[mode] = -st.v.reshape(96, 256)  # V - lr * sign(dL/dW * s), clamped: the sign step
+    exact = torch.func.grad(lambda wt: ((xin.float() @ wt.T - target) ** 2).mean())(
+        st.int_weight(best=False).dequantize(torch.float32)
+    )
+    weight = exact.abs()
+    agree = (torch.sign(steps["1"]) == torch.sign(steps["0"])).float()
+    assert (agree * weight).sum() / weight.sum() > 0.99  # weighted by |dL/dW|: the steps that matter agree
+    assert agree.mean() > 0.9

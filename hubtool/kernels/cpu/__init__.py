@@ -27,8 +27,8 @@ from ...cache import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_mm.cpp")
-# one library: the int4 matmul and SignRound's fused step
-SOURCES = (SOURCE, Path(__file__).with_name("signround.cpp"))
+# one library: the int4 matmul, SignRound's fused step, the fused elementwise ops of block tuning
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("int4_mm.cpp", "signround.cpp", "block_ops.cpp"))
 EXT_NAME = "hubtool_int4_cpu"
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
 LDFLAGS = ["-fopenmp"]

@@ -63,14 +63,15 @@ void fwd_group(const T* w, const float* v, float sc, float zz, float lo, float h
 }
 
 // One group: the four sums (16 partial sums each, in the order of the AVX-512 path) and the step of V.
-template <typename T>
-void bwd_group(const T* gp, const bool* ip, const T* wp, const int8_t* qp, float up, int64_t g, float* v,
+// ``grad(i)`` is dL/dW of the group's i-th weight (a 16-bit value, or an int32 dot product times its scales).
+template <typename T, typename Grad>
+void bwd_group(Grad grad, const bool* ip, const T* wp, const int8_t* qp, float up, int64_t g, float* v,
                float* sums) {
   constexpr int L = 16;
   float aw[L] = {}, aq[L] = {}, as[L] = {}, ai[L] = {};
   for (int64_t i = 0; i < g; i += L) {
     for (int j = 0; j < L; ++j) {
-      const float gf = to_f(gp[i + j]);
+      const float gf = grad(i + j);
       const float gm = static_cast<float>(ip[i + j]) * gf;
       aw[j] += gm * to_f(wp[i + j]);
       aq[j] += gf * static_cast<float>(qp[i + j]);
@@ -90,15 +91,31 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 bf16x16(const
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// bf16 with AVX-512 written out (the compiler keeps the loops above scalar): 16 weights per step.
+// dL/dW sixteen at a time for the AVX-512 path: a bf16 gradient, or int32 dot products times their scales.
+struct Bf16Grad {
+  const c10::BFloat16* p;
+  __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 operator()(int64_t i) const { return bf16x16(p + i); }
+};
+struct I32Grad {
+  const int32_t* acc;  // the group's int32 sums
+  const float* col;    // the input's scale per column of the group
+  float row;           // the output gradient's scale of this row
+  __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 operator()(int64_t i) const {
+    const __m512 a = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + i));
+    return _mm512_mul_ps(a, _mm512_mul_ps(_mm512_set1_ps(row), _mm512_loadu_ps(col + i)));
+  }
+};
+
+// bf16 weights with AVX-512 written out (the compiler keeps the loops above scalar): 16 weights per step.
+template <typename Grad>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void bwd_group_bf16_avx512(
-    const c10::BFloat16* gp, const bool* ip, const c10::BFloat16* wp, const int8_t* qp, float up, int64_t g, float* v,
+    Grad grad, const bool* ip, const c10::BFloat16* wp, const int8_t* qp, float up, int64_t g, float* v,
     float* sums) {
   __m512 aw = _mm512_setzero_ps(), aq = _mm512_setzero_ps(), as = _mm512_setzero_ps(), ai = _mm512_setzero_ps();
   const __m512 zero = _mm512_setzero_ps(), upv = _mm512_set1_ps(up);
   const __m512 lo = _mm512_set1_ps(-0.5f), hi = _mm512_set1_ps(0.5f);
   for (int64_t i = 0; i < g; i += 16) {
-    const __m512 gf = bf16x16(gp + i), wf = bf16x16(wp + i);
+    const __m512 gf = grad(i), wf = bf16x16(wp + i);
     const __m128i in8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ip + i));
     const __mmask16 in = _mm_test_epi8_mask(in8, in8);
     const __m512 gm = _mm512_maskz_mov_ps(in, gf);
@@ -167,11 +184,15 @@ void fwd_impl(const at::Tensor& w, const at::Tensor& v, const at::Tensor& s, con
   });
 }
 
+// The backward over all groups. With ``acc`` (int32, N x K) the gradient is acc[n, k] * row[n] * col[k]
+// (an int8 matmul's result and its scales); otherwise ``grad`` (the weight's dtype) is.
 template <typename T>
-void bwd_impl(const at::Tensor& grad, const at::Tensor& inside, const at::Tensor& w, const at::Tensor& q,
-              const at::Tensor& s, at::Tensor& v, float lr, at::Tensor& sums) {
-  const int64_t g = w.size(2), total = w.size(0) * w.size(1);
-  const T* gp = grad.data_ptr<T>();
+void bwd_impl(const at::Tensor& grad, const at::Tensor* acc, const float* row, const float* col,
+              const at::Tensor& inside, const at::Tensor& w, const at::Tensor& q, const at::Tensor& s, at::Tensor& v,
+              float lr, at::Tensor& sums) {
+  const int64_t g = w.size(2), ng = w.size(1), total = w.size(0) * ng;
+  const T* gp = acc ? nullptr : grad.data_ptr<T>();
+  const int32_t* ap = acc ? acc->data_ptr<int32_t>() : nullptr;
   const bool* ip = inside.data_ptr<bool>();
   const T* wp = w.data_ptr<T>();
   const int8_t* qp = q.data_ptr<int8_t>();
@@ -182,19 +203,89 @@ void bwd_impl(const at::Tensor& grad, const at::Tensor& inside, const at::Tensor
   at::parallel_for(0, total, 16, [&](int64_t b, int64_t e) {
     for (int64_t grp = b; grp < e; ++grp) {
       const int64_t o = grp * g;
-      const float sgn_s = static_cast<float>(sp[grp] > 0.f) - static_cast<float>(sp[grp] < 0.f);
+      const float up = lr * (static_cast<float>(sp[grp] > 0.f) - static_cast<float>(sp[grp] < 0.f));
       float four[4];
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (fast) {
-          bwd_group_bf16_avx512(gp + o, ip + o, wp + o, qp + o, lr * sgn_s, g, vp + o, four);
-        } else {
-          bwd_group(gp + o, ip + o, wp + o, qp + o, lr * sgn_s, g, vp + o, four);
+      if (ap) {
+        const int32_t* a = ap + o;
+        const float* c = col + (grp % ng) * g;
+        const float r = row[grp / ng];
+        bool done = false;
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (fast) bwd_group_bf16_avx512(I32Grad{a, c, r}, ip + o, wp + o, qp + o, up, g, vp + o, four), done = true;
+        }
+        if (!done) {
+          auto gl = [&](int64_t i) { return static_cast<float>(a[i]) * (r * c[i]); };
+          bwd_group(gl, ip + o, wp + o, qp + o, up, g, vp + o, four);
         }
       } else {
-        bwd_group(gp + o, ip + o, wp + o, qp + o, lr * sgn_s, g, vp + o, four);
+        bool done = false;
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (fast) bwd_group_bf16_avx512(Bf16Grad{gp + o}, ip + o, wp + o, qp + o, up, g, vp + o, four), done = true;
+        }
+        if (!done) {
+          const T* gg = gp + o;
+          bwd_group([&](int64_t i) { return to_f(gg[i]); }, ip + o, wp + o, qp + o, up, g, vp + o, four);
+        }
       }
       for (int k = 0; k < 4; ++k) out[k * total + grp] = four[k];
     }
+  });
+}
+
+// Per-column symmetric int8: scale[c] = max_t |x[t, c]| / 127, q = round_half_even(x / scale) (0 where the
+// column is all zero). Columns are split over the threads; each thread reads its columns row by row.
+template <typename T>
+void quant_cols_plain(const T* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, int8_t* q, float* scale) {
+  for (int64_t c = c0; c < c1; ++c) scale[c] = 0.f;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = c0; c < c1; ++c) scale[c] = std::max(scale[c], std::fabs(to_f(x[r * cols + c])));
+  for (int64_t c = c0; c < c1; ++c) scale[c] /= 127.f;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = c0; c < c1; ++c) {
+      const float inv = scale[c] > 0.f ? 1.f / scale[c] : 0.f;
+      q[r * cols + c] = static_cast<int8_t>(std::nearbyint(to_f(x[r * cols + c]) * inv));
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quant_cols_bf16_avx512(
+    const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, int8_t* q, float* scale) {
+  for (int64_t c = c0; c < c1; c += 16) _mm512_storeu_ps(scale + c, _mm512_setzero_ps());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = c0; c < c1; c += 16)
+      _mm512_storeu_ps(scale + c, _mm512_max_ps(_mm512_loadu_ps(scale + c),
+                                                _mm512_abs_ps(bf16x16(x + r * cols + c))));
+  const __m512 zero = _mm512_setzero_ps(), k127 = _mm512_set1_ps(127.f);
+  for (int64_t c = c0; c < c1; c += 16) _mm512_storeu_ps(scale + c, _mm512_div_ps(_mm512_loadu_ps(scale + c), k127));
+  // 1 / scale per column, kept on the stack in chunks of 512 columns
+  float inv[512];
+  for (int64_t cb = c0; cb < c1; cb += 512) {
+    const int64_t ce = std::min(cb + 512, c1);
+    for (int64_t c = cb; c < ce; c += 16) {
+      const __m512 sc = _mm512_loadu_ps(scale + c);
+      const __mmask16 nz = _mm512_cmp_ps_mask(sc, zero, _CMP_GT_OQ);
+      _mm512_storeu_ps(inv + (c - cb), _mm512_maskz_div_ps(nz, _mm512_set1_ps(1.f), sc));
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = cb; c < ce; c += 16) {
+        const __m512 y = _mm512_mul_ps(bf16x16(x + r * cols + c), _mm512_loadu_ps(inv + (c - cb)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + r * cols + c), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(y)));
+      }
+  }
+}
+
+template <typename T>
+void quant_cols_impl(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  const bool fast = std::is_same_v<T, c10::BFloat16> && has_avx512bw() && cols % 16 == 0;
+  at::parallel_for(0, (cols + 15) / 16, 1, [&](int64_t b, int64_t e) {
+    const int64_t c0 = b * 16, c1 = std::min(e * 16, cols);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (fast) return quant_cols_bf16_avx512(xp, rows, cols, c0, c1, qp, sp);
+    }
+    quant_cols_plain(xp, rows, cols, c0, c1, qp, sp);
   });
 }
 
@@ -223,26 +314,67 @@ void signround_fwd(const at::Tensor& w, const at::Tensor& v, const at::Tensor& s
   }
 }
 
-at::Tensor signround_bwd(const at::Tensor& grad, const at::Tensor& inside, const at::Tensor& w, const at::Tensor& q,
-                         const at::Tensor& s, at::Tensor v, double lr) {
+void check_bwd(const at::Tensor& inside, const at::Tensor& w, const at::Tensor& q, const at::Tensor& s,
+               const at::Tensor& v) {
   const auto dt = w.scalar_type();
-  check(grad, dt, "grad"), check(inside, at::kBool, "inside"), check(w, dt, "w"), check(q, at::kChar, "q");
+  check(inside, at::kBool, "inside"), check(w, dt, "w"), check(q, at::kChar, "q");
   check(s, at::kFloat, "s"), check(v, at::kFloat, "v");
   TORCH_CHECK(w.dim() == 3 && w.size(2) % 16 == 0, "w must be (N, K/G, G) with G a multiple of 16");
-  TORCH_CHECK(grad.numel() == w.numel() && inside.sizes() == w.sizes() && q.sizes() == w.sizes() &&
-                  v.sizes() == w.sizes() && s.numel() == w.size(0) * w.size(1),
-              "grad, inside, q, v must match w and s have one value per group");
-  auto sums = at::empty({4, w.size(0), w.size(1)}, w.options().dtype(at::kFloat));
-  const float step = static_cast<float>(lr);
+  TORCH_CHECK(inside.sizes() == w.sizes() && q.sizes() == w.sizes() && v.sizes() == w.sizes() &&
+                  s.numel() == w.size(0) * w.size(1),
+              "inside, q, v must match w and s have one value per group");
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, "signround_bwd: bf16, fp16 or fp32 weights");
+}
+
+template <typename... A>
+void bwd_dispatch(at::ScalarType dt, A&&... args) {
   if (dt == at::kBFloat16) {
-    bwd_impl<c10::BFloat16>(grad, inside, w, q, s, v, step, sums);
+    bwd_impl<c10::BFloat16>(args...);
   } else if (dt == at::kHalf) {
-    bwd_impl<c10::Half>(grad, inside, w, q, s, v, step, sums);
+    bwd_impl<c10::Half>(args...);
   } else {
-    TORCH_CHECK(dt == at::kFloat, "signround_bwd: bf16, fp16 or fp32 weights");
-    bwd_impl<float>(grad, inside, w, q, s, v, step, sums);
+    bwd_impl<float>(args...);
   }
+}
+
+at::Tensor signround_bwd(const at::Tensor& grad, const at::Tensor& inside, const at::Tensor& w, const at::Tensor& q,
+                         const at::Tensor& s, at::Tensor v, double lr) {
+  check_bwd(inside, w, q, s, v);
+  check(grad, w.scalar_type(), "grad");
+  TORCH_CHECK(grad.numel() == w.numel(), "grad must hold N*K values");
+  auto sums = at::empty({4, w.size(0), w.size(1)}, w.options().dtype(at::kFloat));
+  bwd_dispatch(w.scalar_type(), grad, nullptr, nullptr, nullptr, inside, w, q, s, v, static_cast<float>(lr), sums);
   return sums;
+}
+
+// The same with dL/dW = acc * row[:, None] * col[None, :] (acc: the int32 product of int8 codes).
+at::Tensor signround_bwd_i32(const at::Tensor& acc, const at::Tensor& row, const at::Tensor& col,
+                             const at::Tensor& inside, const at::Tensor& w, const at::Tensor& q, const at::Tensor& s,
+                             at::Tensor v, double lr) {
+  check_bwd(inside, w, q, s, v);
+  check(acc, at::kInt, "acc"), check(row, at::kFloat, "row"), check(col, at::kFloat, "col");
+  TORCH_CHECK(acc.numel() == w.numel() && row.numel() == w.size(0) && col.numel() == w.size(1) * w.size(2),
+              "acc must hold N*K values, row N and col K");
+  auto sums = at::empty({4, w.size(0), w.size(1)}, w.options().dtype(at::kFloat));
+  bwd_dispatch(w.scalar_type(), acc, &acc, row.data_ptr<float>(), col.data_ptr<float>(), inside, w, q, s, v,
+               static_cast<float>(lr), sums);
+  return sums;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cols_i8(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous 2-d CPU tensor");
+  auto q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  auto scale = at::empty({x.size(1)}, x.options().dtype(at::kFloat));
+  const auto dt = x.scalar_type();
+  if (dt == at::kBFloat16) {
+    quant_cols_impl<c10::BFloat16>(x, q, scale);
+  } else if (dt == at::kHalf) {
+    quant_cols_impl<c10::Half>(x, q, scale);
+  } else {
+    TORCH_CHECK(dt == at::kFloat, "quantize_cols_i8: bf16, fp16 or fp32");
+    quant_cols_impl<float>(x, q, scale);
+  }
+  return {q, scale};
 }
 
 }  // namespace
@@ -252,9 +384,15 @@ TORCH_LIBRARY_FRAGMENT(hubtool, m) {
       "signround_fwd(Tensor w, Tensor v, Tensor s, Tensor z, float lo, float hi, Tensor(a!) out, Tensor(b!) q, "
       "Tensor(c!) inside) -> ()");
   m.def("signround_bwd(Tensor grad, Tensor inside, Tensor w, Tensor q, Tensor s, Tensor(a!) v, float lr) -> Tensor");
+  m.def(
+      "signround_bwd_i32(Tensor acc, Tensor row, Tensor col, Tensor inside, Tensor w, Tensor q, Tensor s, "
+      "Tensor(a!) v, float lr) -> Tensor");
+  m.def("quantize_cols_i8(Tensor x) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hubtool, CPU, m) {
   m.impl("signround_fwd", &signround_fwd);
   m.impl("signround_bwd", &signround_bwd);
+  m.impl("signround_bwd_i32", &signround_bwd_i32);
+  m.impl("quantize_cols_i8", &quantize_cols_i8);
 }

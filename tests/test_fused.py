@@ -1,0 +1,100 @@
+"""The fused elementwise ops of block tuning compute the module's own function, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from hubtool.kernels import cpu
+from hubtool.quant.fused import GELU_TANH, SILU, activation_kind, cpu_fused_mlp, gated_act
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not cpu.load(), reason="the CPU kernel library did not build"),
+]
+
+ACTS = {SILU: F.silu, GELU_TANH: lambda t: F.gelu(t, approximate="tanh")}
+
+
+def _reference(gu: torch.Tensor, kind: int) -> torch.Tensor:
+    gate, up = gu.chunk(2, dim=-1)
+    return ACTS[kind](gate) * up
+
+
+def _value_and_grad(fn, gu: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = gu.clone().requires_grad_()
+    out = fn(x)
+    out.backward(dh.to(out.dtype))
+    return out.detach().double(), x.grad.double()
+
+
+def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(((x - ref).abs() / (ref.abs() + 1e-2)).max())
+
+
+@pytest.mark.parametrize("kind", [SILU, GELU_TANH])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gated_act_is_as_accurate_as_torch(kind, dtype):
+    """Value and gradient against fp64: no further off than torch's own code in that dtype."""
+    g = torch.Generator().manual_seed(kind)
+    gu = (torch.randn(3, 37, 2 * 96, generator=g) * 3).to(dtype)  # 96: AVX-512 blocks; 37 rows: uneven split
+    gu[0, 0, :8] = torch.tensor([0.0, -0.0, 30.0, -30.0, 90.0, -90.0, 1e-3, -1e-3])  # saturation, tiny
+    dh = torch.randn(3, 37, 96, generator=g).to(dtype)
+    ours = _value_and_grad(lambda t: gated_act(t, kind), gu, dh)
+    torch_own = _value_and_grad(lambda t: _reference(t, kind), gu, dh)
+    exact = _value_and_grad(lambda t: _reference(t, kind), gu.double(), dh)
+    for x, t, e in zip(ours, torch_own, exact, strict=True):
+        assert x.shape == e.shape
+        assert _err(x, e) <= 1.5 * _err(t, e) + 1e-6, (_err(x, e), _err(t, e))
+    if dtype == torch.bfloat16:  # torch's formulas and roundings: nearly every value the same
+        assert (ours[0] == torch_own[0]).double().mean() > 0.99
+        assert (ours[1] == torch_own[1]).double().mean() > 0.95
+
+
+def test_activation_kind_is_exact_or_none():
+    from transformers.activations import ACT2FN
+
+    assert activation_kind(ACT2FN["silu"]) == SILU
+    assert activation_kind(ACT2FN["gelu_pytorch_tanh"]) == GELU_TANH
+    assert (
+        activation_kind(ACT2FN["gelu_python_tanh"]) is None
+    )  # tanh formula in Python: not the same rounding
+    assert activation_kind(ACT2FN["gelu"]) is None
+    assert activation_kind(ACT2FN["relu"]) is None
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_block_mlp_is_fused_in_tuning_and_gives_the_same_gradients(tiny_models, arch):
+    """A real block with its gate/up grouped: the fused forward runs, output and gradients unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from hubtool.quant import fused
+    from hubtool.quant.signround import LinearGroup, QLinear
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models(arch), dtype=torch.bfloat16).eval()
+    mlp = model.model.layers[0].mlp
+    gate, up = QLinear(mlp.gate_proj), QLinear(mlp.up_proj)
+    LinearGroup([gate, up])
+    mlp.gate_proj, mlp.up_proj = gate, up
+    x = torch.randn(2, 24, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(
+        torch.bfloat16
+    )
+
+    def run():
+        xi = x.clone().requires_grad_()
+        out = mlp(xi)
+        out.float().pow(2).sum().backward()
+        return out.float(), xi.grad.float()
+
+    ref, ref_grad = run()
+    calls = []
+    real = fused.gated_act
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "gated_act", lambda *a: calls.append(1) or real(*a))
+        with cpu_fused_mlp(model.model.layers[0], torch.device("cpu")):
+            out, grad = run()
+    assert calls, "the fused path did not run"
+    assert "forward" not in mlp.__dict__  # restored
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-2
+    assert (grad - ref_grad).abs().max() / ref_grad.abs().max() < 2e-2
