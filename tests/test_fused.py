@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from hubtool.kernels import cpu
-from hubtool.quant.fused import GELU_TANH, SILU, activation_kind, cpu_fused_mlp, gated_act
+from hubtool.quant.fused import GELU_TANH, SILU, activation_kind, cpu_fused_ops, gated_act
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -92,9 +92,55 @@ def test_block_mlp_is_fused_in_tuning_and_gives_the_same_gradients(tiny_models, 
     real = fused.gated_act
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fused, "gated_act", lambda *a: calls.append(1) or real(*a))
-        with cpu_fused_mlp(model.model.layers[0], torch.device("cpu")):
+        with cpu_fused_ops(model.model.layers[0], torch.device("cpu")):
             out, grad = run()
     assert calls, "the fused path did not run"
     assert "forward" not in mlp.__dict__  # restored
     assert (out - ref).abs().max() / ref.abs().max() < 1e-2
     assert (grad - ref_grad).abs().max() / ref_grad.abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_matches_the_module(tiny_models, arch, dtype):
+    """Gemma's (1 + w, fp32) and Llama's (rounded, then w) RMSNorm, value and gradient, on a transposed view."""
+    from transformers import AutoModelForCausalLM
+
+    from hubtool.quant.fused import norm_mode
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models(arch), dtype=dtype).eval()
+    norm = model.model.layers[0].input_layernorm
+    assert norm_mode(norm) == (0 if arch == "gemma3" else 1)
+    assert norm_mode(model.model.layers[0].mlp) is None
+    for p in norm.parameters():
+        p.requires_grad_(False)
+        p.copy_(torch.randn(p.shape) * 0.5)  # a weight far from its init, so that w matters
+    d = norm.weight.shape[0]
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(2, 40, 3, d, generator=g) * 4).to(dtype)
+    dy = torch.randn(2, 3, 40, d, generator=g).to(dtype)
+
+    def run(fused: bool):
+        x = base.clone().requires_grad_()
+        xt = x.transpose(1, 2)  # (2, 3, 40, d), not contiguous: the per-head norms' input
+        with cpu_fused_ops(model.model.layers[0], torch.device("cpu")) if fused else _nothing():
+            out = norm(xt)
+        out.backward(dy)
+        return out.detach().float(), x.grad.float(), out.stride() == xt.stride()
+
+    ref, ref_grad, _ = run(False)
+    out, grad, same_strides = run(True)
+    assert same_strides and "forward" not in norm.__dict__
+    tol = 2**-6 if dtype == torch.bfloat16 else 1e-5  # Llama rounds twice: one ulp can become two
+    assert ((out - ref).abs() / (ref.abs() + 1e-2)).max() < tol
+    assert (grad - ref_grad).abs().max() / ref_grad.abs().max() < 4 * tol
+    if dtype == torch.bfloat16:
+        assert (out == ref).float().mean() > 0.99
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -49,7 +49,7 @@ from ..errors import HubtoolError
 from ..record import BlockLoss
 from .attention import cpu_tuning_attention
 from .driver import ProgressEvent, ProgressFn, QuantResult
-from .fused import cpu_fused_mlp
+from .fused import cpu_fused_ops
 from .layers import BlockPlan, QuantPlan
 from .optrtn import HessianCollector, quantize_clipped, search_clip
 from .rtn import IntWeight, PackedWeight, quantize_rtn
@@ -469,7 +469,7 @@ class _Runner:
             del hidden
             for i in pending:
                 j = chain.index(i)
-                with cpu_tuning_attention(blocks[j], self.device), cpu_fused_mlp(blocks[j], self.device):
+                with cpu_tuning_attention(blocks[j], self.device), cpu_fused_ops(blocks[j], self.device):
                     self._block(i, j, blocks[j], cap, bufs, last=i == chain[-1])
                 if wd:
                     nxt = i + 1

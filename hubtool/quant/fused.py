@@ -1,4 +1,4 @@
-"""Fused elementwise ops for block tuning on the CPU: the gated MLP's activation.
+"""Fused elementwise ops for block tuning on the CPU: the gated MLP's activation and RMSNorm.
 
 A gated MLP (Llama, Gemma, Qwen, Mistral: ``down(act(gate(x)) * up(x))``) spends, per tuning
 iteration, an activation, a product and their backward in five passes over (tokens x intermediate)
@@ -7,9 +7,13 @@ Here gate and up stay one tensor, and the activation times up is one C++ pass fo
 backward (``hubtool::gated_act_fwd`` / ``gated_act_bwd`` in ``kernels/cpu/block_ops.cpp``), with the
 same roundings to the model dtype as the module's own code.
 
-Used only where it computes the module's own function: the forward's source is the gated MLP's line,
-the activation is SiLU or tanh-GELU, and gate and up run as one matmul of a :class:`.signround.LinearGroup`.
-Anything else runs the module's own forward.
+RMSNorm (Gemma's ``x * r * (1 + w)`` and Llama's ``w * (x * r)``, r = 1/sqrt(mean(x^2) + eps)) is five
+to seven passes forward and more backward in torch, with fp32 intermediates; here one pass each way
+(``hubtool::rms_norm_fwd`` / ``rms_norm_bwd``), in fp32 with the module's roundings, the weight frozen.
+
+Used only where it computes the module's own function: the forward's source has the gated MLP's line
+(or the norm's lines), the activation is SiLU or tanh-GELU, gate and up run as one matmul of a
+:class:`.signround.LinearGroup`, the norm's weight is frozen. Anything else runs the module's own forward.
 """
 
 from __future__ import annotations
@@ -23,6 +27,23 @@ from torch import nn
 
 GATED_LINE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 SILU, GELU_TANH = 0, 1
+# RMSNorm variants by the lines of their forward (whitespace ignored): mode 0 multiplies the fp32
+# normalized value by (1 + w) and rounds once (Gemma); mode 1 rounds it, then times w (Llama, Qwen, Phi-3)
+NORM_LINES = {
+    0: (
+        "output = self._norm(x.float())",
+        "output = output * (1.0 + self.weight.float())",
+        "return output.type_as(x)",
+        "return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)",
+    ),
+    1: (
+        "hidden_states = hidden_states.to(torch.float32)",
+        "variance = hidden_states.pow(2).mean(-1, keepdim=True)",
+        "hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
+        "return self.weight * hidden_states.to(input_dtype)",
+    ),
+}
+NORM_EPS = {0: "eps", 1: "variance_epsilon"}
 
 
 class _GatedAct(torch.autograd.Function):
@@ -58,14 +79,88 @@ def activation_kind(act: nn.Module) -> int | None:
     return None
 
 
+def _source(module: nn.Module) -> str:
+    """The module class's forward (and _norm) source without whitespace; '' when unavailable."""
+    parts = []
+    for name in ("forward", "_norm"):
+        fn = getattr(type(module), name, None)
+        if fn is not None:
+            try:
+                parts.append(inspect.getsource(fn))
+            except (OSError, TypeError):
+                return ""
+    return "".join("".join(parts).split())
+
+
+def _has_lines(src: str, lines: tuple[str, ...]) -> bool:
+    return bool(src) and all("".join(line.split()) in src for line in lines)
+
+
 def _is_gated_mlp(module: nn.Module) -> bool:
     if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return False
-    try:
-        src = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    return "".join(GATED_LINE.split()) in "".join(src.split())
+    return _has_lines(_source(module), (GATED_LINE,))
+
+
+def norm_mode(module: nn.Module) -> int | None:
+    """0 (Gemma) or 1 (Llama) for an RMSNorm the fused op computes; None for any other module."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        return None
+    src = _source(module)
+    for mode, lines in NORM_LINES.items():
+        if isinstance(getattr(module, NORM_EPS[mode], None), float) and _has_lines(src, lines):
+            return mode
+    return None
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm over the last dimension with a frozen fp32 weight; x in memory order (rows contiguous)."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps, mode):
+        y, rstd = torch.ops.hubtool.rms_norm_fwd(x, w, eps, mode)
+        ctx.save_for_backward(x, w, rstd)
+        ctx.mode = mode
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, rstd = ctx.saved_tensors
+        return torch.ops.hubtool.rms_norm_bwd(dy.contiguous(), x, w, rstd, ctx.mode), None, None, None
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, mode: int) -> torch.Tensor:
+    """RMSNorm of x's last dimension (fp32 weight ``w``: 1 + weight for mode 0, weight for mode 1).
+
+    A permuted x (a transposed view, as attention's per-head norms get) runs in its memory order, so
+    that nothing is copied; the result has x's strides.
+    """
+    order = sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)) + [x.dim() - 1]
+    xp = x.permute(order)
+    if not xp.is_contiguous():
+        xp = xp.contiguous()
+    y = _RMSNorm.apply(xp, w, eps, mode)
+    inverse = sorted(range(x.dim()), key=order.__getitem__)
+    return y.permute(inverse)
+
+
+def _norm_forward(module: nn.Module, mode: int, original):
+    eps = float(getattr(module, NORM_EPS[mode]))
+
+    def forward(x):
+        w = module.weight
+        if w.requires_grad or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return original(x)
+        if mode == 0:
+            weight = 1.0 + w.detach().float()
+        elif w.dtype == x.dtype:
+            weight = w.detach().float()
+        else:  # an fp32 weight on 16-bit x promotes the result: not the fused op's function
+            return original(x)
+        return rms_norm(x, weight.contiguous(), eps, mode)
+
+    return forward
 
 
 def _joint_input(module: nn.Module):
@@ -90,16 +185,23 @@ def _fused_forward(module: nn.Module, kind: int, original):
 
 
 @contextlib.contextmanager
-def cpu_fused_mlp(block: nn.Module, device: torch.device) -> Iterator[None]:
-    """While in this context, the block's gated MLPs run the fused activation (CPU, kernels built)."""
+def cpu_fused_ops(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """While in this context, the block's gated MLPs and RMSNorms run fused (CPU, kernels built)."""
     from ..kernels import cpu
 
     patched = []
     if device.type == "cpu" and cpu.load():
         for m in block.modules():
+            if "forward" in m.__dict__:
+                continue
             kind = activation_kind(m.act_fn) if hasattr(m, "act_fn") else None
-            if kind is not None and "forward" not in m.__dict__ and _is_gated_mlp(m):
+            if kind is not None and _is_gated_mlp(m):
                 m.forward = _fused_forward(m, kind, m.forward)
+                patched.append(m)
+                continue
+            mode = norm_mode(m)
+            if mode is not None:
+                m.forward = _norm_forward(m, mode, m.forward)
                 patched.append(m)
     try:
         yield

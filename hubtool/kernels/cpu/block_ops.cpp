@@ -8,6 +8,7 @@
 //
 //   gated_act_fwd(gu, kind) -> h        h = act(gu[:, :I]) * gu[:, I:]        kind 0: silu, 1: gelu (tanh)
 //   gated_act_bwd(dh, gu, kind) -> dgu  d gate = (dh * up) * act'(gate), d up = dh * act(gate)
+//   rms_norm_fwd(x, w, eps, mode) -> (y, rstd), rms_norm_bwd(dy, x, w, rstd, mode) -> dx   (below)
 //
 // bf16 runs written-out AVX-512 when the CPU has AVX-512BW; everything else runs a plain C++ loop.
 
@@ -285,14 +286,178 @@ at::Tensor gated_act_bwd(const at::Tensor& dh, const at::Tensor& gu, int64_t kin
   return dgu;
 }
 
+// ---- RMSNorm ---------------------------------------------------------------------------------------
+// y = n * w (mode 0, Gemma: w = 1 + weight, rounded once) or y = round(n) * w (mode 1, Llama: the
+// normalized value rounded to the dtype, then times the dtype's weight), n = x * r, r = 1 / sqrt(mean(x^2)
+// + eps) in fp32. The backward (the weight is frozen in tuning) gives dx = r (dn - n mean(dn n)),
+// dn = dy * w (mode 1: rounded to the dtype, as autograd does).
+
+template <typename T>
+void norm_fwd_rows(const T* x, const float* w, int64_t d, float eps, int mode, int64_t r0, int64_t r1, T* y,
+                   float* rstd) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * d;
+    float ss = 0.f;
+    for (int64_t i = 0; i < d; ++i) ss += to_f(xr[i]) * to_f(xr[i]);
+    const float rs = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+    rstd[r] = rs;
+    for (int64_t i = 0; i < d; ++i) {
+      const float n = to_f(xr[i]) * rs;
+      y[r * d + i] = static_cast<T>(mode == 0 ? n * w[i] : rnd<T>(n) * w[i]);
+    }
+  }
+}
+
+template <typename T>
+void norm_bwd_rows(const T* dy, const T* x, const float* w, const float* rstd, int64_t d, int mode, int64_t r0,
+                   int64_t r1, T* dx) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * d;
+    const T* gr = dy + r * d;
+    const float rs = rstd[r];
+    float dot = 0.f;
+    for (int64_t i = 0; i < d; ++i) {
+      const float dn = mode == 0 ? to_f(gr[i]) * w[i] : rnd<T>(to_f(gr[i]) * w[i]);
+      dot += dn * to_f(xr[i]);
+    }
+    const float c = dot * rs * rs / static_cast<float>(d);
+    for (int64_t i = 0; i < d; ++i) {
+      const float dn = mode == 0 ? to_f(gr[i]) * w[i] : rnd<T>(to_f(gr[i]) * w[i]);
+      dx[r * d + i] = static_cast<T>(rs * (dn - to_f(xr[i]) * c));
+    }
+  }
+}
+
+HT_AVX512 void norm_fwd_rows_bf16(const c10::BFloat16* x, const float* w, int64_t d, float eps, int mode, int64_t r0,
+                                  int64_t r1, c10::BFloat16* y, float* rstd) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const c10::BFloat16* xr = x + r * d;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m512 v = load16(xr + i);
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    const float rs = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(d) + eps);
+    rstd[r] = rs;
+    const __m512 rv = _mm512_set1_ps(rs);
+    for (int64_t i = 0; i < d; i += 16) {
+      __m512 n = _mm512_mul_ps(load16(xr + i), rv);
+      if (mode == 1) n = round16(n);
+      store16(y + r * d + i, _mm512_mul_ps(n, _mm512_loadu_ps(w + i)));
+    }
+  }
+}
+
+HT_AVX512 void norm_bwd_rows_bf16(const c10::BFloat16* dy, const c10::BFloat16* x, const float* w, const float* rstd,
+                                  int64_t d, int mode, int64_t r0, int64_t r1, c10::BFloat16* dx) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const c10::BFloat16* xr = x + r * d;
+    const c10::BFloat16* gr = dy + r * d;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      __m512 dn = _mm512_mul_ps(load16(gr + i), _mm512_loadu_ps(w + i));
+      if (mode == 1) dn = round16(dn);
+      acc = _mm512_fmadd_ps(dn, load16(xr + i), acc);
+    }
+    const float rs = rstd[r];
+    const __m512 rv = _mm512_set1_ps(rs), cv = _mm512_set1_ps(_mm512_reduce_add_ps(acc) * rs * rs / static_cast<float>(d));
+    for (int64_t i = 0; i < d; i += 16) {
+      __m512 dn = _mm512_mul_ps(load16(gr + i), _mm512_loadu_ps(w + i));
+      if (mode == 1) dn = round16(dn);
+      store16(dx + r * d + i, _mm512_mul_ps(rv, _mm512_fnmadd_ps(load16(xr + i), cv, dn)));
+    }
+  }
+}
+
+void check_norm(const at::Tensor& x, const at::Tensor& w, int64_t mode) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1, "x must be a contiguous CPU tensor");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(-1),
+              "w must be fp32 with one value per element of x's last dimension");
+  TORCH_CHECK(mode == 0 || mode == 1, "mode: 0 (weight applied in fp32) or 1 (after rounding to the dtype)");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, "bf16, fp16 or fp32");
+}
+
+template <typename T>
+void norm_fwd_impl(const at::Tensor& x, const at::Tensor& w, float eps, int mode, at::Tensor& y, at::Tensor& rstd) {
+  const int64_t d = x.size(-1), rows = x.numel() / d;
+  const T* xp = x.data_ptr<T>();
+  const float* wp = w.data_ptr<float>();
+  T* yp = y.data_ptr<T>();
+  float* rp = rstd.data_ptr<float>();
+  over_rows(rows, d, [&](int64_t b, int64_t e) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (has_avx512bw() && d % 16 == 0) return norm_fwd_rows_bf16(xp, wp, d, eps, mode, b, e, yp, rp);
+    }
+    norm_fwd_rows(xp, wp, d, eps, mode, b, e, yp, rp);
+  });
+}
+
+template <typename T>
+void norm_bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd, int mode,
+                   at::Tensor& dx) {
+  const int64_t d = x.size(-1), rows = x.numel() / d;
+  const T* gp = dy.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const float* wp = w.data_ptr<float>();
+  const float* rp = rstd.data_ptr<float>();
+  T* op = dx.data_ptr<T>();
+  over_rows(rows, d, [&](int64_t b, int64_t e) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (has_avx512bw() && d % 16 == 0) return norm_bwd_rows_bf16(gp, xp, wp, rp, d, mode, b, e, op);
+    }
+    norm_bwd_rows(gp, xp, wp, rp, d, mode, b, e, op);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& w, double eps, int64_t mode) {
+  check_norm(x, w, mode);
+  auto y = at::empty_like(x);
+  auto rstd = at::empty({x.numel() / x.size(-1)}, x.options().dtype(at::kFloat));
+  const float e = static_cast<float>(eps);
+  const int m = static_cast<int>(mode);
+  const auto dt = x.scalar_type();
+  if (dt == at::kBFloat16) {
+    norm_fwd_impl<c10::BFloat16>(x, w, e, m, y, rstd);
+  } else if (dt == at::kHalf) {
+    norm_fwd_impl<c10::Half>(x, w, e, m, y, rstd);
+  } else {
+    norm_fwd_impl<float>(x, w, e, m, y, rstd);
+  }
+  return {y, rstd};
+}
+
+at::Tensor rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
+                        int64_t mode) {
+  check_norm(x, w, mode);
+  TORCH_CHECK(dy.is_contiguous() && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "dy must be contiguous and match x");
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == x.numel() / x.size(-1), "rstd: one fp32 per row");
+  auto dx = at::empty_like(x);
+  const int m = static_cast<int>(mode);
+  const auto dt = x.scalar_type();
+  if (dt == at::kBFloat16) {
+    norm_bwd_impl<c10::BFloat16>(dy, x, w, rstd, m, dx);
+  } else if (dt == at::kHalf) {
+    norm_bwd_impl<c10::Half>(dy, x, w, rstd, m, dx);
+  } else {
+    norm_bwd_impl<float>(dy, x, w, rstd, m, dx);
+  }
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hubtool, m) {
   m.def("gated_act_fwd(Tensor gu, int kind) -> Tensor");
   m.def("gated_act_bwd(Tensor dh, Tensor gu, int kind) -> Tensor");
+  m.def("rms_norm_fwd(Tensor x, Tensor w, float eps, int mode) -> (Tensor, Tensor)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor w, Tensor rstd, int mode) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hubtool, CPU, m) {
   m.impl("gated_act_fwd", &gated_act_fwd);
   m.impl("gated_act_bwd", &gated_act_bwd);
+  m.impl("rms_norm_fwd", &rms_norm_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_bwd);
 }
