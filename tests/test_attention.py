@@ -20,14 +20,14 @@ class _Module(torch.nn.Module):
     training = False
 
 
-def _inputs(seed=0, dtype=torch.bfloat16):
+def _inputs(seed=0, dtype=torch.bfloat16, length=L):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, n, L, D, generator=g).to(dtype).requires_grad_() for n in (H, KV, KV))
+    q, k, v = (torch.randn(B, n, length, D, generator=g).to(dtype).requires_grad_() for n in (H, KV, KV))
     return q, k, v
 
 
-def _causal_bool(pad: int = 0) -> torch.Tensor:
-    keep = torch.ones(L, L, dtype=torch.bool).tril().expand(B, 1, L, L).clone()
+def _causal_bool(pad: int = 0, length: int = L) -> torch.Tensor:
+    keep = torch.ones(length, length, dtype=torch.bool).tril().expand(B, 1, length, length).clone()
     keep[1, :, :, :pad] = False  # left padding of the second sample
     return keep
 
@@ -37,24 +37,42 @@ def _additive(keep: torch.Tensor) -> torch.Tensor:
 
 
 def _run(fn, mask, softcap=None, seed=0):
-    q, k, v = _inputs(seed)
+    q, k, v = _inputs(seed, length=mask.shape[-1] if mask is not None else L)
     kwargs = {"softcap": softcap} if softcap is not None else {}
     out, _ = fn(_Module(), q, k, v, mask, dropout=0.0, scaling=D**-0.5, **kwargs)
     g = torch.Generator().manual_seed(seed + 1)
     w = torch.randn(out.shape, generator=g).to(out.dtype)
+    if mask is not None:  # padded queries (no key at all) are never scored: no gradient flows from them
+        seen = mask.any(-1) if mask.dtype == torch.bool else (mask > -1e30).any(-1)
+        w = w * seen[:, 0, :, None, None].to(w.dtype)
     grads = torch.autograd.grad((out.float() * w.float()).sum(), (q, k, v))
     return out.float(), [t.float() for t in grads]
 
 
+@pytest.mark.parametrize("length", [L, 96])  # 96: the causal skip of the upper-right block
 @pytest.mark.parametrize("kind", ["none", "bool", "additive", "padded"])
-def test_matches_eager_forward_and_backward(kind):
-    keep = _causal_bool(pad=5 if kind == "padded" else 0)
+def test_matches_eager_forward_and_backward(kind, length):
+    keep = _causal_bool(pad=5 if kind == "padded" else 0, length=length)
     eager_mask = _additive(keep)
     ours_mask = {"none": None, "bool": keep, "additive": eager_mask, "padded": keep}[kind]
     ref, ref_grads = _run(eager_attention_forward, eager_mask)
-    out, grads = _run(tuning_attention, ours_mask)
+    if kind == "none":  # no mask: the length comes from the inputs
+        q, k, v = _inputs(0, length=length)
+        out, _ = tuning_attention(_Module(), q, k, v, None, dropout=0.0, scaling=D**-0.5)
+        grads = torch.autograd.grad(
+            (
+                out.float()
+                * torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype).float()
+            ).sum(),
+            (q, k, v),
+        )
+        out, grads = out.float(), [t.float() for t in grads]
+    else:
+        out, grads = _run(tuning_attention, ours_mask)
+    mask4 = attention._additive_mask(ours_mask, _Module(), length, length, "cpu")
+    assert len(attention._parts(mask4, length, length)) == (2 if length >= 64 else 1)
     valid = keep[:, 0].any(-1)  # query rows with at least one key (fully padded rows are never scored)
-    assert out.shape == ref.shape == (B, L, H, D)
+    assert out.shape == ref.shape == (B, length, H, D)
     err = (out - ref)[valid].abs().max() / ref[valid].abs().max()
     assert err < 1e-2
     for a, b in zip(grads, ref_grads, strict=True):

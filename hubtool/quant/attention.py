@@ -27,47 +27,83 @@ NAME = "hubtool_tune"
 _ORIGINAL: dict[int, str] = {}  # id(config) -> the implementation it had before tuning
 _CHANGES_RESULT = ("softcap", "s_aux", "sinks", "position_bias", "head_mask")  # any of these set: fall back
 _MASK_MIN = torch.finfo(torch.float32).min
+_MASKED = -1e30  # an additive mask at or below this gives a probability of exactly 0 in fp32
+
+
+def _parts(mask: torch.Tensor | None, lq: int, s: int) -> list[tuple[int, int, int]]:
+    """(first query, end, keys seen) blocks: a causal mask's second half of the keys is skipped for the
+    first half of the queries when it masks all of them (only fully masked rows change: padding, never scored)."""
+    h = lq // 2
+    if mask is None or lq != s or lq < 64 or bool((mask[..., :h, :, h:] > _MASKED).any()):
+        return [(0, lq, s)]
+    return [(0, h, h), (h, lq, s)]
 
 
 class _GroupedAttention(torch.autograd.Function):
-    """softmax(Q K^T * scale + mask) V with query heads grouped by their key/value head."""
+    """softmax(Q K^T * scale + mask) V with query heads grouped by their key/value head.
+
+    Query rows are ordered (position, head) per key/value head, so that a block of positions is a
+    contiguous slice (the causal skip in :func:`_parts`) and, with one key/value head, the output is
+    already in the (B, L, H, D) layout the model wants.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
         b, h, lq, d = q.shape
         kvh, s = k.shape[1], k.shape[2]
         g = h // kvh
-        qg = q.reshape(b * kvh, g * lq, d)
+        qg = q.transpose(1, 2).reshape(b, lq, kvh, g, d).transpose(1, 2).reshape(b * kvh, lq * g, d)
         kg = k.reshape(b * kvh, s, k.shape[3])
         vg = v.reshape(b * kvh, s, v.shape[3])
-        # fp32 logits (SDPA's precision: bf16 logits would be off by up to |logit| / 256)
-        scores = torch.bmm(qg.float(), kg.float().transpose(1, 2)).view(b, kvh, g, lq, s).mul_(scale)
-        if mask is not None:
-            scores.add_(mask)
-        p = torch.softmax(scores, dim=-1).to(q.dtype).view(b * kvh, g * lq, s)
-        out = torch.bmm(p, vg)  # (b*kvh, g*lq, dv)
-        ctx.save_for_backward(qg, kg, vg, p)
-        ctx.scale, ctx.dims = scale, (b, h, lq, kvh)
-        return out.view(b, h, lq, -1).transpose(1, 2)
+        parts = _parts(mask, lq, s)
+        probs, outs = [], []
+        for r0, r1, kc in parts:
+            # fp32 logits (SDPA's precision: bf16 logits would be off by up to |logit| / 256)
+            sc = torch.bmm(qg[:, r0 * g : r1 * g].float(), kg[:, :kc].float().transpose(1, 2))
+            sc = sc.view(b, kvh, r1 - r0, g, kc).mul_(scale)
+            if mask is not None:
+                sc.add_(mask[..., r0:r1, :, :kc])
+            p = torch.softmax(sc, dim=-1).to(q.dtype).view(b * kvh, (r1 - r0) * g, kc)
+            probs.append(p)
+            outs.append(torch.bmm(p, vg[:, :kc]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (b*kvh, lq*g, dv)
+        ctx.save_for_backward(qg, kg, vg, *probs)
+        ctx.scale, ctx.dims, ctx.parts = scale, (b, h, lq, kvh), parts
+        return out.view(b, kvh, lq, g, -1).transpose(1, 2).reshape(b, lq, h, -1)
 
     @staticmethod
     def backward(ctx, grad):
-        qg, kg, vg, p = ctx.saved_tensors
+        qg, kg, vg, *probs = ctx.saved_tensors
         b, h, lq, kvh = ctx.dims
-        dout = grad.transpose(1, 2).reshape(b * kvh, -1, grad.shape[-1]).to(vg.dtype)
-        dv = torch.bmm(p.transpose(1, 2), dout)
-        dp = torch.bmm(dout, vg.transpose(1, 2)).float()
-        pf = p.float()
-        ds = dp.sub_((dp * pf).sum(-1, keepdim=True)).mul_(pf).mul_(ctx.scale).to(qg.dtype)
-        dq = torch.bmm(ds, kg).view(b, h, lq, -1)
-        dk = torch.bmm(ds.transpose(1, 2), qg).view(b, kvh, kg.shape[1], -1)
-        return dq, dk, dv.view(b, kvh, vg.shape[1], -1), None, None
+        g = h // kvh
+        dout = grad.reshape(b, lq, kvh, g, -1).transpose(1, 2).reshape(b * kvh, lq * g, -1).to(vg.dtype)
+        dq = torch.empty_like(qg)
+        whole = len(ctx.parts) == 1
+        dk = None if whole else torch.zeros(kg.shape, dtype=torch.float32, device=kg.device)
+        dv = None if whole else torch.zeros(vg.shape, dtype=torch.float32, device=vg.device)
+        for (r0, r1, kc), p in zip(ctx.parts, probs, strict=True):
+            rows = slice(r0 * g, r1 * g)
+            do = dout[:, rows]
+            dp = torch.bmm(do, vg[:, :kc].transpose(1, 2)).float()
+            pf = p.float()
+            ds = dp.sub_((dp * pf).sum(-1, keepdim=True)).mul_(pf).mul_(ctx.scale).to(qg.dtype)
+            dq[:, rows] = torch.bmm(ds, kg[:, :kc])
+            dk_p = torch.bmm(ds.transpose(1, 2), qg[:, rows])
+            dv_p = torch.bmm(p.transpose(1, 2), do)
+            if whole:
+                dk, dv = dk_p, dv_p
+            else:
+                dk[:, :kc] += dk_p
+                dv[:, :kc] += dv_p
+        dq = dq.view(b, kvh, lq, g, -1).transpose(2, 3).reshape(b, h, lq, -1)
+        dk = dk.to(kg.dtype).view(b, kvh, kg.shape[1], -1)
+        return dq, dk, dv.to(vg.dtype).view(b, kvh, vg.shape[1], -1), None, None
 
 
 def _additive_mask(
     mask: torch.Tensor | None, module: nn.Module, lq: int, s: int, device
 ) -> torch.Tensor | None:
-    """The mask as an fp32 additive term broadcastable to (B, KV, G, Lq, S); None: no masking."""
+    """The mask as an fp32 additive term broadcastable to (B, KV, Lq, G, S); None: no masking."""
     if mask is None:
         if lq == 1 or not getattr(module, "is_causal", True):
             return None
@@ -80,7 +116,7 @@ def _additive_mask(
     add = add[..., :s]
     while add.dim() < 4:
         add = add.unsqueeze(0)
-    return add.unsqueeze(2)  # (B|1, H|1 -> KV groups below, 1, Lq, S)
+    return add.unsqueeze(3)  # (B|1, 1 -> KV heads, Lq, 1 -> heads of a group, S)
 
 
 def _fallback(module: nn.Module) -> Callable:
@@ -116,7 +152,7 @@ def tuning_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     mask = _additive_mask(attention_mask, module, query.shape[2], key.shape[2], query.device)
-    return _GroupedAttention.apply(query, key, value, mask, float(scale)).contiguous(), None
+    return _GroupedAttention.apply(query, key, value, mask, float(scale)), None
 
 
 def _register() -> None:

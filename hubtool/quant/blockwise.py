@@ -421,8 +421,14 @@ class _Runner:
         }
 
     def run(self, work_dir: Path | None, resume: bool) -> QuantResult:
-        with self._eval_mode():
-            return self._run(work_dir, resume)
+        # the objects alive now (the model, transformers) are left out of the per-block garbage
+        # collections: a full collection over them costs 0.2 s, for nothing
+        gc.freeze()
+        try:
+            with self._eval_mode():
+                return self._run(work_dir, resume)
+        finally:
+            gc.unfreeze()
 
     @contextlib.contextmanager
     def _eval_mode(self):
