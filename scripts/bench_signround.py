@@ -271,6 +271,9 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(res))
         return
 
+    from hubtool.kernels import cpu
+
+    cpu.load()  # a kernel build (first run, or a changed source) is not counted in a method's time
     tmp = tempfile.mkdtemp(prefix="bench-signround-")
     cfg = {
         "model": args.model,

@@ -144,3 +144,46 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["transposed", "contiguous"])
+def test_rope_matches_transformers(dtype, layout):
+    """Queries (4 heads) and keys (1 head) on the heads' transposed view or contiguous, cos/sin per sample."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from hubtool.quant.fused import _fused_rope
+
+    g = torch.Generator().manual_seed(5)
+    b, length, d = 2, 33, 64
+
+    def heads(n):
+        t = torch.randn(b, length, n, d, generator=g).to(dtype)
+        t = t.transpose(1, 2) if layout == "transposed" else t.transpose(1, 2).contiguous()
+        return t.requires_grad_()
+
+    q, k = heads(4), heads(1)
+    pos = torch.arange(length)[None, :, None] * (1 + torch.arange(b))[:, None, None]  # per-sample positions
+    freq = pos * torch.rand(1, 1, d // 2, generator=g)
+    cos, sin = torch.cat([freq, freq], -1).cos().to(dtype), torch.cat([freq, freq], -1).sin().to(dtype)
+    dq = torch.randn(q.shape, generator=g).to(dtype)
+    dk = torch.randn(k.shape, generator=g).to(dtype)
+
+    def run(fn):
+        qi, ki = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+        if layout == "transposed":  # the same strides as the model's views
+            qi = q.detach().transpose(1, 2).clone().transpose(1, 2).requires_grad_()
+            ki = k.detach().transpose(1, 2).clone().transpose(1, 2).requires_grad_()
+        qe, ke = fn(qi, ki, cos, sin)
+        torch.autograd.backward((qe, ke), (dq, dk))
+        return qe.detach(), ke.detach(), qi.grad, ki.grad, qe.stride() == qi.stride()
+
+    ref = run(apply_rotary_pos_emb)
+    ours = run(_fused_rope(apply_rotary_pos_emb))
+    assert ours[4], "the output keeps the input's strides"
+    for x, y in zip(ours[:4], ref[:4], strict=True):
+        assert x.shape == y.shape
+        if dtype == torch.bfloat16:  # torch's three roundings, done the same way: identical
+            assert torch.equal(x, y)
+        else:
+            assert torch.allclose(x, y, rtol=1e-6, atol=1e-6)

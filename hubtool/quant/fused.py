@@ -11,6 +11,9 @@ RMSNorm (Gemma's ``x * r * (1 + w)`` and Llama's ``w * (x * r)``, r = 1/sqrt(mea
 to seven passes forward and more backward in torch, with fp32 intermediates; here one pass each way
 (``hubtool::rms_norm_fwd`` / ``rms_norm_bwd``), in fp32 with the module's roundings, the weight frozen.
 
+Rotary position embedding (``x * cos + rotate_half(x) * sin`` for queries and keys) is six ops forward
+and more backward; here one pass each (``hubtool::rope``), on the heads' transposed views without a copy.
+
 Used only where it computes the module's own function: the forward's source has the gated MLP's line
 (or the norm's lines), the activation is SiLU or tanh-GELU, gate and up run as one matmul of a
 :class:`.signround.LinearGroup`, the norm's weight is frozen. Anything else runs the module's own forward.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -44,6 +48,18 @@ NORM_LINES = {
     ),
 }
 NORM_EPS = {0: "eps", 1: "variance_epsilon"}
+ROPE_LINES = (
+    "cos = cos.unsqueeze(unsqueeze_dim)",
+    "sin = sin.unsqueeze(unsqueeze_dim)",
+    "q_embed = (q * cos) + (rotate_half(q) * sin)",
+    "k_embed = (k * cos) + (rotate_half(k) * sin)",
+    "return q_embed, k_embed",
+)
+ROTATE_HALF_LINES = (
+    "x1 = x[..., : x.shape[-1] // 2]",
+    "x2 = x[..., x.shape[-1] // 2 :]",
+    "return torch.cat((-x2, x1), dim=-1)",
+)
 
 
 class _GatedAct(torch.autograd.Function):
@@ -79,17 +95,20 @@ def activation_kind(act: nn.Module) -> int | None:
     return None
 
 
-def _source(module: nn.Module) -> str:
-    """The module class's forward (and _norm) source without whitespace; '' when unavailable."""
+def _source(*fns) -> str:
+    """The functions' source without whitespace; '' when any is unavailable."""
     parts = []
-    for name in ("forward", "_norm"):
-        fn = getattr(type(module), name, None)
-        if fn is not None:
-            try:
-                parts.append(inspect.getsource(fn))
-            except (OSError, TypeError):
-                return ""
+    for fn in fns:
+        try:
+            parts.append(inspect.getsource(fn))
+        except (OSError, TypeError):
+            return ""
     return "".join("".join(parts).split())
+
+
+def _module_source(module: nn.Module) -> str:
+    cls = type(module)
+    return _source(*(getattr(cls, n) for n in ("forward", "_norm") if hasattr(cls, n)))
 
 
 def _has_lines(src: str, lines: tuple[str, ...]) -> bool:
@@ -99,7 +118,7 @@ def _has_lines(src: str, lines: tuple[str, ...]) -> bool:
 def _is_gated_mlp(module: nn.Module) -> bool:
     if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return False
-    return _has_lines(_source(module), (GATED_LINE,))
+    return _has_lines(_module_source(module), (GATED_LINE,))
 
 
 def norm_mode(module: nn.Module) -> int | None:
@@ -107,7 +126,7 @@ def norm_mode(module: nn.Module) -> int | None:
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 1:
         return None
-    src = _source(module)
+    src = _module_source(module)
     for mode, lines in NORM_LINES.items():
         if isinstance(getattr(module, NORM_EPS[mode], None), float) and _has_lines(src, lines):
             return mode
@@ -184,14 +203,85 @@ def _fused_forward(module: nn.Module, kind: int, original):
     return forward
 
 
+class _Rope(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin over x's rows in memory order; cos/sin rows found by strides."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, sizes, strides):
+        ctx.save_for_backward(cos, sin)
+        ctx.layout = (sizes, strides)
+        return torch.ops.hubtool.rope(x, cos, sin, sizes, strides, False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        sizes, strides = ctx.layout
+        return torch.ops.hubtool.rope(dy.contiguous(), cos, sin, sizes, strides, True), None, None, None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, H, L, D), cos/sin (B|1, L, D) broadcast over the heads; x's strides kept."""
+    order = sorted(range(3), key=lambda d: -x.stride(d)) + [3]
+    xp = x.permute(order)
+    if not xp.is_contiguous():
+        xp = xp.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    cs = cos.unsqueeze(1).expand(x.shape[0], x.shape[1], -1, -1)  # (B, H, L, D), stride 0 over B|1 and H
+    cstr = [cs.stride(d) for d in order[:3]]
+    sizes = [xp.shape[i] for i in range(3)]
+    y = _Rope.apply(xp, cos, sin, sizes, cstr)
+    inverse = sorted(range(4), key=order.__getitem__)
+    return y.permute(inverse)
+
+
+def _rope_applies(fn, module_globals: dict) -> bool:
+    rotate = module_globals.get("rotate_half")
+    return (
+        rotate is not None
+        and _has_lines(_source(fn), ROPE_LINES)
+        and _has_lines(_source(rotate), ROTATE_HALF_LINES)
+    )
+
+
+def _fused_rope(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsqueeze = args[0] if args else kwargs.get("unsqueeze_dim", 1)
+        same = q.dtype == k.dtype == cos.dtype == sin.dtype and q.dim() == k.dim() == 4
+        if (
+            unsqueeze != 1
+            or len(args) > 1
+            or set(kwargs) - {"unsqueeze_dim"}
+            or not same
+            or cos.dim() != 3
+            or cos.shape != sin.shape
+            or cos.shape[-1] != q.shape[-1]
+            or q.shape[-1] != k.shape[-1]
+            or q.shape[-1] % 2
+            or cos.shape[0] not in (1, q.shape[0])
+            or cos.shape[1] != q.shape[2]
+            or k.shape[2] != q.shape[2]
+            or any(t.stride(-1) != 1 for t in (q, k))
+        ):
+            return original(q, k, cos, sin, *args, **kwargs)
+        return rope(q, cos, sin), rope(k, cos, sin)
+
+    return apply_rotary_pos_emb
+
+
 @contextlib.contextmanager
 def cpu_fused_ops(block: nn.Module, device: torch.device) -> Iterator[None]:
     """While in this context, the block's gated MLPs and RMSNorms run fused (CPU, kernels built)."""
     from ..kernels import cpu
 
     patched = []
+    swapped: list[tuple[dict, object]] = []
     if device.type == "cpu" and cpu.load():
         for m in block.modules():
+            g = getattr(sys.modules.get(type(m).__module__), "__dict__", {})
+            fn = g.get("apply_rotary_pos_emb")
+            if fn is not None and not any(d is g for d, _ in swapped) and _rope_applies(fn, g):
+                swapped.append((g, fn))
+                g["apply_rotary_pos_emb"] = _fused_rope(fn)
             if "forward" in m.__dict__:
                 continue
             kind = activation_kind(m.act_fn) if hasattr(m, "act_fn") else None
@@ -208,3 +298,5 @@ def cpu_fused_ops(block: nn.Module, device: torch.device) -> Iterator[None]:
     finally:
         for m in patched:
             del m.forward
+        for g, fn in swapped:
+            g["apply_rotary_pos_emb"] = fn

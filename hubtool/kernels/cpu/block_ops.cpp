@@ -9,6 +9,7 @@
 //   gated_act_fwd(gu, kind) -> h        h = act(gu[:, :I]) * gu[:, I:]        kind 0: silu, 1: gelu (tanh)
 //   gated_act_bwd(dh, gu, kind) -> dgu  d gate = (dh * up) * act'(gate), d up = dh * act(gate)
 //   rms_norm_fwd(x, w, eps, mode) -> (y, rstd), rms_norm_bwd(dy, x, w, rstd, mode) -> dx   (below)
+//   rope(x, cos, sin, sizes, strides, backward) -> y                                       (below)
 //
 // bf16 runs written-out AVX-512 when the CPU has AVX-512BW; everything else runs a plain C++ loop.
 
@@ -446,6 +447,108 @@ at::Tensor rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   return dx;
 }
 
+// ---- rotary position embedding -------------------------------------------------------------------
+// y = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], each product and the sum rounded to the
+// dtype as torch's three ops do; backward dx = dy * cos + rotate_half^T(dy * sin), rounded per term.
+// x's rows (last dimension, contiguous) are taken in memory order; row r's cos/sin row sits at
+// sum_i unravel(r)_i * cs_stride_i over the three leading dimensions (a stride 0 broadcasts over heads).
+
+struct RowMap {
+  int64_t size[3], stride[3];
+  int64_t operator()(int64_t r) const {
+    const int64_t i2 = r % size[2], i1 = (r / size[2]) % size[1], i0 = r / (size[2] * size[1]);
+    return i0 * stride[0] + i1 * stride[1] + i2 * stride[2];
+  }
+};
+
+template <typename T>
+void rope_rows(const T* x, const T* cs, const T* sn, RowMap map, int64_t d, bool bwd, int64_t r0, int64_t r1, T* y) {
+  const int64_t h = d / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * d;
+    const T* c = cs + map(r);
+    const T* s = sn + map(r);
+    for (int64_t i = 0; i < d; ++i) {
+      const float a = rnd<T>(to_f(xr[i]) * to_f(c[i]));
+      float b;
+      if (!bwd) {
+        b = i < h ? -rnd<T>(to_f(xr[i + h]) * to_f(s[i])) : rnd<T>(to_f(xr[i - h]) * to_f(s[i]));
+      } else {
+        b = i < h ? rnd<T>(to_f(xr[i + h]) * to_f(s[i + h])) : -rnd<T>(to_f(xr[i - h]) * to_f(s[i - h]));
+      }
+      y[r * d + i] = static_cast<T>(a + b);
+    }
+  }
+}
+
+HT_AVX512 inline __m512 negate(__m512 x) {  // (AVX-512F has no float xor)
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
+}
+
+HT_AVX512 void rope_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* cs, const c10::BFloat16* sn, RowMap map,
+                              int64_t d, bool bwd, int64_t r0, int64_t r1, c10::BFloat16* y) {
+  const int64_t h = d / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const c10::BFloat16* xr = x + r * d;
+    const c10::BFloat16* c = cs + map(r);
+    const c10::BFloat16* s = sn + map(r);
+    for (int64_t i = 0; i < h; i += 16) {  // the two halves together
+      const __m512 x1 = load16(xr + i), x2 = load16(xr + i + h);
+      const __m512 a1 = round16(_mm512_mul_ps(x1, load16(c + i)));
+      const __m512 a2 = round16(_mm512_mul_ps(x2, load16(c + i + h)));
+      __m512 b1, b2;
+      if (!bwd) {  // y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
+        b1 = negate(round16(_mm512_mul_ps(x2, load16(s + i))));
+        b2 = round16(_mm512_mul_ps(x1, load16(s + i + h)));
+      } else {  // dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1
+        b1 = round16(_mm512_mul_ps(x2, load16(s + i + h)));
+        b2 = negate(round16(_mm512_mul_ps(x1, load16(s + i))));
+      }
+      store16(y + r * d + i, _mm512_add_ps(a1, b1));
+      store16(y + r * d + i + h, _mm512_add_ps(a2, b2));
+    }
+  }
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cs, const at::Tensor& sn, std::vector<int64_t> sizes,
+                std::vector<int64_t> strides, bool bwd) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.size(-1) % 2 == 0, "x: contiguous, even last dimension");
+  TORCH_CHECK(cs.scalar_type() == x.scalar_type() && sn.scalar_type() == x.scalar_type() && cs.is_contiguous() &&
+                  sn.is_contiguous() && cs.sizes() == sn.sizes(),
+              "cos and sin: contiguous, of x's dtype and the same shape");
+  TORCH_CHECK(sizes.size() == 3 && strides.size() == 3, "three leading sizes and cos/sin strides");
+  const int64_t d = x.size(-1), rows = x.numel() / d;
+  RowMap map{{sizes[0], sizes[1], sizes[2]}, {strides[0], strides[1], strides[2]}};
+  TORCH_CHECK(sizes[0] * sizes[1] * sizes[2] == rows, "sizes must cover x's rows");
+  int64_t last = 0;
+  for (int k = 0; k < 3; ++k) last += (sizes[k] - 1) * strides[k];
+  TORCH_CHECK(last + d <= cs.numel(), "cos/sin strides reach past their end");
+  auto y = at::empty_like(x);
+  const auto dt = x.scalar_type();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    const T* cp = cs.data_ptr<T>();
+    const T* sp = sn.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    over_rows(rows, d, [&](int64_t b, int64_t e) {
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (has_avx512bw() && d % 32 == 0) return rope_rows_bf16(xp, cp, sp, map, d, bwd, b, e, yp);
+      }
+      rope_rows(xp, cp, sp, map, d, bwd, b, e, yp);
+    });
+  };
+  if (dt == at::kBFloat16) {
+    run(c10::BFloat16());
+  } else if (dt == at::kHalf) {
+    run(c10::Half());
+  } else {
+    TORCH_CHECK(dt == at::kFloat, "bf16, fp16 or fp32");
+    run(float());
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hubtool, m) {
@@ -453,6 +556,7 @@ TORCH_LIBRARY_FRAGMENT(hubtool, m) {
   m.def("gated_act_bwd(Tensor dh, Tensor gu, int kind) -> Tensor");
   m.def("rms_norm_fwd(Tensor x, Tensor w, float eps, int mode) -> (Tensor, Tensor)");
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor w, Tensor rstd, int mode) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, int[] sizes, int[] strides, bool backward) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hubtool, CPU, m) {
@@ -460,4 +564,5 @@ TORCH_LIBRARY_IMPL(hubtool, CPU, m) {
   m.impl("gated_act_bwd", &gated_act_bwd);
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
+  m.impl("rope", &rope);
 }
