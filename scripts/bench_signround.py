@@ -6,7 +6,11 @@ before it) and the perplexity of the fake-quantized model on held-out text (pydo
 calibration never uses, see ``hubtool.quant.calib.heldout_text``). Then hubtool SignRound on tiny Llama
 models of 4, 8 and 16 layers shows how its peak RSS grows with depth.
 
-    .venv/bin/python scripts/bench_signround.py [--iters 50 --nsamples 32 --seqlen 256] [--json out.json]
+Timings on a shared 2-core VM drift by 5-30% over minutes: ``--repeat N`` runs every timed method N times,
+interleaved (A B A B, not A A B B), and reports the median with the range. The CPU kernel library is
+built before the first method, and a failed build is announced (the torch fallback would be timed).
+
+    .venv/bin/python scripts/bench_signround.py [--iters 50 --nsamples 32 --seqlen 256] [--repeat 2] [--json F]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -241,6 +246,21 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
 
+UNTIMED = ("bf16", "rtn")  # nothing worth repeating: no quantization, or a fraction of a second
+
+
+def _median_run(rs: list[dict]) -> dict:
+    """One method's result over its repeated runs: median time and peak RSS, every run's time kept."""
+    out = dict(rs[0])
+    for key in ("quant_s", "cpu_s", "peak_rss"):
+        out[key] = statistics.median(r[key] for r in rs)
+    out["quant_s_runs"] = [r["quant_s"] for r in rs]
+    out["peak_rss_runs"] = [r["peak_rss"] for r in rs]
+    if len({r.get("ppl") for r in rs}) > 1:  # same seed, same bytes: this would be a bug worth seeing
+        out["ppl_runs"] = [r.get("ppl") for r in rs]
+    return out
+
+
 def main() -> None:
     """Run the benchmark and print the table (and write --json)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,6 +281,12 @@ def main() -> None:
         help="also run hubtool SignRound with these iteration counts (quality per time; '' to skip)",
     )
     ap.add_argument("--depths", default="4,8,16", help="tiny-model depths for the RSS check ('' to skip)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every timed method this many times, interleaved; the table shows the median (and range)",
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -273,7 +299,10 @@ def main() -> None:
 
     from hubtool.kernels import cpu
 
-    cpu.load()  # a kernel build (first run, or a changed source) is not counted in a method's time
+    if not cpu.load():  # built here, so that a build is not counted in a method's time
+        print(
+            f"# WARNING: hubtool's CPU kernels did not build ({cpu.status().get('error')}): torch fallback timed"
+        )
     tmp = tempfile.mkdtemp(prefix="bench-signround-")
     cfg = {
         "model": args.model,
@@ -295,17 +324,21 @@ def main() -> None:
         f"{args.eval_tokens} tokens ({args.eval_file or 'pydoc topics never used for calibration'})",
         flush=True,
     )
-    results = {}
     methods = [m for m in args.methods.split(",") if m]
     methods += [f"signround@{n}" for n in args.fewer_iters.split(",") if n]
-    for m in methods:
-        results[m] = run_worker(m, cfg)
-        r = results[m]
-        print(
-            f"  {m:18s} ppl {r.get('ppl', float('nan')):8.3f}  quant {r['quant_s']:7.1f} s  "
-            f"cpu {r['cpu_s']:7.1f} s  peak RSS {_gb(r['peak_rss'])} GB",
-            flush=True,
-        )
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for rep in range(max(1, args.repeat)):  # interleaved, so that a slow spell of the machine hits all
+        for m in methods:
+            if rep and m in UNTIMED:
+                continue
+            r = run_worker(m, cfg)
+            runs[m].append(r)
+            print(
+                f"  {m:18s} ppl {r.get('ppl', float('nan')):8.3f}  quant {r['quant_s']:7.1f} s  "
+                f"cpu {r['cpu_s']:7.1f} s  peak RSS {_gb(r['peak_rss'])} GB  (run {rep + 1})",
+                flush=True,
+            )
+    results = {m: _median_run(rs) for m, rs in runs.items()}
     depth = {}
     for n in [int(d) for d in args.depths.split(",") if d]:
         depth[n] = run_worker("signround", {**cfg, "tiny_layers": n, "iters": min(args.iters, 10)})
@@ -323,6 +356,8 @@ def main() -> None:
     for m, r in results.items():
         ratio = f"{r['ppl'] / base:.3f}" if base and "ppl" in r else "-"
         wall = f"{r['quant_s']:.1f}" if m != "bf16" else "-"
+        if m != "bf16" and len(r["quant_s_runs"]) > 1:
+            wall += f" ({min(r['quant_s_runs']):.1f}-{max(r['quant_s_runs']):.1f})"
         cpu = f"{r['cpu_s']:.1f}" if m != "bf16" else "-"
         print(
             f"| {_label(m)} | {r.get('ppl', float('nan')):.3f} | {ratio} | {wall} | {cpu} | {_gb(r['peak_rss'])} |"

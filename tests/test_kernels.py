@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -376,3 +377,18 @@ def test_bench_kernels_smoke(monkeypatch, tmp_path):
     assert row["dram_read_gbps"] > 0 and "vs_torch_int4" in row["ratios"]
     assert set(res["targets"]) >= {"m1_vs_torch_int4", "m8_vs_bf16"}
     assert "M=1 GB/s" in bk.format_table(res)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler")
+def test_kernel_library_builds_where_a_compiler_is():
+    """With a compiler, a build error is a failure here, not every kernel test skipped in silence."""
+    assert cpu.load(), cpu.status().get("error")
+    for op in (
+        "int4_mm_cpu",
+        "signround_fwd",
+        "signround_bwd_i32",
+        "quantize_cols_i8",
+        "gated_act_fwd",
+        "rope",
+    ):
+        assert hasattr(torch.ops.hubtool, op), op
