@@ -326,6 +326,8 @@ def quantize_variant(
     )
     info = getattr(calib, "info", None)
     recipe_dict = asdict(recipe) if method != "rtn" else None
+    if recipe_dict is not None and result.weight_grad:
+        recipe_dict["weight_grad"] = result.weight_grad
     meta = {
         "variant": name,
         "method": method,

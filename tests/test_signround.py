@@ -316,3 +316,17 @@ def test_int8_weight_gradient_keeps_the_signs_that_matter(monkeypatch):
     agree = (torch.sign(steps["1"]) == torch.sign(steps["0"])).float()
     assert (agree * weight).sum() / weight.sum() > 0.99  # weighted by |dL/dW|: the steps that matter agree
     assert agree.mean() > 0.9
+
+
+def test_result_records_the_weight_gradient_precision(llama, monkeypatch):
+    """The record says how dL/dW was taken: int8 on the CPU with the kernels, the dtype otherwise."""
+    from hubtool.kernels import cpu
+    from hubtool.quant import signround
+
+    model, tok = llama
+    plan = plan_layers(model, SYM)
+    res = quantize_model(model, plan, SYM, "signround", RECIPE, _calib(tok))
+    assert res.weight_grad == ("int8" if cpu.load() else "bfloat16")
+    monkeypatch.setenv(signround.INT8_GRAD_ENV, "0")
+    assert quantize_model(model, plan, SYM, "signround", RECIPE, _calib(tok)).weight_grad == "bfloat16"
+    assert quantize_model(model, plan, SYM, "opt-rtn", RECIPE, _calib(tok)).weight_grad is None

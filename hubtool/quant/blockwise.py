@@ -385,6 +385,7 @@ class _Runner:
         self.amp = self.device.type == "cuda"
         self.weights: dict[str, PackedWeight | IntWeight] = {}  # finished linears, 4-bit codes packed
         self.losses: list[BlockLoss] = []
+        self.grad_kinds: set[str] = set()  # precisions of dL/dW seen while tuning
         mask = (
             torch.cat([s["attention_mask"] for s in calib.samples])
             if "attention_mask" in calib.samples[0]
@@ -503,7 +504,8 @@ class _Runner:
         weights = {}
         for n in list(self.weights):  # unpacked one by one, so the codes are never held twice
             weights[n] = _codes(self.weights.pop(n))
-        return QuantResult(weights=weights, block_losses=self.losses)
+        kinds = ",".join(sorted(self.grad_kinds)) or None
+        return QuantResult(weights=weights, block_losses=self.losses, weight_grad=kinds)
 
     def _emit(self, ev: ProgressEvent) -> None:
         if self.progress:
@@ -693,6 +695,7 @@ class _Runner:
                             loss=value,
                         )
                     )
+        self.grad_kinds.update(s.grad_kind for s in states.values() if s.grad_kind)
         return {n: s.int_weight() for n, s in states.items()}
 
 

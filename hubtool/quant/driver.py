@@ -42,6 +42,7 @@ class QuantResult:
     weights: dict[str, IntWeight]
     block_losses: list[BlockLoss] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
+    weight_grad: str | None = None  # SignRound: the precision of dL/dW ("int8" on the CPU, else the dtype)
 
 
 def quantize_model(

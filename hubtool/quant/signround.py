@@ -129,6 +129,7 @@ class TunedLinear:
         self.scratch = scratch or Scratch()
         self.lr: float | None = None  # SignSGD step applied in backward; None: store the gradients instead
         self.grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.grad_kind: str | None = None  # what the last backward got: "int8" or the gradient's dtype
         self._ctx: tuple = ()
 
     @property
@@ -175,6 +176,7 @@ class TunedLinear:
         * col[None, :] (the int8 backward, fused path only).
         """
         spec = self.spec
+        self.grad_kind = "int8" if scales is not None else str(g.dtype).removeprefix("torch.")
         g = g.view(self.wg.shape)
         s = self._ctx[0]
         s3 = s.unsqueeze(-1)
