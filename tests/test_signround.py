@@ -330,3 +330,28 @@ def test_result_records_the_weight_gradient_precision(llama, monkeypatch):
     monkeypatch.setenv(signround.INT8_GRAD_ENV, "0")
     assert quantize_model(model, plan, SYM, "signround", RECIPE, _calib(tok)).weight_grad == "bfloat16"
     assert quantize_model(model, plan, SYM, "opt-rtn", RECIPE, _calib(tok)).weight_grad is None
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_fused_clip_search_chooses_what_the_torch_code_chooses(sym, monkeypatch):
+    """The clipping search's C++ weight error is the torch code's, bit for bit: the same clipping per group."""
+    from hubtool.kernels import cpu
+    from hubtool.quant import signround
+    from hubtool.quant.optrtn import search_clip
+
+    if not cpu.load():
+        pytest.skip("CPU kernel library unavailable")
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(96, 384, generator=g) * 0.05).to(torch.bfloat16)
+    w[3, :128] *= 20  # a group with an outlier row: clipping matters
+    x = torch.randn(512, 384, generator=g) * torch.rand(384, generator=g) * 3
+    xg = x.reshape(512, 3, 128).transpose(0, 1)
+    h = torch.bmm(xg.transpose(1, 2), xg)
+    spec = QuantSpec(sym=sym)
+    found = {}
+    for fused in (True, False):
+        monkeypatch.setitem(signround._FUSED, "ok", fused)
+        found[fused] = (search_clip(w, h, spec), search_clip(w, None, spec))
+    for a, b in zip(found[True], found[False], strict=True):
+        assert torch.equal(a, b)
+        assert (a < 1).any()  # some groups were clipped: the comparison is not trivial

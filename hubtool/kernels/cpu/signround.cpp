@@ -377,6 +377,50 @@ std::tuple<at::Tensor, at::Tensor> quantize_cols_i8(const at::Tensor& x) {
   return {q, scale};
 }
 
+// The weight error of clipped RTN for the clipping search (hubtool/quant/optrtn.py), the same arithmetic
+// as its torch code: e = w - (clamp(round_half_even(w / s) + z, lo, hi) - z) * s, written transposed as
+// (G#, N, G) for the batched product with the per-group X^T X blocks.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void clip_error_avx512(const float* w, float sc, float zz,
+                                                                            float lo, float hi, int64_t g, float* e) {
+  const __m512 s = _mm512_set1_ps(sc), z = _mm512_set1_ps(zz), l = _mm512_set1_ps(lo), h = _mm512_set1_ps(hi);
+  for (int64_t i = 0; i < g; i += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + i);
+    __m512 x = _mm512_roundscale_ps(_mm512_div_ps(wv, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(x, z), l), h);
+    _mm512_storeu_ps(e + i, _mm512_sub_ps(wv, _mm512_mul_ps(_mm512_sub_ps(x, z), s)));
+  }
+}
+
+at::Tensor clip_error(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, double lo, double hi) {
+  check(w, at::kFloat, "w"), check(s, at::kFloat, "s"), check(z, at::kFloat, "z");
+  TORCH_CHECK(w.dim() == 3 && s.numel() == w.size(0) * w.size(1) && z.numel() == s.numel(),
+              "w must be (N, K/G, G) and s, z one per group");
+  const int64_t n = w.size(0), ng = w.size(1), g = w.size(2);
+  auto e = at::empty({ng, n, g}, w.options());
+  const float* wp = w.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  float* ep = e.data_ptr<float>();
+  const float l = static_cast<float>(lo), h = static_cast<float>(hi);
+  const bool fast = has_avx512bw() && g % 16 == 0;
+  at::parallel_for(0, n * ng, 16, [&](int64_t b, int64_t end) {
+    for (int64_t grp = b; grp < end; ++grp) {
+      const int64_t row = grp / ng, col = grp % ng;
+      const float* wr = wp + grp * g;
+      float* er = ep + (col * n + row) * g;
+      if (fast) {
+        clip_error_avx512(wr, sp[grp], zp[grp], l, h, g, er);
+        continue;
+      }
+      for (int64_t i = 0; i < g; ++i) {
+        float x = std::min(std::max(round_even(wr[i] / sp[grp]) + zp[grp], l), h);
+        er[i] = wr[i] - (x - zp[grp]) * sp[grp];
+      }
+    }
+  });
+  return e;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hubtool, m) {
@@ -388,6 +432,7 @@ TORCH_LIBRARY_FRAGMENT(hubtool, m) {
       "signround_bwd_i32(Tensor acc, Tensor row, Tensor col, Tensor inside, Tensor w, Tensor q, Tensor s, "
       "Tensor(a!) v, float lr) -> Tensor");
   m.def("quantize_cols_i8(Tensor x) -> (Tensor, Tensor)");
+  m.def("clip_error(Tensor w, Tensor s, Tensor z, float lo, float hi) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hubtool, CPU, m) {
@@ -395,4 +440,5 @@ TORCH_LIBRARY_IMPL(hubtool, CPU, m) {
   m.impl("signround_bwd", &signround_bwd);
   m.impl("signround_bwd_i32", &signround_bwd_i32);
   m.impl("quantize_cols_i8", &quantize_cols_i8);
+  m.impl("clip_error", &clip_error);
 }
