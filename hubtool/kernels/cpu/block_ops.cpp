@@ -212,6 +212,18 @@ bool has_avx512bw() {
   return yes;
 }
 
+// Calls f(T()) with T the C++ type of dt: bf16, fp16 or fp32 (the callers have checked it is one of them).
+template <typename F>
+void with_dtype(at::ScalarType dt, F f) {
+  if (dt == at::kBFloat16) {
+    f(c10::BFloat16());
+  } else if (dt == at::kHalf) {
+    f(c10::Half());
+  } else {
+    f(float());
+  }
+}
+
 void check_gu(const at::Tensor& gu, int64_t kind) {
   TORCH_CHECK(gu.device().is_cpu() && gu.is_contiguous() && gu.dim() >= 1 && gu.size(-1) % 2 == 0,
               "gu must be a contiguous CPU tensor with [gate | up] in its last dimension");
@@ -259,13 +271,7 @@ at::Tensor gated_act_fwd(const at::Tensor& gu, int64_t kind) {
   auto h = at::empty(sizes, gu.options());
   const int k = static_cast<int>(kind);
   const auto dt = gu.scalar_type();
-  if (dt == at::kBFloat16) {
-    fwd_impl<c10::BFloat16>(gu, inter, rows, k, h);
-  } else if (dt == at::kHalf) {
-    fwd_impl<c10::Half>(gu, inter, rows, k, h);
-  } else {
-    fwd_impl<float>(gu, inter, rows, k, h);
-  }
+  with_dtype(dt, [&](auto tag) { fwd_impl<decltype(tag)>(gu, inter, rows, k, h); });
   return h;
 }
 
@@ -277,13 +283,7 @@ at::Tensor gated_act_bwd(const at::Tensor& dh, const at::Tensor& gu, int64_t kin
   auto dgu = at::empty_like(gu);
   const int k = static_cast<int>(kind);
   const auto dt = gu.scalar_type();
-  if (dt == at::kBFloat16) {
-    bwd_impl<c10::BFloat16>(dh, gu, inter, rows, k, dgu);
-  } else if (dt == at::kHalf) {
-    bwd_impl<c10::Half>(dh, gu, inter, rows, k, dgu);
-  } else {
-    bwd_impl<float>(dh, gu, inter, rows, k, dgu);
-  }
+  with_dtype(dt, [&](auto tag) { bwd_impl<decltype(tag)>(dh, gu, inter, rows, k, dgu); });
   return dgu;
 }
 
@@ -418,13 +418,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::T
   const float e = static_cast<float>(eps);
   const int m = static_cast<int>(mode);
   const auto dt = x.scalar_type();
-  if (dt == at::kBFloat16) {
-    norm_fwd_impl<c10::BFloat16>(x, w, e, m, y, rstd);
-  } else if (dt == at::kHalf) {
-    norm_fwd_impl<c10::Half>(x, w, e, m, y, rstd);
-  } else {
-    norm_fwd_impl<float>(x, w, e, m, y, rstd);
-  }
+  with_dtype(dt, [&](auto tag) { norm_fwd_impl<decltype(tag)>(x, w, e, m, y, rstd); });
   return {y, rstd};
 }
 
@@ -437,13 +431,7 @@ at::Tensor rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   auto dx = at::empty_like(x);
   const int m = static_cast<int>(mode);
   const auto dt = x.scalar_type();
-  if (dt == at::kBFloat16) {
-    norm_bwd_impl<c10::BFloat16>(dy, x, w, rstd, m, dx);
-  } else if (dt == at::kHalf) {
-    norm_bwd_impl<c10::Half>(dy, x, w, rstd, m, dx);
-  } else {
-    norm_bwd_impl<float>(dy, x, w, rstd, m, dx);
-  }
+  with_dtype(dt, [&](auto tag) { norm_bwd_impl<decltype(tag)>(dy, x, w, rstd, m, dx); });
   return dx;
 }
 
@@ -513,6 +501,8 @@ HT_AVX512 void rope_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* cs, c
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cs, const at::Tensor& sn, std::vector<int64_t> sizes,
                 std::vector<int64_t> strides, bool bwd) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.size(-1) % 2 == 0, "x: contiguous, even last dimension");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
+              "bf16, fp16 or fp32");
   TORCH_CHECK(cs.scalar_type() == x.scalar_type() && sn.scalar_type() == x.scalar_type() && cs.is_contiguous() &&
                   sn.is_contiguous() && cs.sizes() == sn.sizes(),
               "cos and sin: contiguous, of x's dtype and the same shape");
@@ -538,14 +528,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cs, const at::Tensor& sn,
       rope_rows(xp, cp, sp, map, d, bwd, b, e, yp);
     });
   };
-  if (dt == at::kBFloat16) {
-    run(c10::BFloat16());
-  } else if (dt == at::kHalf) {
-    run(c10::Half());
-  } else {
-    TORCH_CHECK(dt == at::kFloat, "bf16, fp16 or fp32");
-    run(float());
-  }
+  with_dtype(dt, run);
   return y;
 }
 
