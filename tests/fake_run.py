@@ -81,6 +81,7 @@ def make_run(
                 "batch_size": 8,
                 "lr": 0.005,
                 "seed": 42,
+                **({"weight_grad": "int8"} if i == 0 else {}),  # the second variant: a record without it
             },
             calibration=rec.CalibrationInfo(
                 name=f"calib{chr(97 + i)}",

@@ -102,6 +102,9 @@ def test_every_figure_comes_from_the_record(run: Path):
     assert "**61.38**" in body and "**59.31**" in body  # the average row
     assert "hubtool quantize acme/tiny-chat -o runs/x --recipe light" in text  # the command to reproduce
     assert "Test CPU" in body and "41.7" in body  # hardware and time
+    recipe_lines = [ln for ln in body.splitlines() if ln.startswith("- Recipe:")]
+    assert len(recipe_lines) == 2 and recipe_lines[0].endswith("seed 42, weight gradients in int8")
+    assert recipe_lines[1].endswith("seed 42")  # a record without the field
     # the snippets' generation length is the record's
     assert f"max_new_tokens={record.comparisons[0].max_new_tokens}" in text
 
