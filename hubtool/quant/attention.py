@@ -34,8 +34,11 @@ def _parts(mask: torch.Tensor | None, lq: int, s: int) -> list[tuple[int, int, i
     """(first query, end, keys seen) blocks: a causal mask's second half of the keys is skipped for the
     first half of the queries when it masks all of them (only fully masked rows change: padding, never scored)."""
     h = lq // 2
-    if mask is None or lq != s or lq < 64 or bool((mask[..., :h, :, h:] > _MASKED).any()):
-        return [(0, lq, s)]
+    whole = [(0, lq, s)]
+    if mask is None or lq != s or lq < 64 or mask.shape[-3] != lq:  # not per query: nothing to skip
+        return whole
+    if bool((mask[..., :h, :, h:] > _MASKED).any()):
+        return whole
     return [(0, h, h), (h, lq, s)]
 
 
