@@ -149,19 +149,27 @@ class _RMSNorm(torch.autograd.Function):
         return torch.ops.hubtool.rms_norm_bwd(dy.contiguous(), x, w, rstd, ctx.mode), None, None, None
 
 
+def _in_memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """x permuted so that its rows (last dimension) come in memory order, contiguous (a permuted view
+    costs no copy), and the permutation."""
+    order = sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)) + [x.dim() - 1]
+    xp = x.permute(order)
+    return (xp if xp.is_contiguous() else xp.contiguous()), order
+
+
+def _undo_order(y: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """y (computed in memory order) back in the original dimension order, with x's strides."""
+    return y.permute(sorted(range(len(order)), key=order.__getitem__))
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, mode: int) -> torch.Tensor:
     """RMSNorm of x's last dimension (fp32 weight ``w``: 1 + weight for mode 0, weight for mode 1).
 
     A permuted x (a transposed view, as attention's per-head norms get) runs in its memory order, so
     that nothing is copied; the result has x's strides.
     """
-    order = sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)) + [x.dim() - 1]
-    xp = x.permute(order)
-    if not xp.is_contiguous():
-        xp = xp.contiguous()
-    y = _RMSNorm.apply(xp, w, eps, mode)
-    inverse = sorted(range(x.dim()), key=order.__getitem__)
-    return y.permute(inverse)
+    xp, order = _in_memory_order(x)
+    return _undo_order(_RMSNorm.apply(xp, w, eps, mode), order)
 
 
 def _norm_forward(module: nn.Module, mode: int, original):
@@ -221,17 +229,11 @@ class _Rope(torch.autograd.Function):
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x (B, H, L, D), cos/sin (B|1, L, D) broadcast over the heads; x's strides kept."""
-    order = sorted(range(3), key=lambda d: -x.stride(d)) + [3]
-    xp = x.permute(order)
-    if not xp.is_contiguous():
-        xp = xp.contiguous()
+    xp, order = _in_memory_order(x)
     cos, sin = cos.contiguous(), sin.contiguous()
     cs = cos.unsqueeze(1).expand(x.shape[0], x.shape[1], -1, -1)  # (B, H, L, D), stride 0 over B|1 and H
     cstr = [cs.stride(d) for d in order[:3]]
-    sizes = [xp.shape[i] for i in range(3)]
-    y = _Rope.apply(xp, cos, sin, sizes, cstr)
-    inverse = sorted(range(4), key=order.__getitem__)
-    return y.permute(inverse)
+    return _undo_order(_Rope.apply(xp, cos, sin, list(xp.shape[:3]), cstr), order)
 
 
 def _rope_applies(fn, module_globals: dict) -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .rtn import IntWeight, group_view
-from .signround import _fused, asym_scale_zero, sym_scale
+from .signround import asym_scale_zero, fused_available, sym_scale
 from .spec import QuantSpec
 
 # Clipping factors tried (alpha = beta = c): a grid from 0.5 to 1, then a finer pass around the best.
@@ -95,7 +95,7 @@ class _Search:
         self.e = torch.empty_like(self.wg)
         n, ng, g = self.wg.shape
         self.y = torch.empty(ng, n, g, device=self.wg.device) if h is not None else None
-        self.fused = _fused(self.wg)
+        self.fused = fused_available(self.wg)
 
     def codes(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q - zero) in self.e (float, grouped), scale and zero for clipping c."""
@@ -106,30 +106,26 @@ class _Search:
         torch.div(self.wg, s3, out=e)
         e.round_()
         if spec.sym:
-            e.clamp_(-spec.sym_zero, spec.sym_zero - 1)
+            e.clamp_(*spec.code_range)
         else:
             z3 = zero.unsqueeze(-1)
-            e.add_(z3).clamp_(0, spec.qmax).sub_(z3)
+            e.add_(z3).clamp_(*spec.code_range).sub_(z3)
         return e, scale, zero
 
     def errors(self, c: torch.Tensor) -> torch.Tensor:
         """Per-group error (N, G#) of clipping c (a scalar tensor or (N, G#))."""
         if self.fused:  # the weight error in one C++ pass, already laid out for the batched product
-            spec = self.spec
-            scale, zero = scale_zero(self.wmin, self.wmax, c, spec)
-            z = torch.zeros_like(scale) if spec.sym else zero
-            lo, hi = (-spec.sym_zero, spec.sym_zero - 1) if spec.sym else (0, spec.qmax)
+            scale, zero = scale_zero(self.wmin, self.wmax, c, self.spec)
+            z = torch.zeros_like(scale) if self.spec.sym else zero
+            lo, hi = self.spec.code_range
             et = torch.ops.hubtool.clip_error(self.wg, scale.contiguous(), z.contiguous(), lo, hi)
-            if self.hb is None:
-                return et.pow_(2).sum(-1).T
-            torch.bmm(et, self.hb, out=self.y)
-            return self.y.mul_(et).sum(-1).T
-        e, scale, _ = self.codes(c)
-        e.mul_(scale.unsqueeze(-1))
-        torch.sub(self.wg, e, out=e)  # the weight error
+        else:
+            e, scale, _ = self.codes(c)
+            e.mul_(scale.unsqueeze(-1))
+            torch.sub(self.wg, e, out=e)  # the weight error
+            et = e.transpose(0, 1)  # (G#, N, G)
         if self.hb is None:
-            return e.pow_(2).sum(-1)
-        et = e.transpose(0, 1)
+            return et.pow_(2).sum(-1).T
         torch.bmm(et, self.hb, out=self.y)
         return self.y.mul_(et).sum(-1).T
 

@@ -37,7 +37,7 @@ FUSED_ENV = "HUBTOOL_SIGNROUND_FUSED"  # "0": the torch code below on the CPU to
 INT8_GRAD_ENV = "HUBTOOL_SIGNROUND_INT8_GRAD"  # "0": dL/dW in the model dtype on the CPU too
 
 
-def _fused(wg: torch.Tensor) -> bool:
+def fused_available(wg: torch.Tensor) -> bool:
     """Whether the fused C++ step runs for this grouped weight (CPU, contiguous, G % 16 == 0, library built)."""
     if (
         wg.device.type != "cpu"
@@ -145,12 +145,12 @@ class TunedLinear:
         if spec.sym:
             s, sel = sym_scale(self.wmin, self.wmax, self.alpha, self.beta, spec)
             self._ctx = (s, sel)
-            z, lo, hi = None, -spec.sym_zero, spec.sym_zero - 1
+            z = None
         else:
             s, z, zin = asym_scale_zero(self.wmin, self.wmax, self.alpha, self.beta, spec)
             self._ctx = (s, z, zin)
-            lo, hi = 0, spec.qmax
-        if _fused(self.wg):
+        lo, hi = spec.code_range
+        if fused_available(self.wg):
             zero = z if z is not None else torch.zeros_like(s)
             torch.ops.hubtool.signround_fwd(self.wg, self.v, s, zero, lo, hi, out, self.q, self.inside)
             return
@@ -186,7 +186,7 @@ class TunedLinear:
             gw, gq, g_sum, gin = torch.ops.hubtool.signround_bwd_i32(
                 g, row, col, self.inside, self.wg, self.q, s, self.v, self.lr
             )
-        elif self.lr is not None and _fused(self.wg):  # the sums and the step of V in one pass
+        elif self.lr is not None and fused_available(self.wg):  # the sums and the step of V in one pass
             gw, gq, g_sum, gin = torch.ops.hubtool.signround_bwd(
                 g, self.inside, self.wg, self.q, s, self.v, self.lr
             )
@@ -265,7 +265,7 @@ class TunedLinear:
 def _int8_grad(states: list[TunedLinear]) -> bool:
     """Whether dL/dW of these linears is taken as an int8 matmul (CPU fused path, SignSGD step set)."""
     return os.environ.get(INT8_GRAD_ENV, "1") != "0" and all(
-        s.lr is not None and _fused(s.wg) for s in states
+        s.lr is not None and fused_available(s.wg) for s in states
     )
 
 
@@ -298,19 +298,23 @@ class _TunedMatmul(torch.autograd.Function):
         dx = grad @ w if ctx.needs_input_grad[0] else None
         g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        r = 0
         if _int8_grad(states):
             qx, sx = torch.ops.hubtool.quantize_cols_i8(x2)
             qg, sg = torch.ops.hubtool.quantize_cols_i8(g2)
             acc = torch._int_mm(qg.t(), qx)  # (rows, K) int32
-            for s in states:
-                s.backward_from(acc[r : r + s.rows], (sg[r : r + s.rows], sx))
-                r += s.rows
+
+            def part(r, n):
+                return acc[r : r + n], (sg[r : r + n], sx)
         else:
             gw = g2.t() @ x2
-            for s in states:
-                s.backward_from(gw[r : r + s.rows])
-                r += s.rows
+
+            def part(r, n):
+                return gw[r : r + n], None
+
+        r = 0
+        for s in states:
+            s.backward_from(*part(r, s.rows))
+            r += s.rows
         return dx, torch.zeros((), device=ctx.handle_device), None, None
 
 

@@ -38,6 +38,11 @@ class QuantSpec:
         """The zero point of symmetric quantization (8 for int4)."""
         return 1 << (self.bits - 1)
 
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """(lo, hi) of the codes as tuned: signed, -8..7, for symmetric; unsigned, 0..15, with a zero point."""
+        return (-self.sym_zero, self.sym_zero - 1) if self.sym else (0, self.qmax)
+
 
 @dataclass(frozen=True)
 class Recipe:

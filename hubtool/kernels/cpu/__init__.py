@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("int4_mm.cpp")
 # one library: the int4 matmul, SignRound's fused step, the fused elementwise ops of block tuning
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("int4_mm.cpp", "signround.cpp", "block_ops.cpp"))
+HEADERS = (Path(__file__).with_name("simd.h"),)  # included by the sources: part of the build's hash
 EXT_NAME = "hubtool_int4_cpu"
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
 LDFLAGS = ["-fopenmp"]
@@ -51,7 +52,7 @@ _state: dict[str, object] = {"loaded": None, "error": None, "build_s": None, "pa
 def source_hash() -> str:
     """Hash of what the binary depends on: the source, torch's version and the compiler flags."""
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(torch.__version__.encode())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())

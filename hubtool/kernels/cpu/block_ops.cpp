@@ -26,19 +26,15 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 namespace {
+
+using namespace hubtool_simd;
 
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
 
-inline float to_f(c10::BFloat16 x) {
-  uint32_t u = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline float to_f(c10::Half x) { return static_cast<float>(x); }
-inline float to_f(float x) { return x; }
 template <typename T>
 inline float rnd(float x) {  // x rounded to T and back (what storing an intermediate in T does)
   return to_f(static_cast<T>(x));
@@ -95,27 +91,6 @@ void bwd_rows_plain(const T* dh, const T* gu, int64_t inter, int64_t r0, int64_t
 }
 
 // ---- AVX-512 (bf16) -------------------------------------------------------------------------------
-#define HT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-HT_AVX512 inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-HT_AVX512 inline __m256i pack16(__m512 x) {  // to bf16, round to nearest even (finite values)
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)),
-                       _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))),
-      16);
-  return _mm512_cvtepi32_epi16(r);
-}
-HT_AVX512 inline void store16(c10::BFloat16* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack16(x));
-}
-HT_AVX512 inline __m512 round16(__m512 x) {  // rounded to bf16 and back
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pack16(x)), 16));
-}
-
 // exp(x): 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, degree-7 Taylor (relative error < 1e-8 + fp32
 // rounding); scalef gives 0 / inf outside the range.
 HT_AVX512 inline __m512 exp16(__m512 x) {
@@ -204,12 +179,6 @@ HT_AVX512 void bwd_rows_bf16(const c10::BFloat16* dh, const c10::BFloat16* gu, i
       store16(dg + i, _mm512_mul_ps(round16(_mm512_mul_ps(dd, load16(u + i))), da));
     }
   }
-}
-
-bool has_avx512bw() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return yes;
 }
 
 // Calls f(T()) with T the C++ type of dt: bf16, fp16 or fp32 (the callers have checked it is one of them).

@@ -24,16 +24,12 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 namespace {
 
-inline float to_f(c10::BFloat16 x) {
-  uint32_t u = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline float to_f(c10::Half x) { return static_cast<float>(x); }
-inline float to_f(float x) { return x; }
+using namespace hubtool_simd;
+
 inline void store(float x, c10::BFloat16* o) {  // round to nearest even, as c10 (the values are finite)
   uint32_t u;
   std::memcpy(&u, &x, 4);
@@ -86,21 +82,16 @@ void bwd_group(Grad grad, const bool* ip, const T* wp, const int8_t* qp, float u
   sums[0] = r0, sums[1] = r1, sums[2] = r2, sums[3] = r3;
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 bf16x16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 // dL/dW sixteen at a time for the AVX-512 path: a bf16 gradient, or int32 dot products times their scales.
 struct Bf16Grad {
   const c10::BFloat16* p;
-  __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 operator()(int64_t i) const { return bf16x16(p + i); }
+  HT_AVX512 __m512 operator()(int64_t i) const { return load16(p + i); }
 };
 struct I32Grad {
   const int32_t* acc;  // the group's int32 sums
   const float* col;    // the input's scale per column of the group
   float row;           // the output gradient's scale of this row
-  __attribute__((target("avx512f,avx512bw,avx512vl"))) __m512 operator()(int64_t i) const {
+  HT_AVX512 __m512 operator()(int64_t i) const {
     const __m512 a = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + i));
     return _mm512_mul_ps(a, _mm512_mul_ps(_mm512_set1_ps(row), _mm512_loadu_ps(col + i)));
   }
@@ -108,14 +99,14 @@ struct I32Grad {
 
 // bf16 weights with AVX-512 written out (the compiler keeps the loops above scalar): 16 weights per step.
 template <typename Grad>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void bwd_group_bf16_avx512(
+HT_AVX512 void bwd_group_bf16_avx512(
     Grad grad, const bool* ip, const c10::BFloat16* wp, const int8_t* qp, float up, int64_t g, float* v,
     float* sums) {
   __m512 aw = _mm512_setzero_ps(), aq = _mm512_setzero_ps(), as = _mm512_setzero_ps(), ai = _mm512_setzero_ps();
   const __m512 zero = _mm512_setzero_ps(), upv = _mm512_set1_ps(up);
   const __m512 lo = _mm512_set1_ps(-0.5f), hi = _mm512_set1_ps(0.5f);
   for (int64_t i = 0; i < g; i += 16) {
-    const __m512 gf = grad(i), wf = bf16x16(wp + i);
+    const __m512 gf = grad(i), wf = load16(wp + i);
     const __m128i in8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ip + i));
     const __mmask16 in = _mm_test_epi8_mask(in8, in8);
     const __m512 gm = _mm512_maskz_mov_ps(in, gf);
@@ -133,29 +124,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void bwd_group_bf16_avx512(
   sums[2] = _mm512_reduce_add_ps(as), sums[3] = _mm512_reduce_add_ps(ai);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void fwd_group_bf16_avx512(
+HT_AVX512 void fwd_group_bf16_avx512(
     const c10::BFloat16* w, const float* v, float sc, float zz, float lo, float hi, int64_t g, c10::BFloat16* out,
     int8_t* q, bool* inside) {
   const __m512 s = _mm512_set1_ps(sc), z = _mm512_set1_ps(zz), l = _mm512_set1_ps(lo), h = _mm512_set1_ps(hi);
-  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
   for (int64_t i = 0; i < g; i += 16) {
-    __m512 x = _mm512_add_ps(_mm512_div_ps(bf16x16(w + i), s), _mm512_loadu_ps(v + i));
+    __m512 x = _mm512_add_ps(_mm512_div_ps(load16(w + i), s), _mm512_loadu_ps(v + i));
     x = _mm512_add_ps(_mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), z);
     const __mmask16 in = _mm512_cmp_ps_mask(x, l, _CMP_GE_OQ) & _mm512_cmp_ps_mask(x, h, _CMP_LE_OQ);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(inside + i), _mm_maskz_mov_epi8(in, _mm_set1_epi8(1)));
     x = _mm512_min_ps(_mm512_max_ps(x, l), h);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(x)));
-    const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_sub_ps(x, z), s));  // to bf16, nearest even
-    const __m512i r = _mm512_srli_epi32(
-        _mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(r));
+    store16(out + i, _mm512_mul_ps(_mm512_sub_ps(x, z), s));
   }
-}
-
-bool has_avx512bw() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return yes;
 }
 
 template <typename T>
@@ -247,13 +228,13 @@ void quant_cols_plain(const T* x, int64_t rows, int64_t cols, int64_t c0, int64_
     }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void quant_cols_bf16_avx512(
+HT_AVX512 void quant_cols_bf16_avx512(
     const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, int8_t* q, float* scale) {
   for (int64_t c = c0; c < c1; c += 16) _mm512_storeu_ps(scale + c, _mm512_setzero_ps());
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = c0; c < c1; c += 16)
       _mm512_storeu_ps(scale + c, _mm512_max_ps(_mm512_loadu_ps(scale + c),
-                                                _mm512_abs_ps(bf16x16(x + r * cols + c))));
+                                                _mm512_abs_ps(load16(x + r * cols + c))));
   const __m512 zero = _mm512_setzero_ps(), k127 = _mm512_set1_ps(127.f);
   for (int64_t c = c0; c < c1; c += 16) _mm512_storeu_ps(scale + c, _mm512_div_ps(_mm512_loadu_ps(scale + c), k127));
   // 1 / scale per column, kept on the stack in chunks of 512 columns
@@ -267,7 +248,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quant_cols_bf16_avx512
     }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = cb; c < ce; c += 16) {
-        const __m512 y = _mm512_mul_ps(bf16x16(x + r * cols + c), _mm512_loadu_ps(inv + (c - cb)));
+        const __m512 y = _mm512_mul_ps(load16(x + r * cols + c), _mm512_loadu_ps(inv + (c - cb)));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q + r * cols + c), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(y)));
       }
   }
@@ -380,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cols_i8(const at::Tensor& x) {
 // The weight error of clipped RTN for the clipping search (hubtool/quant/optrtn.py), the same arithmetic
 // as its torch code: e = w - (clamp(round_half_even(w / s) + z, lo, hi) - z) * s, written transposed as
 // (G#, N, G) for the batched product with the per-group X^T X blocks.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void clip_error_avx512(const float* w, float sc, float zz,
+HT_AVX512 void clip_error_avx512(const float* w, float sc, float zz,
                                                                             float lo, float hi, int64_t g, float* e) {
   const __m512 s = _mm512_set1_ps(sc), z = _mm512_set1_ps(zz), l = _mm512_set1_ps(lo), h = _mm512_set1_ps(hi);
   for (int64_t i = 0; i < g; i += 16) {
