@@ -665,8 +665,9 @@ class _Runner:
         sampler = _IndexSampler(q_in.shape[0], self.batch_size, rng)
         lr0 = self.recipe.learning_rate
         best_loss = math.inf
-        with torch.enable_grad():
-            for it in range(self.iters):
+        for it in range(self.iters):
+            last = it + 1 == self.iters
+            with torch.set_grad_enabled(not last):  # the step after the last forward is never evaluated
                 idx = sampler.next()
                 h = q_in[idx].to(self.device)
                 ref = fp_out[idx].to(self.device)
@@ -679,11 +680,13 @@ class _Runner:
                     best_loss = value
                     for s in states.values():
                         s.keep_best()
+                if last:
+                    break
                 lr = lr0 * (1.0 - it / self.iters)
                 for s in states.values():
                     s.lr = lr
                 (loss * LOSS_SCALE).backward()  # steps V, alpha, beta (SignSGD inside the backward)
-                if (it + 1) % PROGRESS_EVERY == 0 and it + 1 < self.iters:
+                if (it + 1) % PROGRESS_EVERY == 0:
                     self._emit(
                         ProgressEvent(
                             i,
