@@ -30,16 +30,24 @@ _MASK_MIN = torch.finfo(torch.float32).min
 _MASKED = -1e30  # an additive mask at or below this gives a probability of exactly 0 in fp32
 
 
+PART_ROWS = 64  # the causal skip cuts the queries into blocks of at least this many positions
+MAX_PARTS = 8
+
+
 def _parts(mask: torch.Tensor | None, lq: int, s: int) -> list[tuple[int, int, int]]:
-    """(first query, end, keys seen) blocks: a causal mask's second half of the keys is skipped for the
-    first half of the queries when it masks all of them (only fully masked rows change: padding, never scored)."""
-    h = lq // 2
+    """(first query, end, keys seen) blocks of queries: where a mask hides every key after a block's last
+    position from the whole block (causal), that block skips them (only fully masked rows change: padding,
+    never scored)."""
     whole = [(0, lq, s)]
-    if mask is None or lq != s or lq < 64 or mask.shape[-3] != lq:  # not per query: nothing to skip
+    if mask is None or lq != s or lq < 2 * PART_ROWS or mask.shape[-3] != lq:  # not per query: no skip
         return whole
-    if bool((mask[..., :h, :, h:] > _MASKED).any()):
-        return whole
-    return [(0, h, h), (h, lq, s)]
+    n = min(MAX_PARTS, lq // PART_ROWS)
+    bounds = [lq * i // n for i in range(n + 1)]
+    parts = [
+        (r0, r1, r1 if not bool((mask[..., r0:r1, :, r1:] > _MASKED).any()) else s)
+        for r0, r1 in zip(bounds, bounds[1:], strict=False)
+    ]
+    return whole if all(kc == s for *_, kc in parts) else parts
 
 
 class _GroupedAttention(torch.autograd.Function):
