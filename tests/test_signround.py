@@ -259,6 +259,38 @@ def test_fused_cpu_step_equals_the_torch_reference(sym, dtype, monkeypatch):
         a.alpha.copy_(b.alpha), a.beta.copy_(b.beta)  # the next step starts from the same state
 
 
+def test_fused_symmetric_scale_and_clip_step_equal_the_torch_code(monkeypatch):
+    """The C++ scale (zero, tiny and fp16-overflowing groups included) and alpha/beta step, bit for bit."""
+    from hubtool.kernels import cpu
+    from hubtool.quant import signround
+
+    if not cpu.load():
+        pytest.skip("CPU kernel library unavailable")
+    spec = QuantSpec(sym=True)
+    g = torch.Generator().manual_seed(3)
+    wmin, wmax = -torch.rand(64, 4, generator=g) * 0.1, torch.rand(64, 4, generator=g) * 0.1
+    wmin[0], wmax[0] = 0.0, 0.0
+    wmin[1, 0], wmax[1, 0] = -1e-9, 1e-10
+    wmax[2, 0], wmin[2, 1] = 1e7, -1e7
+    alpha, beta = torch.rand(64, 4, generator=g), torch.rand(64, 4, generator=g)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setitem(signround._FUSED, "ok", fused)
+        results.append(signround.sym_scale(wmin, wmax, alpha, beta, spec))
+    (s, sel), (s_ref, sel_ref) = results
+    assert torch.equal(s, s_ref) and torch.equal(sel, sel_ref)
+    assert s[0].eq(signround.FP16_TINY).all() and s[2, 0].isinf() and sel[2, 1] and not sel[2, 0]
+
+    sums = torch.randn(4, 64, 4, generator=g)
+    a, b = alpha.clone(), beta.clone()
+    torch.ops.hubtool.sym_clip_step(sums, s, sel, wmin, wmax, a, b, spec.sym_zero, 0.01)
+    dmax = (sums[1] - sums[0] / s) / -spec.sym_zero
+    zero = torch.zeros_like(dmax)
+    a_ref = (alpha - 0.01 * torch.where(sel, dmax * wmin, zero).sign()).clamp(0, 1)
+    b_ref = (beta - 0.01 * torch.where(sel, zero, dmax * wmax).sign()).clamp(0, 1)
+    assert torch.equal(a, a_ref) and torch.equal(b, b_ref) and not torch.equal(a, alpha)
+
+
 def test_int8_weight_gradient_keeps_the_signs_that_matter(monkeypatch):
     """dL/dW as an int8 matmul: per-column codes, the exact step for its value, the bf16 step's signs."""
     from hubtool.kernels import cpu

@@ -68,9 +68,10 @@ class _GroupedAttention(torch.autograd.Function):
         vg = v.reshape(b * kvh, s, v.shape[3])
         parts = _parts(mask, lq, s)
         probs, outs = [], []
+        # fp32 logits (SDPA's precision: bf16 logits would be off by up to |logit| / 256)
+        qf, kf = qg.float(), kg.float()
         for r0, r1, kc in parts:
-            # fp32 logits (SDPA's precision: bf16 logits would be off by up to |logit| / 256)
-            sc = torch.bmm(qg[:, r0 * g : r1 * g].float(), kg[:, :kc].float().transpose(1, 2))
+            sc = torch.bmm(qf[:, r0 * g : r1 * g], kf[:, :kc].transpose(1, 2))
             sc = sc.view(b, kvh, r1 - r0, g, kc).mul_(scale)
             if mask is not None:
                 sc.add_(mask[..., r0:r1, :, :kc])

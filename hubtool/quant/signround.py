@@ -37,20 +37,20 @@ FUSED_ENV = "HUBTOOL_SIGNROUND_FUSED"  # "0": the torch code below on the CPU to
 INT8_GRAD_ENV = "HUBTOOL_SIGNROUND_INT8_GRAD"  # "0": dL/dW in the model dtype on the CPU too
 
 
-def fused_available(wg: torch.Tensor) -> bool:
-    """Whether the fused C++ step runs for this grouped weight (CPU, contiguous, G % 16 == 0, library built)."""
-    if (
-        wg.device.type != "cpu"
-        or not wg.is_contiguous()
-        or wg.dtype not in _FUSED_DTYPES
-        or wg.shape[-1] % 16
-    ):
+def _kernels_on(t: torch.Tensor) -> bool:
+    """Whether the C++ kernels run for tensors on t's device (CPU, library built, not turned off)."""
+    if t.device.type != "cpu":
         return False
     if "ok" not in _FUSED:
         from ..kernels import cpu
 
         _FUSED["ok"] = os.environ.get(FUSED_ENV, "1") != "0" and cpu.load()
     return _FUSED["ok"]
+
+
+def fused_available(wg: torch.Tensor) -> bool:
+    """Whether the fused C++ step runs for this grouped weight (CPU, contiguous, G % 16 == 0, library built)."""
+    return wg.is_contiguous() and wg.dtype in _FUSED_DTYPES and not wg.shape[-1] % 16 and _kernels_on(wg)
 
 
 def _fp16_round(s: torch.Tensor) -> torch.Tensor:
@@ -63,6 +63,11 @@ def sym_scale(
     wmin: torch.Tensor, wmax: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-range symmetric scale per group (fp16-exact) and whether it came from the negative end."""
+    ts = (wmin, wmax, alpha, beta)
+    if all(t.shape == wmin.shape and t.dtype == torch.float32 and t.is_contiguous() for t in ts) and _kernels_on(
+        wmin
+    ):
+        return torch.ops.hubtool.sym_scale(wmin, wmax, alpha, beta, spec.sym_zero)
     a = wmin * alpha
     b = wmax * beta
     sel = (-a) >= b
@@ -119,7 +124,7 @@ class TunedLinear:
         self.wmin = self.wg.amin(-1).float().clamp(max=0)
         self.wmax = self.wg.amax(-1).float().clamp(min=0)
         shape = self.wg.shape[:2]
-        init = clip.float().to(dev) if clip is not None else torch.ones(shape, device=dev)
+        init = clip.float().to(dev).contiguous() if clip is not None else torch.ones(shape, device=dev)
         self.v = torch.zeros(self.wg.shape, dtype=torch.float32, device=dev)
         self.alpha = init.clone()
         self.beta = init.clone()
@@ -180,16 +185,21 @@ class TunedLinear:
         g = g.view(self.wg.shape)
         s = self._ctx[0]
         s3 = s.unsqueeze(-1)
-        gm = None
+        gm = sums = None
         if scales is not None:
             row, col = scales
-            gw, gq, g_sum, gin = torch.ops.hubtool.signround_bwd_i32(
+            sums = torch.ops.hubtool.signround_bwd_i32(
                 g, row, col, self.inside, self.wg, self.q, s, self.v, self.lr
             )
         elif self.lr is not None and fused_available(self.wg):  # the sums and the step of V in one pass
-            gw, gq, g_sum, gin = torch.ops.hubtool.signround_bwd(
-                g, self.inside, self.wg, self.q, s, self.v, self.lr
-            )
+            sums = torch.ops.hubtool.signround_bwd(g, self.inside, self.wg, self.q, s, self.v, self.lr)
+        if sums is not None and spec.sym:  # V has stepped; alpha and beta step in one more pass
+            _, sel = self._ctx
+            z = spec.sym_zero
+            torch.ops.hubtool.sym_clip_step(sums, s, sel, self.wmin, self.wmax, self.alpha, self.beta, z, self.lr)
+            return
+        if sums is not None:
+            gw, gq, g_sum, gin = sums
         else:
             gm = self.scratch.get(0, self.wg.shape, self.wg.device)
             tmp = self.scratch.get(1, self.wg.shape, self.wg.device)

@@ -402,6 +402,65 @@ at::Tensor clip_error(const at::Tensor& w, const at::Tensor& s, const at::Tensor
   return e;
 }
 
+// Symmetric scales from the clipping, as signround.sym_scale: a = wmin * alpha, b = wmax * beta, sel = -a >= b,
+// s = fp16(where(sel, a, b) / -half), at least fp16's smallest normal in magnitude (the sign of the unrounded
+// value). One pass instead of a dozen torch ops per linear and step.
+constexpr float kFp16Tiny = 6.103515625e-05f;
+
+void check_groups(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  check(t, at::kFloat, name);
+  TORCH_CHECK(t.numel() == like.numel(), name, " must hold one value per group");
+}
+
+std::tuple<at::Tensor, at::Tensor> sym_scale(const at::Tensor& wmin, const at::Tensor& wmax, const at::Tensor& alpha,
+                                             const at::Tensor& beta, int64_t half) {
+  check(wmin, at::kFloat, "wmin"), check_groups(wmax, wmin, "wmax");
+  check_groups(alpha, wmin, "alpha"), check_groups(beta, wmin, "beta");
+  auto s = at::empty_like(wmin);
+  auto sel = at::empty(wmin.sizes(), wmin.options().dtype(at::kBool));
+  const float *mn = wmin.data_ptr<float>(), *mx = wmax.data_ptr<float>();
+  const float *al = alpha.data_ptr<float>(), *be = beta.data_ptr<float>();
+  float* sp = s.data_ptr<float>();
+  bool* cp = sel.data_ptr<bool>();
+  const float d = -static_cast<float>(half);
+  at::parallel_for(0, wmin.numel(), 4096, [&](int64_t b0, int64_t e0) {
+    for (int64_t i = b0; i < e0; ++i) {
+      const float a = mn[i] * al[i], b = mx[i] * be[i];
+      const bool c = -a >= b;
+      const float m = (c ? a : b) / d;
+      float r = static_cast<float>(c10::Half(m));
+      if (std::fabs(r) < kFp16Tiny) r = m < 0.f ? -kFp16Tiny : kFp16Tiny;
+      sp[i] = r, cp[i] = c;
+    }
+  });
+  return {s, sel};
+}
+
+// The SignSGD step of alpha and beta for symmetric scales from the backward's group sums (TunedLinear.
+// backward_from): ds = sum(g q) - sum(g inside w) / s, d max = ds / -half, alpha steps on sign(d max * wmin)
+// where the negative end set the scale, beta on sign(d max * wmax) elsewhere; both kept in [0, 1].
+void sym_clip_step(const at::Tensor& sums, const at::Tensor& s, const at::Tensor& sel, const at::Tensor& wmin,
+                   const at::Tensor& wmax, at::Tensor alpha, at::Tensor beta, int64_t half, double lr) {
+  check(s, at::kFloat, "s"), check(sel, at::kBool, "sel"), check(sums, at::kFloat, "sums");
+  check_groups(wmin, s, "wmin"), check_groups(wmax, s, "wmax");
+  check_groups(alpha, s, "alpha"), check_groups(beta, s, "beta");
+  TORCH_CHECK(sel.numel() == s.numel() && sums.numel() >= 2 * s.numel(), "sums must be (4, groups)");
+  const int64_t n = s.numel();
+  const float *gw = sums.data_ptr<float>(), *gq = gw + n, *sp = s.data_ptr<float>();
+  const float *mn = wmin.data_ptr<float>(), *mx = wmax.data_ptr<float>();
+  const bool* cp = sel.data_ptr<bool>();
+  float *al = alpha.data_ptr<float>(), *be = beta.data_ptr<float>();
+  const float d = -static_cast<float>(half), step = static_cast<float>(lr);
+  auto sign = [](float x) { return static_cast<float>(x > 0.f) - static_cast<float>(x < 0.f); };
+  at::parallel_for(0, n, 4096, [&](int64_t b0, int64_t e0) {
+    for (int64_t i = b0; i < e0; ++i) {
+      const float dmax = (gq[i] - gw[i] / sp[i]) / d;
+      float& t = cp[i] ? al[i] : be[i];
+      t = std::min(std::max(t - step * sign(dmax * (cp[i] ? mn[i] : mx[i])), 0.f), 1.f);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hubtool, m) {
@@ -414,6 +473,10 @@ TORCH_LIBRARY_FRAGMENT(hubtool, m) {
       "Tensor(a!) v, float lr) -> Tensor");
   m.def("quantize_cols_i8(Tensor x) -> (Tensor, Tensor)");
   m.def("clip_error(Tensor w, Tensor s, Tensor z, float lo, float hi) -> Tensor");
+  m.def("sym_scale(Tensor wmin, Tensor wmax, Tensor alpha, Tensor beta, int half) -> (Tensor, Tensor)");
+  m.def(
+      "sym_clip_step(Tensor sums, Tensor s, Tensor sel, Tensor wmin, Tensor wmax, Tensor(a!) alpha, Tensor(b!) beta, "
+      "int half, float lr) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hubtool, CPU, m) {
@@ -422,4 +485,6 @@ TORCH_LIBRARY_IMPL(hubtool, CPU, m) {
   m.impl("signround_bwd_i32", &signround_bwd_i32);
   m.impl("quantize_cols_i8", &quantize_cols_i8);
   m.impl("clip_error", &clip_error);
+  m.impl("sym_scale", &sym_scale);
+  m.impl("sym_clip_step", &sym_clip_step);
 }
