@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include <immintrin.h>
 
@@ -228,30 +229,37 @@ void quant_cols_plain(const T* x, int64_t rows, int64_t cols, int64_t c0, int64_
     }
 }
 
-HT_AVX512 void quant_cols_bf16_avx512(
-    const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, int8_t* q, float* scale) {
-  for (int64_t c = c0; c < c1; c += 16) _mm512_storeu_ps(scale + c, _mm512_setzero_ps());
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = c0; c < c1; c += 16)
-      _mm512_storeu_ps(scale + c, _mm512_max_ps(_mm512_loadu_ps(scale + c),
-                                                _mm512_abs_ps(load16(x + r * cols + c))));
-  const __m512 zero = _mm512_setzero_ps(), k127 = _mm512_set1_ps(127.f);
-  for (int64_t c = c0; c < c1; c += 16) _mm512_storeu_ps(scale + c, _mm512_div_ps(_mm512_loadu_ps(scale + c), k127));
-  // 1 / scale per column, kept on the stack in chunks of 512 columns
-  float inv[512];
-  for (int64_t cb = c0; cb < c1; cb += 512) {
-    const int64_t ce = std::min(cb + 512, c1);
-    for (int64_t c = cb; c < ce; c += 16) {
-      const __m512 sc = _mm512_loadu_ps(scale + c);
-      const __mmask16 nz = _mm512_cmp_ps_mask(sc, zero, _CMP_GT_OQ);
-      _mm512_storeu_ps(inv + (c - cb), _mm512_maskz_div_ps(nz, _mm512_set1_ps(1.f), sc));
+// The bf16 AVX-512 path streams rows: each thread takes a block of rows for the column maxima (kept per
+// block, then reduced), and again for the codes; reading whole rows in order is what the memory system does best.
+HT_AVX512 void col_max_bf16(const c10::BFloat16* x, int64_t r0, int64_t r1, int64_t cols, float* m) {
+  for (int64_t c = 0; c < cols; c += 16) _mm512_storeu_ps(m + c, _mm512_setzero_ps());
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = 0; c < cols; c += 16)
+      _mm512_storeu_ps(m + c, _mm512_max_ps(_mm512_loadu_ps(m + c), _mm512_abs_ps(load16(x + r * cols + c))));
+}
+
+HT_AVX512 void codes_bf16(const c10::BFloat16* x, int64_t r0, int64_t r1, int64_t cols, const float* inv, int8_t* q) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __m512 y = _mm512_mul_ps(load16(x + r * cols + c), _mm512_loadu_ps(inv + c));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + r * cols + c), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(y)));
     }
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = cb; c < ce; c += 16) {
-        const __m512 y = _mm512_mul_ps(load16(x + r * cols + c), _mm512_loadu_ps(inv + (c - cb)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + r * cols + c), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(y)));
-      }
+}
+
+void quant_cols_bf16_rows(const c10::BFloat16* x, int64_t rows, int64_t cols, int8_t* q, float* scale) {
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 64));
+  std::vector<float> part(blocks * cols);
+  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) col_max_bf16(x, rows * t / blocks, rows * (t + 1) / blocks, cols, &part[t * cols]);
+  });
+  std::vector<float> inv(cols);
+  for (int64_t c = 0; c < cols; ++c) {
+    float m = 0.f;
+    for (int64_t t = 0; t < blocks; ++t) m = std::max(m, part[t * cols + c]);
+    scale[c] = m / 127.f;
+    inv[c] = scale[c] > 0.f ? 1.f / scale[c] : 0.f;
   }
+  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) { codes_bf16(x, b, e, cols, inv.data(), q); });
 }
 
 template <typename T>
@@ -260,14 +268,10 @@ void quant_cols_impl(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
   const T* xp = x.data_ptr<T>();
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
-  const bool fast = std::is_same_v<T, c10::BFloat16> && has_avx512bw() && cols % 16 == 0;
-  at::parallel_for(0, (cols + 15) / 16, 1, [&](int64_t b, int64_t e) {
-    const int64_t c0 = b * 16, c1 = std::min(e * 16, cols);
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (fast) return quant_cols_bf16_avx512(xp, rows, cols, c0, c1, qp, sp);
-    }
-    quant_cols_plain(xp, rows, cols, c0, c1, qp, sp);
-  });
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (has_avx512bw() && cols % 16 == 0) return quant_cols_bf16_rows(xp, rows, cols, qp, sp);
+  }
+  at::parallel_for(0, cols, 16, [&](int64_t b, int64_t e) { quant_cols_plain(xp, rows, cols, b, e, qp, sp); });
 }
 
 void check(const at::Tensor& t, at::ScalarType dt, const char* name) {
