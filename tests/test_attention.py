@@ -49,9 +49,12 @@ def _run(fn, mask, softcap=None, seed=0):
     return out.float(), [t.float() for t in grads]
 
 
+@pytest.mark.parametrize("fused", [True, False])  # the C++ softmax (where built) and the torch code
 @pytest.mark.parametrize("length", [L, 192])  # 192: the causal skip, three blocks of 64 queries
 @pytest.mark.parametrize("kind", ["none", "bool", "additive", "padded"])
-def test_matches_eager_forward_and_backward(kind, length):
+def test_matches_eager_forward_and_backward(kind, length, fused, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(attention, "_kernels", lambda t: False)
     keep = _causal_bool(pad=5 if kind == "padded" else 0, length=length)
     eager_mask = _additive(keep)
     ours_mask = {"none": None, "bool": keep, "additive": eager_mask, "padded": keep}[kind]

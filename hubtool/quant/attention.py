@@ -34,6 +34,13 @@ PART_ROWS = 64  # the causal skip cuts the queries into blocks of at least this 
 MAX_PARTS = 8
 
 
+def _kernels(t: torch.Tensor) -> bool:
+    """Whether the softmax runs as hubtool's C++ kernels (CPU, library built)."""
+    from ..kernels import cpu
+
+    return t.device.type == "cpu" and cpu.load()
+
+
 def _parts(mask: torch.Tensor | None, lq: int, s: int) -> list[tuple[int, int, int]]:
     """(first query, end, keys seen) blocks of queries: where a mask hides every key after a block's last
     position from the whole block (causal), that block skips them (only fully masked rows change: padding,
@@ -70,17 +77,23 @@ class _GroupedAttention(torch.autograd.Function):
         probs, outs = [], []
         # fp32 logits (SDPA's precision: bf16 logits would be off by up to |logit| / 256)
         qf, kf = qg.float(), kg.float()
+        fused = _kernels(q)
         for r0, r1, kc in parts:
             sc = torch.bmm(qf[:, r0 * g : r1 * g], kf[:, :kc].transpose(1, 2))
-            sc = sc.view(b, kvh, r1 - r0, g, kc).mul_(scale)
-            if mask is not None:
-                sc.add_(mask[..., r0:r1, :, :kc])
-            p = torch.softmax(sc, dim=-1).to(q.dtype).view(b * kvh, (r1 - r0) * g, kc)
+            part_mask = None if mask is None else mask[..., r0:r1, :, :kc]
+            if fused:  # scale, mask, softmax and the cast in one pass
+                m3 = None if part_mask is None else part_mask[:, 0, :, 0].expand(-1, r1 - r0, kc)
+                p = torch.ops.hubtool.masked_softmax(sc, m3, scale, kvh, g, q.dtype)
+            else:
+                sc = sc.view(b, kvh, r1 - r0, g, kc).mul_(scale)
+                if part_mask is not None:
+                    sc.add_(part_mask)
+                p = torch.softmax(sc, dim=-1).to(q.dtype).view(b * kvh, (r1 - r0) * g, kc)
             probs.append(p)
             outs.append(torch.bmm(p, vg[:, :kc]))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (b*kvh, lq*g, dv)
         ctx.save_for_backward(qg, kg, vg, *probs)
-        ctx.scale, ctx.dims, ctx.parts = scale, (b, h, lq, kvh), parts
+        ctx.scale, ctx.dims, ctx.parts, ctx.fused = scale, (b, h, lq, kvh), parts, fused
         return out.view(b, kvh, lq, g, -1).transpose(1, 2).reshape(b, lq, h, -1)
 
     @staticmethod
@@ -96,9 +109,12 @@ class _GroupedAttention(torch.autograd.Function):
         for (r0, r1, kc), p in zip(ctx.parts, probs, strict=True):
             rows = slice(r0 * g, r1 * g)
             do = dout[:, rows]
-            dp = torch.bmm(do, vg[:, :kc].transpose(1, 2)).float()
-            pf = p.float()
-            ds = dp.sub_((dp * pf).sum(-1, keepdim=True)).mul_(pf).mul_(ctx.scale).to(qg.dtype)
+            dp = torch.bmm(do, vg[:, :kc].transpose(1, 2))
+            if ctx.fused:
+                ds = torch.ops.hubtool.softmax_bwd(dp, p, ctx.scale)
+            else:
+                dp, pf = dp.float(), p.float()
+                ds = dp.sub_((dp * pf).sum(-1, keepdim=True)).mul_(pf).mul_(ctx.scale).to(qg.dtype)
             dq[:, rows] = torch.bmm(ds, kg[:, :kc])
             dk_p = torch.bmm(ds.transpose(1, 2), qg[:, rows])
             dv_p = torch.bmm(p.transpose(1, 2), do)

@@ -10,6 +10,8 @@
 //   gated_act_bwd(dh, gu, kind) -> dgu  d gate = (dh * up) * act'(gate), d up = dh * act(gate)
 //   rms_norm_fwd(x, w, eps, mode) -> (y, rstd), rms_norm_bwd(dy, x, w, rstd, mode) -> dx   (below)
 //   rope(x, cos, sin, sizes, strides, backward) -> y                                       (below)
+//   masked_softmax(logits, mask, scale, kv_heads, group, dtype) -> p, softmax_bwd(dp, p, scale) -> ds
+//                                                   attention's softmax (hubtool/quant/attention.py; below)
 //
 // bf16 runs written-out AVX-512 when the CPU has AVX-512BW; everything else runs a plain C++ loop.
 
@@ -22,7 +24,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <optional>
 #include <type_traits>
+#include <vector>
 
 #include <immintrin.h>
 
@@ -94,6 +99,7 @@ void bwd_rows_plain(const T* dh, const T* gu, int64_t inter, int64_t r0, int64_t
 // exp(x): 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, degree-7 Taylor (relative error < 1e-8 + fp32
 // rounding); scalef gives 0 / inf outside the range.
 HT_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // exp is 0 in fp32 below; far below, n - x would lose x
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -497,6 +503,168 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cs, const at::Tensor& sn,
   return y;
 }
 
+// ---- attention softmax ------------------------------------------------------------------------------
+// Forward: p = softmax(logits * scale + mask) over each row of kc fp32 logits, rounded to p's dtype; one
+// pass instead of torch's scale, mask add, softmax and cast. Backward: ds = (dp - sum(dp * p)) * p * scale
+// per row, in fp32 from 16-bit dp and p, rounded once; one pass instead of seven.
+// Rows are (batch * kv heads, positions * heads of a group); the mask (fp32, rows of kc, contiguous along
+// them) is indexed by (batch or 0, position) through its two strides.
+struct MaskRows {
+  const float* p = nullptr;
+  int64_t batch_stride = 0, pos_stride = 0, kvh = 1, g = 1, rows = 1;  // rows: positions * g per batch entry
+  const float* row(int64_t bk, int64_t i) const {
+    return p ? p + (bk / kvh) * batch_stride + (i / g) * pos_stride : nullptr;
+  }
+};
+
+template <typename T>
+void softmax_rows_plain(const float* sc, MaskRows mask, float scale, int64_t kc, int64_t r0, int64_t r1, T* out) {
+  std::vector<float> x(kc);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* in = sc + r * kc;
+    const float* m = mask.row(r / mask.rows, r % mask.rows);
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < kc; ++i) x[i] = in[i] * scale + (m ? m[i] : 0.f), mx = std::max(mx, x[i]);
+    float sum = 0.f;
+    for (int64_t i = 0; i < kc; ++i) x[i] = std::exp(x[i] - mx), sum += x[i];
+    const float inv = 1.f / sum;
+    for (int64_t i = 0; i < kc; ++i) out[r * kc + i] = static_cast<T>(x[i] * inv);
+  }
+}
+
+template <typename T>
+void softmax_bwd_rows_plain(const T* dp, const T* p, float scale, int64_t kc, int64_t r0, int64_t r1, T* ds) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* d = dp + r * kc;
+    const T* pr = p + r * kc;
+    float dot = 0.f;
+    for (int64_t i = 0; i < kc; ++i) dot += to_f(d[i]) * to_f(pr[i]);
+    for (int64_t i = 0; i < kc; ++i) ds[r * kc + i] = static_cast<T>((to_f(d[i]) - dot) * to_f(pr[i]) * scale);
+  }
+}
+
+HT_AVX512 inline __m512 load16m(const c10::BFloat16* p, __mmask16 k) {  // masked lanes read as 0
+  const __m256i h = _mm256_maskz_loadu_epi16(k, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+HT_AVX512 inline void store16m(c10::BFloat16* p, __mmask16 k, __m512 x) {
+  _mm256_mask_storeu_epi16(p, k, pack16(x));
+}
+HT_AVX512 inline __mmask16 tail(int64_t i, int64_t n) {
+  return n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+}
+
+HT_AVX512 void softmax_rows_bf16(const float* sc, MaskRows mask, float scale, int64_t kc, int64_t r0, int64_t r1,
+                                 float* buf, c10::BFloat16* out) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* in = sc + r * kc;
+    const float* m = mask.row(r / mask.rows, r % mask.rows);
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < kc; i += 16) {
+      const __mmask16 k = tail(i, kc);
+      __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, in + i), sv);
+      if (m) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, m + i));
+      _mm512_mask_storeu_ps(buf + i, k, x);
+      mx = _mm512_mask_max_ps(mx, k, mx, x);
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < kc; i += 16) {
+      const __mmask16 k = tail(i, kc);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, buf + i), top));
+      _mm512_mask_storeu_ps(buf + i, k, e);
+      sum = _mm512_mask_add_ps(sum, k, sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t i = 0; i < kc; i += 16) {
+      const __mmask16 k = tail(i, kc);
+      store16m(out + r * kc + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, buf + i), inv));
+    }
+  }
+}
+
+HT_AVX512 void softmax_bwd_rows_bf16(const c10::BFloat16* dp, const c10::BFloat16* p, float scale, int64_t kc,
+                                     int64_t r0, int64_t r1, c10::BFloat16* ds) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t r = r0; r < r1; ++r) {
+    const c10::BFloat16* d = dp + r * kc;
+    const c10::BFloat16* pr = p + r * kc;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < kc; i += 16) {
+      const __mmask16 k = tail(i, kc);
+      acc = _mm512_fmadd_ps(load16m(d + i, k), load16m(pr + i, k), acc);
+    }
+    const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+    for (int64_t i = 0; i < kc; i += 16) {
+      const __mmask16 k = tail(i, kc);
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(load16m(d + i, k), dot), load16m(pr + i, k)), sv);
+      store16m(ds + r * kc + i, k, v);
+    }
+  }
+}
+
+at::Tensor masked_softmax(const at::Tensor& sc, const std::optional<at::Tensor>& mask, double scale, int64_t kvh,
+                          int64_t g, at::ScalarType dtype) {
+  TORCH_CHECK(sc.device().is_cpu() && sc.is_contiguous() && sc.dim() == 3 && sc.scalar_type() == at::kFloat,
+              "logits: contiguous fp32 (batch * kv heads, positions * heads per kv head, keys)");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat, "bf16, fp16 or fp32");
+  const int64_t bk = sc.size(0), rg = sc.size(1), kc = sc.size(2);
+  TORCH_CHECK(kvh >= 1 && g >= 1 && bk % kvh == 0 && rg % g == 0, "kv heads and group size must divide the rows");
+  MaskRows mr;
+  mr.kvh = kvh, mr.g = g, mr.rows = rg;
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kFloat && m.dim() == 3 && m.stride(2) == 1 && m.size(1) == rg / g &&
+                    m.size(2) == kc && (m.size(0) == 1 || m.size(0) == bk / kvh),
+                "mask: fp32 (batch or 1, positions, keys), contiguous along the keys");
+    mr.p = m.data_ptr<float>();
+    mr.batch_stride = m.size(0) == 1 ? 0 : m.stride(0);
+    mr.pos_stride = m.stride(1);
+  }
+  auto out = at::empty(sc.sizes(), sc.options().dtype(dtype));
+  const float* sp = sc.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* op = out.data_ptr<T>();
+    over_rows(bk * rg, kc, [&](int64_t b, int64_t e) {
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (has_avx512bw()) {
+          std::vector<float> buf(kc + 16);
+          return softmax_rows_bf16(sp, mr, s, kc, b, e, buf.data(), op);
+        }
+      }
+      softmax_rows_plain(sp, mr, s, kc, b, e, op);
+    });
+  });
+  return out;
+}
+
+at::Tensor softmax_bwd(const at::Tensor& dp, const at::Tensor& p, double scale) {
+  TORCH_CHECK(dp.device().is_cpu() && dp.is_contiguous() && p.is_contiguous() && dp.sizes() == p.sizes() &&
+                  dp.scalar_type() == p.scalar_type() && p.dim() >= 1,
+              "dp and p: contiguous CPU tensors of one shape and dtype");
+  const auto dt = p.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, "bf16, fp16 or fp32");
+  const int64_t kc = p.size(-1), rows = p.numel() / std::max<int64_t>(kc, 1);
+  auto ds = at::empty_like(p);
+  const float s = static_cast<float>(scale);
+  with_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    const T* dpp = dp.data_ptr<T>();
+    const T* pp = p.data_ptr<T>();
+    T* op = ds.data_ptr<T>();
+    over_rows(rows, kc, [&](int64_t b, int64_t e) {
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (has_avx512bw()) return softmax_bwd_rows_bf16(dpp, pp, s, kc, b, e, op);
+      }
+      softmax_bwd_rows_plain(dpp, pp, s, kc, b, e, op);
+    });
+  });
+  return ds;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hubtool, m) {
@@ -505,6 +673,8 @@ TORCH_LIBRARY_FRAGMENT(hubtool, m) {
   m.def("rms_norm_fwd(Tensor x, Tensor w, float eps, int mode) -> (Tensor, Tensor)");
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor w, Tensor rstd, int mode) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, int[] sizes, int[] strides, bool backward) -> Tensor");
+  m.def("masked_softmax(Tensor logits, Tensor? mask, float scale, int kv_heads, int group, ScalarType dtype) -> Tensor");
+  m.def("softmax_bwd(Tensor dp, Tensor p, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hubtool, CPU, m) {
@@ -513,4 +683,6 @@ TORCH_LIBRARY_IMPL(hubtool, CPU, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
   m.impl("rope", &rope);
+  m.impl("masked_softmax", &masked_softmax);
+  m.impl("softmax_bwd", &softmax_bwd);
 }
