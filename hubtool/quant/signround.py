@@ -64,9 +64,9 @@ def sym_scale(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-range symmetric scale per group (fp16-exact) and whether it came from the negative end."""
     ts = (wmin, wmax, alpha, beta)
-    if all(t.shape == wmin.shape and t.dtype == torch.float32 and t.is_contiguous() for t in ts) and _kernels_on(
-        wmin
-    ):
+    if all(
+        t.shape == wmin.shape and t.dtype == torch.float32 and t.is_contiguous() for t in ts
+    ) and _kernels_on(wmin):
         return torch.ops.hubtool.sym_scale(wmin, wmax, alpha, beta, spec.sym_zero)
     a = wmin * alpha
     b = wmax * beta
@@ -196,7 +196,9 @@ class TunedLinear:
         if sums is not None and spec.sym:  # V has stepped; alpha and beta step in one more pass
             _, sel = self._ctx
             z = spec.sym_zero
-            torch.ops.hubtool.sym_clip_step(sums, s, sel, self.wmin, self.wmax, self.alpha, self.beta, z, self.lr)
+            torch.ops.hubtool.sym_clip_step(
+                sums, s, sel, self.wmin, self.wmax, self.alpha, self.beta, z, self.lr
+            )
             return
         if sums is not None:
             gw, gq, g_sum, gin = sums
