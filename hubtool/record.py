@@ -52,7 +52,7 @@ class SkippedLayer:
 
 @dataclass
 class BlockLoss:
-    """Reconstruction loss of one block before (RTN) and after tuning."""
+    """Reconstruction loss of one block before (RTN) and after tuning, on the first calibration batch."""
 
     block: str
     rtn: float

@@ -117,7 +117,7 @@ def print_summary(record, run_dir: Path) -> None:
             f"{v.seconds:.1f} s, peak RSS {human_bytes(v.peak_rss_bytes)}"
         )
         if v.block_losses:
-            table = Table("block", "RTN loss", "tuned loss", "ratio")
+            table = Table("block", "RTN loss", "tuned loss", "ratio", title="on the first calibration batch")
             for b in v.block_losses:
                 table.add_row(
                     b.block, f"{b.rtn:.5g}", f"{b.tuned:.5g}", f"{b.tuned / b.rtn:.3f}" if b.rtn else "-"

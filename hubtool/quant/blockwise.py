@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 LOSS_SCALE = 1000.0  # as auto-round: the MSE is scaled before backward
 PROGRESS_EVERY = 10  # iterations between progress events
+# Block losses (RTN and final, for the table and the keep-RTN check) are measured on the first calibration
+# batch: the RTN loss is then one batch's forward, not another pass over every sample (4-10% of a light run).
+LOSS_BATCHES = 1
 
 
 def quantize_blockwise(
@@ -556,10 +559,12 @@ class _Runner:
             q_in = bufs.pop("q")
             for names in collector.groups.values():  # linears reading the same input: one matmul
                 LinearGroup([wrappers[n] for n in names])
-            # 2. RTN on the quantized path
+            # 2. RTN on the quantized path (its loss on the evaluation batch)
             rtn = {n: quantize_rtn(w.linear.weight.detach(), self.spec) for n, w in wrappers.items()}
             self._fix(wrappers, rtn)
-            rtn_loss = self._pass(block, j, cap, q_in, fp_out, None, text, keep=False)[0]
+            rtn_loss = self._pass(
+                block, j, cap, q_in, fp_out, None, text, keep=False, loss_batches=LOSS_BATCHES
+            )[0]
             # 3. the clipping search
             clips = {
                 n: search_clip(w.linear.weight, collector.h.get(n), self.spec) for n, w in wrappers.items()
@@ -572,7 +577,9 @@ class _Runner:
                 }
             # 5. final codes on the quantized path
             self._fix(wrappers, final)
-            loss, q_out = self._pass(block, j, cap, q_in, fp_out, None, text, keep=not last)
+            loss, q_out = self._pass(
+                block, j, cap, q_in, fp_out, None, text, keep=not last, loss_batches=LOSS_BATCHES
+            )
             if not loss <= rtn_loss:
                 log.info("%s: tuned loss %.4g above RTN's %.4g: keeping RTN", bp.name, loss, rtn_loss)
                 final, loss = {n: _cpu(w) for n, w in rtn.items()}, rtn_loss
@@ -633,12 +640,16 @@ class _Runner:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
-    def _pass(self, block, j, cap, inputs, ref, collector, text, keep=True):
-        """Run the block over all samples: (mean masked MSE vs ``ref`` or nan, outputs or None)."""
+    def _pass(self, block, j, cap, inputs, ref, collector, text, keep=True, loss_batches=None):
+        """Run the block over the samples: (mean masked MSE vs ``ref`` over the first ``loss_batches``
+        batches (None: all) or nan, outputs or None). Without ``keep`` it stops after those batches."""
         out_buf = torch.empty_like(inputs) if keep else None
         total, count = 0.0, 0
         n = inputs.shape[0]
-        for start in range(0, n, self.batch_size):
+        for b, start in enumerate(range(0, n, self.batch_size)):
+            scored = loss_batches is None or b < loss_batches
+            if not keep and not scored:
+                break
             idx = list(range(start, min(start + self.batch_size, n)))
             h = inputs[start : start + len(idx)].to(self.device)
             mask = self._mask(idx, h.shape[1], text)
@@ -647,7 +658,7 @@ class _Runner:
             out = self._forward(block, j, cap, h, idx)
             if keep:
                 out_buf[start : start + len(idx)] = out.to(out_buf.device, out_buf.dtype)
-            if ref is not None:
+            if ref is not None and scored:
                 r = ref[start : start + len(idx)].to(self.device)
                 se, cnt = _sq_err(out, r, mask)
                 total += float(se)
