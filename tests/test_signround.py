@@ -387,3 +387,22 @@ def test_fused_clip_search_chooses_what_the_torch_code_chooses(sym, monkeypatch)
     for a, b in zip(found[True], found[False], strict=True):
         assert torch.equal(a, b)
         assert (a < 1).any()  # some groups were clipped: the comparison is not trivial
+
+
+def test_masked_squared_error_and_its_gradient():
+    """The tuning loss: fp32 sum of squared errors over valid positions, and its gradient, as autograd gives."""
+    from hubtool.quant.blockwise import _sq_err
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 5, 8, generator=g).to(torch.bfloat16).requires_grad_()
+    ref = torch.randn(2, 5, 8, generator=g).to(torch.bfloat16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    for m, count in ((None, 80), (mask, 64)):
+        se, cnt = _sq_err(out, ref, m)
+        (grad,) = torch.autograd.grad(se, out)
+        weight = m.float().unsqueeze(-1) if m is not None else torch.ones(())
+        expected = ((out.float() - ref.float()) ** 2 * weight).sum()
+        (expected_grad,) = torch.autograd.grad(expected, out)
+        assert cnt == count and grad.dtype == torch.bfloat16
+        torch.testing.assert_close(se, expected, rtol=1e-6, atol=0)
+        assert torch.equal(grad, expected_grad)

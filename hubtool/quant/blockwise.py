@@ -736,14 +736,30 @@ def _name_of(wrappers: dict[str, QLinear], member: QLinear) -> str:
     return next(n for n, w in wrappers.items() if w is member)
 
 
+class _SquaredError(torch.autograd.Function):
+    """sum((out - ref)^2 * mask) in fp32, with the difference kept for the backward: two passes each way
+    instead of the eight of the plain expression and its autograd."""
+
+    @staticmethod
+    def forward(ctx, out, ref, mask):
+        d = out.float().sub_(ref)
+        if mask is not None:
+            d.mul_(mask.to(d.device, d.dtype).unsqueeze(-1))  # masked positions: no error, no gradient
+        ctx.save_for_backward(d)
+        ctx.dtype = out.dtype
+        flat = d.view(-1)
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (d,) = ctx.saved_tensors
+        return (d * (2 * grad)).to(ctx.dtype), None, None
+
+
 def _sq_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """(sum of squared errors over the valid positions, number of valid elements)."""
-    d = out.float() - ref.float()
-    d = d * d
-    if mask is not None:
-        d = d * mask.to(d.device, d.dtype).unsqueeze(-1)
-        return d.sum(), max(int(mask.sum()) * d.shape[-1], 1)
-    return d.sum(), max(d.numel(), 1)
+    count = int(mask.sum()) * out.shape[-1] if mask is not None else out.numel()
+    return _SquaredError.apply(out, ref, mask), max(count, 1)
 
 
 def _keep(w: IntWeight) -> PackedWeight | IntWeight:
