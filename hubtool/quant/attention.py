@@ -6,7 +6,10 @@ SignRound runs each block forward and backward about a hundred times. On the CPU
 (fp32 logits and softmax, bf16 probabilities times bf16 values, fp32 accumulation):
 
 * query heads that share a key/value head form one batched matmul (no ``repeat_kv`` copies);
-* the backward is written out (``dS = P * (dP - rowsum(dP * P))``) and reuses the saved probabilities.
+* with a causal mask the queries run in up to eight blocks, each against only the keys it can see;
+* the backward is written out (``dS = P * (dP - rowsum(dP * P))``) and reuses the saved probabilities;
+* the softmax (scale, mask, softmax, cast) and its backward are one C++ pass each
+  (``hubtool::masked_softmax`` / ``softmax_bwd`` in ``kernels/cpu/block_ops.cpp``), the torch code otherwise.
 
 It is used only where it computes the same function as the model's own: no dropout, no logit
 soft-capping, no attention sinks or position bias, and a mask it understands (additive, boolean, or

@@ -13,7 +13,8 @@ with in-place passes over preallocated buffers; SignSGD only needs their signs, 
 alpha and beta happens inside the backward (``TunedLinear.lr`` must be set first) and no gradient
 tensor is ever stored. The codes of each iteration are kept, so the best iterate is a copy of int8 codes.
 On the CPU the forward and the backward each run as one fused C++ pass (``kernels/cpu/signround.cpp``,
-the same arithmetic per element; ``HUBTOOL_SIGNROUND_FUSED=0`` runs the torch code below instead).
+the same arithmetic per element; ``HUBTOOL_SIGNROUND_FUSED=0`` runs the torch code below instead), and so
+do the symmetric scale and the alpha/beta step.
 Linears that read the same input (q/k/v, gate/up) run as one matmul on their concatenated weights.
 """
 

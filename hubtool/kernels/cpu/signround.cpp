@@ -6,6 +6,8 @@
 //             q = x (int8); out = (x - z) * s, rounded to the model dtype
 //   backward: per group sums of g * inside * w, g * q, g and g * inside (float), and the SignSGD step
 //             v = clamp(v - lr * sign(g * inside) * sign(s), -0.5, 0.5)
+//   sym_scale / sym_clip_step: the symmetric scale from alpha and beta, and their SignSGD step from the
+//             group sums (one pass each instead of a dozen small torch ops per linear and iteration)
 // Per element the results are the reference's bit for bit (IEEE division, round half to even, the same
 // fp32 products); the group sums add in another order (they feed only the signs of alpha/beta steps).
 // bf16 runs written-out AVX-512 when the CPU has AVX-512BW; everything else runs a plain C++ loop.
