@@ -406,3 +406,7 @@ def test_masked_squared_error_and_its_gradient():
         assert cnt == count and grad.dtype == torch.bfloat16
         torch.testing.assert_close(se, expected, rtol=1e-6, atol=0)
         assert torch.equal(grad, expected_grad)
+    out32 = out.detach().float().requires_grad_()  # an fp32 model: its output must not be touched
+    before = out32.detach().clone()
+    _sq_err(out32, ref, mask)[0].backward()
+    assert torch.equal(out32.detach(), before) and out32.grad.dtype == torch.float32

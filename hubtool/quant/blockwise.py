@@ -742,7 +742,7 @@ class _SquaredError(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, ref, mask):
-        d = out.float().sub_(ref)
+        d = out.to(torch.float32, copy=True).sub_(ref)  # a copy even when out is fp32: out stays as it is
         if mask is not None:
             d.mul_(mask.to(d.device, d.dtype).unsqueeze(-1))  # masked positions: no error, no gradient
         ctx.save_for_backward(d)
