@@ -41,7 +41,7 @@ def _kernels(t: torch.Tensor) -> bool:
     """Whether the softmax runs as hubtool's C++ kernels (CPU, library built)."""
     from ..kernels import cpu
 
-    return t.device.type == "cpu" and cpu.load()
+    return cpu.runs_on(t.device)
 
 
 def _parts(mask: torch.Tensor | None, lq: int, s: int) -> list[tuple[int, int, int]]:

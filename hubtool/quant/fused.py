@@ -277,7 +277,7 @@ def cpu_fused_ops(block: nn.Module, device: torch.device) -> Iterator[None]:
 
     patched = []
     swapped: list[tuple[dict, object]] = []
-    if device.type == "cpu" and cpu.load():
+    if cpu.runs_on(device):
         for m in block.modules():
             g = getattr(sys.modules.get(type(m).__module__), "__dict__", {})
             fn = g.get("apply_rotary_pos_emb")

@@ -103,6 +103,11 @@ def load(verbose: bool = False) -> bool:
         return True
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether these kernels serve tensors on ``device``: a CPU device, and the library built and loaded."""
+    return device.type == "cpu" and load()
+
+
 def status() -> dict:
     """What load() found: loaded, error, load/build seconds, library path."""
     return dict(_state)
