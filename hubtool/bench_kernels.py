@@ -239,10 +239,10 @@ def bench_cuda_shape(n: int, k: int, ms: Sequence[int]) -> list[dict]:
     q_u8 = ((q32[:, ::2] << 4) | q32[:, 1::2]).to(torch.uint8).to(dev)
     t_packed = [torch.ops.aten._convert_weight_to_int4pack(q_u8, 8) for _ in range(c4)]
     sz = torch.stack([scale.t(), torch.zeros_like(scale.t())], dim=-1).contiguous().to(dev, torch.bfloat16)
-    from .formats import gptq
-    from .quant.rtn import IntWeight
+    from .core import packing
+    from .core.intweight import IntWeight
 
-    t = gptq.pack(IntWeight(q=q, scale=scale, zero=zero, group_size=GROUP))
+    t = packing.pack(IntWeight(q=q, scale=scale, zero=zero, group_size=GROUP))
     ours = [gpu.prepare(t.qweight, zero.t(), t.scales, GROUP, dev) for _ in range(c4)]
     rows = []
     for m in ms:

@@ -24,11 +24,12 @@ import torch
 
 from . import record as rec
 from .__about__ import __version__
+from .core.spec import QuantSpec
 from .errors import HubtoolError
 from .formats.export import FORMATS, export_format
 from .quant.driver import ProgressFn, QuantResult, quantize_model
 from .quant.layers import QuantPlan, plan_layers
-from .quant.spec import QuantSpec, Recipe, check_method, make_recipe
+from .quant.spec import Recipe, check_method, make_recipe
 from .source import load_source, locate, parse_dtype
 
 log = logging.getLogger(__name__)

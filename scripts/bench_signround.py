@@ -111,10 +111,11 @@ def worker(method: str, cfg: dict) -> dict:
         cfg = {**cfg, "iters": int(iters)}
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
+    from hubtool.core.spec import QuantSpec
     from hubtool.quant.calib import heldout_text, load_calibration
     from hubtool.quant.driver import quantize_model
     from hubtool.quant.layers import plan_layers
-    from hubtool.quant.spec import QuantSpec, make_recipe
+    from hubtool.quant.spec import make_recipe
 
     t0 = time.perf_counter()
     if cfg.get("tiny_layers"):

@@ -15,11 +15,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from hubtool.core import packing
+from hubtool.core.intweight import IntWeight, PackedWeight
+from hubtool.core.spec import QuantSpec
 from hubtool.errors import HubtoolError
-from hubtool.formats import gptq
 from hubtool.formats.export import FORMATS, export_format
-from hubtool.quant.rtn import IntWeight, PackedWeight, quantize_rtn
-from hubtool.quant.spec import QuantSpec
+from hubtool.quant.rtn import quantize_rtn
 
 SPEC = QuantSpec()
 
@@ -123,16 +124,16 @@ def test_pack_unpack_round_trip_is_bit_exact(shape, g, sym):
     iw = random_int_weight(*shape, g, sym)
     if sym:
         assert bool((iw.scale < 0).any()), "full-range RTN should produce some negative scales"
-    t = gptq.pack(iw)
-    back = gptq.unpack(t)
+    t = packing.pack(iw)
+    back = packing.unpack(t)
     assert torch.equal(back.q, iw.q)
     assert torch.equal(back.zero, iw.zero)
     assert torch.equal(back.scale, iw.scale)  # scales are fp16-exact, so fp16 storage is lossless
     assert back.group_size == g
-    t2 = gptq.pack(back)
+    t2 = packing.pack(back)
     for a, b in ((t.qweight, t2.qweight), (t.qzeros, t2.qzeros), (t.scales, t2.scales)):
         assert a.numpy().tobytes() == b.numpy().tobytes()
-    assert torch.equal(gptq.dequantize(t.qweight, t.qzeros, t.scales), iw.dequantize())
+    assert torch.equal(packing.dequantize(t.qweight, t.qzeros, t.scales), iw.dequantize())
     if sym:
         assert bool((t.qzeros == 0x77777777).all())
 
@@ -165,7 +166,7 @@ def test_pack_gives_the_bytes_auto_round_writes(sym):
     ref = quant_linear(4, g, k, n, bias=True, weight_dtype=torch.float32)
     zeros = 8 if sym else iw.zero.to(torch.int32)  # auto-round passes the scalar for sym, a tensor for asym
     ref.pack(lin, iw.scale, zeros, None, device="cpu")
-    ours = gptq.pack(iw)
+    ours = packing.pack(iw)
     assert ref.qweight.numpy().tobytes() == ours.qweight.numpy().tobytes()
     assert ref.qzeros.numpy().tobytes() == ours.qzeros.numpy().tobytes()
     assert ref.scales.numpy().tobytes() == ours.scales.numpy().tobytes()

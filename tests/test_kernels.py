@@ -20,10 +20,10 @@ import textwrap
 import pytest
 import torch
 
+from hubtool.core.spec import QuantSpec
 from hubtool.errors import HubtoolError
 from hubtool.kernels import build_cpu_kernel, cpu, gpu, kernel_info
 from hubtool.quant.rtn import quantize_rtn
-from hubtool.quant.spec import QuantSpec
 from hubtool.runtime import Int4Linear, select_backend
 from hubtool.runtime import backends as B
 
@@ -59,12 +59,12 @@ def run(layer: Int4Linear, x: torch.Tensor, backend: str) -> torch.Tensor:
 
 def test_signed_scales_and_zeros_are_exercised():
     """The layers the parity tests use have negative scales, and asym ones have zeros other than 8."""
-    from hubtool.formats import gptq
+    from hubtool.core import packing
 
-    iw = gptq.unpack(make_layer(200, 384, sym=True, seed=0).packed_tensors())
+    iw = packing.unpack(make_layer(200, 384, sym=True, seed=0).packed_tensors())
     assert (iw.scale < 0).any() and (iw.scale > 0).any()
     assert (iw.zero == 8).all()
-    iwa = gptq.unpack(make_layer(200, 384, sym=False, seed=0).packed_tensors())
+    iwa = packing.unpack(make_layer(200, 384, sym=False, seed=0).packed_tensors())
     assert (iwa.zero != 8).any()
 
 
@@ -270,16 +270,16 @@ def test_kernel_info_reports_isa_and_dir():
 TRITON_SCRIPT = textwrap.dedent(
     """
     import json, torch
-    from hubtool.formats import gptq
+    from hubtool.core import packing
     from hubtool.kernels.gpu import triton_int4 as T
     from hubtool.quant.rtn import quantize_rtn
-    from hubtool.quant.spec import QuantSpec
+    from hubtool.core.spec import QuantSpec
     assert T.interpreting() and T.available()
     torch.manual_seed(0)
     out = []
     for (n, k, g, sym) in [(72, 256, 128, True), (40, 128, 32, False)]:
         iw = quantize_rtn(torch.randn(n, k) * 0.05, QuantSpec(sym=sym, group_size=g))
-        t = gptq.pack(iw)
+        t = packing.pack(iw)
         p = T.prepare(t.qweight, iw.zero.t(), t.scales, g, torch.device("cpu"))
         w = iw.dequantize()
         for m in (1, 3, 8, 33):

@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from hubtool.core import packing
+from hubtool.core.spec import QuantSpec
 from hubtool.errors import HubtoolError
-from hubtool.formats import gptq
 from hubtool.formats.export import FORMATS
 from hubtool.formats.loader import load_processor, load_quantized
-from hubtool.quant.spec import QuantSpec
 from hubtool.runtime.int4linear import Int4Linear
 from tests.test_formats import exported
 
@@ -151,8 +151,8 @@ def test_act_order_g_idx_loads_and_runs_on_the_reference_backend(tiny_models, tm
     g_idx = torch.empty(k, dtype=torch.int32)
     g_idx[perm] = (torch.arange(k) // 128).to(torch.int32)
     iw_p.q = q
-    packed = gptq.pack(iw_p)
-    expected = gptq.dequantize(packed.qweight, packed.qzeros, packed.scales, g_idx)
+    packed = packing.pack(iw_p)
+    expected = packing.dequantize(packed.qweight, packed.qzeros, packed.scales, g_idx)
     assert torch.allclose(
         expected[:, perm], iw_p.scale.repeat_interleave(128, 1) * (iw_p.q[:, perm].float() - 8)
     )

@@ -7,12 +7,15 @@ import json
 import pytest
 import torch
 
+from hubtool.core.intweight import FP16_TINY
+from hubtool.core.intweight import fp16_exact as _fp16_round
+from hubtool.core.spec import QuantSpec
 from hubtool.errors import HubtoolError
 from hubtool.quant.calib import load_calibration
 from hubtool.quant.driver import ProgressEvent, quantize_model
 from hubtool.quant.layers import plan_layers
-from hubtool.quant.signround import TunedLinear, _fp16_round
-from hubtool.quant.spec import QuantSpec, make_recipe
+from hubtool.quant.signround import TunedLinear
+from hubtool.quant.spec import make_recipe
 from tests import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run on one thread
@@ -279,7 +282,7 @@ def test_fused_symmetric_scale_and_clip_step_equal_the_torch_code(monkeypatch):
         results.append(signround.sym_scale(wmin, wmax, alpha, beta, spec))
     (s, sel), (s_ref, sel_ref) = results
     assert torch.equal(s, s_ref) and torch.equal(sel, sel_ref)
-    assert s[0].eq(signround.FP16_TINY).all() and s[2, 0].isinf() and sel[2, 1] and not sel[2, 0]
+    assert s[0].eq(FP16_TINY).all() and s[2, 0].isinf() and sel[2, 1] and not sel[2, 0]
 
     sums = torch.randn(4, 64, 4, generator=g)
     a, b = alpha.clone(), beta.clone()

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from ..__about__ import __version__
+from ..core import packing
+from ..core.intweight import IntWeight
+from ..core.spec import QuantSpec
 from ..errors import HubtoolError
-from ..quant.rtn import IntWeight
-from ..quant.spec import QuantSpec
-from . import gptq
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def build_state_dict(
         sd.pop(key, None)
     for name, iw in weights.items():
         sd.pop(f"{name}.weight")
-        sd.update(gptq.pack(iw).as_dict(name, with_g_idx=with_g_idx))
+        sd.update(packing.pack(iw).as_dict(name, with_g_idx=with_g_idx))
     sd = _drop_tied(model, sd)
     sd = _revert_key_layout(model, sd)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}

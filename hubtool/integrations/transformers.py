@@ -218,8 +218,8 @@ def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
 
 def _awq_to_v1(name: str, module: Any) -> None:
     """Repack a layer loaded in AWQ layout into GPTQ v1 (what Int4Linear computes from)."""
-    from ..formats import gptq
-    from ..quant.rtn import IntWeight
+    from ..core import packing
+    from ..core.intweight import IntWeight
 
     q = _unpack_awq(module.qweight.cpu())  # (K, N)
     zero = _unpack_awq(module.qzeros.cpu())  # (G, N), stored as is
@@ -230,7 +230,7 @@ def _awq_to_v1(name: str, module: Any) -> None:
         zero=zero.t().contiguous(),
         group_size=module.group_size,
     )
-    t = gptq.pack(iw)
+    t = packing.pack(iw)
     module.qweight = t.qweight.to(module.scales.device)
     module.qzeros = t.qzeros.to(module.scales.device)
 
@@ -245,14 +245,14 @@ def _refuse_zero_points_of_0(name: str, zero: torch.Tensor) -> None:
 
 def _v2_zeros_to_v1(name: str, module: Any) -> None:
     """Rewrite a gptq_v2 layer's qzeros (zero stored as is) into v1 (zero-1), refusing zero points of 0."""
-    from ..formats import gptq
+    from ..core import packing
 
     t = module.packed_tensors()
-    iw = gptq.unpack(gptq.GPTQTensors(t.qweight, t.qzeros, t.scales))
+    iw = packing.unpack(packing.GPTQTensors(t.qweight, t.qzeros, t.scales))
     zero = iw.zero.to(torch.int32) - 1  # unpack read the nibble as v1 (+1); v2's zero is the nibble itself
     _refuse_zero_points_of_0(name, zero)
     iw.zero = zero.to(torch.uint8)
-    qzeros = gptq.pack(iw).qzeros
+    qzeros = packing.pack(iw).qzeros
     module.qzeros = qzeros.to(module.qzeros.device)
 
 

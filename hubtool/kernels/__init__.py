@@ -48,9 +48,9 @@ class HubtoolBackend:
 
     def prepare(self, layer: Int4Linear, device: torch.device) -> Any:
         """Repack once per device: 64-column blocks of nibble pairs (CPU) or the GPTQ tensors as they are (CUDA)."""
-        from ..formats import gptq
+        from ..core import packing
 
-        iw = gptq.unpack(layer.packed_tensors())
+        iw = packing.unpack(layer.packed_tensors())
         if device.type == "cuda":
             return gpu.prepare(layer.qweight, iw.zero.t(), layer.scales, layer.group_size, device)
         return cpu.repack(iw.q, iw.scale, iw.zero, layer.group_size)

@@ -34,10 +34,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.fsio import atomic_save_tensors, atomic_write_text
+from ..core.intweight import IntWeight, PackedWeight
+from ..core.spec import QuantSpec
 from ..errors import HubtoolError
 from ..record import BlockLoss
 from .attention import cpu_tuning_attention
@@ -52,9 +53,9 @@ from .driver import ProgressEvent, ProgressFn, QuantResult
 from .fused import cpu_fused_ops
 from .layers import BlockPlan, QuantPlan
 from .optrtn import HessianCollector, quantize_clipped, search_clip
-from .rtn import IntWeight, PackedWeight, quantize_rtn
+from .rtn import quantize_rtn
 from .signround import LinearGroup, QLinear, Scratch, TunedLinear
-from .spec import QuantSpec, Recipe
+from .spec import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -243,20 +244,6 @@ def _detach(value: Any) -> Any:
 
 
 # -- the work directory (resume) -------------------------------------------------------------------
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class _WorkDir:
     """Finished blocks and the next block's inputs, so that an interrupted run can continue."""
 
@@ -297,7 +284,7 @@ class _WorkDir:
             tensors[f"{name}::zero"] = w.zero
         meta = {"block": loss.block, "rtn": repr(loss.rtn), "tuned": repr(loss.tuned)}
         meta["names"] = json.dumps(sorted(weights))
-        _atomic_save(tensors, self.path / f"block-{i:05d}.safetensors", meta)
+        atomic_save_tensors(tensors, self.path / f"block-{i:05d}.safetensors", meta)
 
     def load_block(self, i: int, spec: QuantSpec) -> tuple[BlockLoss, dict[str, IntWeight]]:
         """Block i's losses and codes."""
@@ -322,7 +309,7 @@ class _WorkDir:
 
     def save_inputs(self, i: int, fp: torch.Tensor, q: torch.Tensor) -> None:
         """The 16-bit and quantized-path inputs of block i."""
-        _atomic_save({"fp": fp, "q": q}, self.path / "inputs.safetensors", {"block": str(i)})
+        atomic_save_tensors({"fp": fp, "q": q}, self.path / "inputs.safetensors", {"block": str(i)})
 
     def load_inputs(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs saved for block i."""
@@ -338,8 +325,6 @@ class _WorkDir:
 
     def commit(self, done: int) -> None:
         """Record that ``done`` blocks are finished (the commit point of a block)."""
-        from ..record import atomic_write_text
-
         atomic_write_text(self.path / self.STATE, json.dumps({"fingerprint": self.fingerprint, "done": done}))
 
 

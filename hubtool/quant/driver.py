@@ -10,10 +10,12 @@ from typing import Any
 
 from torch import nn
 
+from ..core.intweight import IntWeight
+from ..core.spec import QuantSpec
 from ..record import BlockLoss, SkippedLayer
 from .layers import QuantPlan
-from .rtn import IntWeight, quantize_rtn
-from .spec import QuantSpec, Recipe
+from .rtn import quantize_rtn
+from .spec import Recipe
 
 log = logging.getLogger(__name__)
 

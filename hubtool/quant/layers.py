@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..core.spec import QuantSpec
 from ..errors import HubtoolError
 from ..record import SkippedLayer
-from .spec import QuantSpec
 
 # Parts of a module path that mark a non-language tower (kept 16-bit unless --quantize-vision).
 VISION_MARKERS = (

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .rtn import IntWeight, group_view
+from ..core.intweight import IntWeight, group_view
+from ..core.spec import QuantSpec
 from .signround import asym_scale_zero, fused_available, sym_scale
-from .spec import QuantSpec
 
 # Clipping factors tried (alpha = beta = c): a grid from 0.5 to 1, then a finer pass around the best.
 COARSE = torch.linspace(0.5, 1.0, 21)

@@ -26,10 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .rtn import IntWeight
-from .spec import QuantSpec
+from ..core.intweight import IntWeight, fp16_exact
+from ..core.spec import QuantSpec
 
-FP16_TINY = torch.finfo(torch.float16).tiny
 _FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -54,12 +53,6 @@ def fused_available(wg: torch.Tensor) -> bool:
     return wg.is_contiguous() and wg.dtype in _FUSED_DTYPES and not wg.shape[-1] % 16 and _kernels_on(wg)
 
 
-def _fp16_round(s: torch.Tensor) -> torch.Tensor:
-    """fp16-representable value of s (sign kept, magnitude at least the smallest normal fp16)."""
-    r = s.to(torch.float16).float()
-    return torch.where(r.abs() < FP16_TINY, torch.where(s < 0, -FP16_TINY, FP16_TINY), r)
-
-
 def sym_scale(
     wmin: torch.Tensor, wmax: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +65,7 @@ def sym_scale(
     a = wmin * alpha
     b = wmax * beta
     sel = (-a) >= b
-    return _fp16_round(torch.where(sel, a, b) / -spec.sym_zero), sel
+    return fp16_exact(torch.where(sel, a, b) / -spec.sym_zero), sel
 
 
 def asym_scale_zero(
@@ -81,7 +74,7 @@ def asym_scale_zero(
     """Asymmetric scale (fp16-exact), zero point in [1, qmax] and whether the zero is unclamped."""
     a = wmin * alpha
     b = wmax * beta
-    scale = _fp16_round(((b - a) / spec.qmax).clamp(min=1e-9))
+    scale = fp16_exact(((b - a) / spec.qmax).clamp(min=1e-9))
     z = torch.round(-a / scale)
     zero = z.clamp(1, spec.qmax)
     return scale, zero, z == zero

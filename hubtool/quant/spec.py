@@ -1,4 +1,4 @@
-"""What to quantize and how: the int4 spec and the tuning recipes."""
+"""How to quantize: the methods and the SignRound recipes (the storage spec is ``core.spec.QuantSpec``)."""
 
 from __future__ import annotations
 
@@ -6,42 +6,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import HubtoolError
 
-SUPPORTED_BITS = (4,)
-SUPPORTED_GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "opt-rtn", "signround")
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """The storage format of the quantized weights: bits, group size, symmetric or not."""
-
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-
-    def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise HubtoolError(f"--bits {self.bits} is not supported", "hubtool writes int4: use --bits 4")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise HubtoolError(
-                f"--group-size {self.group_size} is not supported",
-                "use one of " + ", ".join(map(str, SUPPORTED_GROUP_SIZES)),
-            )
-
-    @property
-    def qmax(self) -> int:
-        """Largest unsigned code (15 for int4)."""
-        return (1 << self.bits) - 1
-
-    @property
-    def sym_zero(self) -> int:
-        """The zero point of symmetric quantization (8 for int4)."""
-        return 1 << (self.bits - 1)
-
-    @property
-    def code_range(self) -> tuple[int, int]:
-        """(lo, hi) of the codes as tuned: signed, -8..7, for symmetric; unsigned, 0..15, with a zero point."""
-        return (-self.sym_zero, self.sym_zero - 1) if self.sym else (0, self.qmax)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..formats import gptq
+from ..core import packing
 
 if TYPE_CHECKING:
     from .int4linear import Int4Linear
@@ -54,7 +54,7 @@ class ReferenceBackend:
 
     def matmul(self, x: torch.Tensor, prepared: Any, layer: Int4Linear) -> torch.Tensor:
         """Dequantize in fp32, cast to x's dtype, F.linear."""
-        w = gptq.dequantize(
+        w = packing.dequantize(
             layer.qweight, layer.qzeros, layer.scales, layer.g_idx_or_none(), dtype=torch.float32
         )
         return F.linear(x, w.to(x.dtype))
@@ -76,7 +76,7 @@ class TorchBackend:
 
     def prepare(self, layer: Int4Linear, device: torch.device) -> Any:
         """Convert to torch's packed layout and its (scale, zero) pairs: W = (q - 8) * s + (8 - z) * s."""
-        iw = gptq.unpack(layer.packed_tensors())
+        iw = packing.unpack(layer.packed_tensors())
         q = iw.q.to(torch.int32)  # (N, K) in [0, 15]
         scale = iw.scale.float()  # (N, K/G)
         zero_f = (8.0 - iw.zero.float()) * scale

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..formats import gptq
-from ..quant.rtn import IntWeight
+from ..core import packing
+from ..core.intweight import IntWeight
 from .backends import select_backend
 
 
@@ -47,7 +47,7 @@ class Int4Linear(nn.Module):
         )
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
         if with_g_idx:
-            self.register_buffer("g_idx", gptq.default_g_idx(in_features, group_size).to(device))
+            self.register_buffer("g_idx", packing.default_g_idx(in_features, group_size).to(device))
         else:
             self.g_idx = None
         if bias:
@@ -65,7 +65,7 @@ class Int4Linear(nn.Module):
         """Build a layer holding the packed form of ``w``."""
         n, k = w.shape
         layer = cls(k, n, bias is not None, w.group_size, w.bits, dtype, with_g_idx=with_g_idx)
-        t = gptq.pack(w)
+        t = packing.pack(w)
         layer.qweight.copy_(t.qweight)
         layer.qzeros.copy_(t.qzeros)
         layer.scales.copy_(t.scales)
@@ -73,9 +73,9 @@ class Int4Linear(nn.Module):
             layer.bias.copy_(bias.detach().to(dtype))
         return layer
 
-    def packed_tensors(self) -> gptq.GPTQTensors:
+    def packed_tensors(self) -> packing.GPTQTensors:
         """The layer's GPTQ tensors (on the CPU)."""
-        return gptq.GPTQTensors(
+        return packing.GPTQTensors(
             self.qweight.cpu(),
             self.qzeros.cpu(),
             self.scales.cpu(),
@@ -91,13 +91,15 @@ class Int4Linear(nn.Module):
         """Whether groups are contiguous runs of G input rows (no act-order)."""
         cached = getattr(self, "_trivial", None)
         if cached is None:
-            cached = gptq.has_trivial_g_idx(None if self.g_idx is None else self.g_idx.cpu(), self.group_size)
+            cached = packing.has_trivial_g_idx(
+                None if self.g_idx is None else self.g_idx.cpu(), self.group_size
+            )
             self._trivial = cached
         return cached
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (N, K) weight."""
-        return gptq.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx_or_none(), dtype=dtype)
+        return packing.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx_or_none(), dtype=dtype)
 
     # -- compute ------------------------------------------------------------------------------------
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook

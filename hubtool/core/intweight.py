@@ -1,0 +1,134 @@
+"""Integer weights and the scale math: codes, scales and zero points per group, and how scales are chosen.
+
+The one copy of the scale math (full-range symmetric and asymmetric scales, the fp16 rounding every
+format stores) lives here; RTN, the clipping search and SignRound all call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .spec import QuantSpec
+
+
+@dataclass
+class IntWeight:
+    """A quantized weight: unsigned codes, per-group scales and zero points; W = scale * (q - zero).
+
+    ``q`` is uint8 (N, K) in [0, 2**bits - 1]; ``scale`` is float32 (N, K // G) and may be negative
+    (symmetric "full range" puts the largest magnitude on -8); ``zero`` is uint8 (N, K // G)
+    (all 8 for symmetric int4).
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+    bits: int = 4
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features)."""
+        return tuple(self.q.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Return the dense (N, K) weight these codes stand for."""
+        g = self.group_size
+        s = self.scale.float().repeat_interleave(g, dim=1)
+        z = self.zero.float().repeat_interleave(g, dim=1)
+        return (s * (self.q.float() - z)).to(dtype)
+
+
+@dataclass
+class PackedWeight:
+    """An IntWeight kept two 4-bit codes per byte (what a long calibration run accumulates, halved)."""
+
+    nibbles: torch.Tensor  # uint8 (N, K // 2): code 2j in the low nibble, 2j+1 in the high one
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+
+    @staticmethod
+    def fits(w: IntWeight) -> bool:
+        """Whether w packs: 4-bit codes, an even number of columns."""
+        return w.bits == 4 and w.q.shape[1] % 2 == 0
+
+    @classmethod
+    def pack(cls, w: IntWeight) -> PackedWeight:
+        """Pack a 4-bit IntWeight."""
+        if not cls.fits(w):
+            raise ValueError("only 4-bit codes with an even number of columns pack two per byte")
+        q = w.q.to(torch.uint8)
+        return cls(q[:, 0::2] | (q[:, 1::2] << 4), w.scale, w.zero, w.group_size)
+
+    def unpack(self) -> IntWeight:
+        """The IntWeight again, bit for bit."""
+        n, half = self.nibbles.shape
+        q = torch.empty(n, 2 * half, dtype=torch.uint8, device=self.nibbles.device)
+        q[:, 0::2] = self.nibbles & 0xF
+        q[:, 1::2] = self.nibbles >> 4
+        return IntWeight(q, self.scale, self.zero, self.group_size, 4)
+
+
+def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Reshape (N, K) to (N, K // G, G) in float32."""
+    n, k = w.shape
+    return w.float().reshape(n, k // group_size, group_size)
+
+
+def scales_from_range(
+    wg: torch.Tensor, spec: QuantSpec, alpha: torch.Tensor | float = 1.0, beta: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points for grouped weights (N, G#, G), with the range clipped by alpha/beta.
+
+    Symmetric uses auto-round's "full range": scale = max_v / 2**(bits-1) where max_v is the signed value
+    of largest magnitude, so that value maps exactly onto the code -2**(bits-1).
+    """
+    wmin = wg.amin(dim=-1).clamp(max=0) * alpha
+    wmax = wg.amax(dim=-1).clamp(min=0) * beta
+    if spec.sym:
+        max_v = torch.where(-wmin >= wmax, wmin, wmax)  # signed value of the largest magnitude
+        scale = max_v / -spec.sym_zero
+        scale = torch.where(scale.abs() < 1e-9, torch.full_like(scale, 1e-9), scale)
+        zero = torch.full_like(scale, float(spec.sym_zero))
+    else:
+        scale = ((wmax - wmin) / spec.qmax).clamp(min=1e-9)
+        # zero >= 1: GPTQ v1 stores zero-1 in a nibble, so 0 is not representable there.
+        zero = torch.round(-wmin / scale).clamp(1, spec.qmax)
+    return scale, zero
+
+
+def quantize_with(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    offset: torch.Tensor | None = None,
+) -> IntWeight:
+    """Quantize w (N, K) with given per-group scale/zero (N, K // G) and an optional rounding offset (N, K)."""
+    g = spec.group_size
+    wg = group_view(w, g)
+    x = wg / scale.unsqueeze(-1)
+    if offset is not None:
+        x = x + group_view(offset, g)
+    q = torch.clamp(torch.round(x) + zero.unsqueeze(-1), 0, spec.qmax)
+    # The stored scale is fp16 in every format: quantize against that exact value.
+    return IntWeight(
+        q=q.reshape(w.shape).to(torch.uint8),
+        scale=scale.float(),
+        zero=zero.to(torch.uint8),
+        group_size=g,
+        bits=spec.bits,
+    )
+
+
+FP16_TINY = torch.finfo(torch.float16).tiny
+
+
+def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
+    """Round scales to the fp16 values the formats store (sign kept, magnitude at least the smallest
+    normal fp16), so that codes are chosen against the stored scale."""
+    r = scale.to(torch.float16).float()
+    return torch.where(r.abs() < FP16_TINY, torch.where(scale < 0, -FP16_TINY, FP16_TINY), r)
