@@ -14,7 +14,7 @@ __all__ = ["__version__", "HubtoolError", "load", "HubtoolQuantizer", "Int4Linea
 
 def load(path_or_id, **kwargs):
     """Load an int4 checkpoint (hubtool, auto_round or GPTQ) onto hubtool's Int4Linear layers."""
-    from .formats.loader import load_quantized
+    from .runtime.loader import load_quantized
 
     return load_quantized(path_or_id, **kwargs)
 

@@ -322,7 +322,7 @@ def run(
 
 def _run(json_path, shapes, ms, rounds, cuda, cpu, cuda_ms, min_s) -> dict:
     """run() with the thread count already set."""
-    from .kernels import kernel_info
+    from .runtime.backends import describe_kernels
 
     cache = llc_bytes()
     result: dict = {
@@ -333,7 +333,7 @@ def _run(json_path, shapes, ms, rounds, cuda, cpu, cuda_ms, min_s) -> dict:
         "dram_read_gbps": 0.0,
         "shape_convention": "(N, K) = (out_features, in_features)",
         "group_size": GROUP,
-        "kernels": kernel_info(build=True),
+        "kernels": describe_kernels(build=True),
         "cpu": [],
     }
     probes = dram_probes(cache) if cpu else None

@@ -139,7 +139,7 @@ def load_int4(
     path: Path, device: str, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
     """Load an exported int4 model and its processor back from its format folder."""
-    from .formats.loader import load_processor, load_quantized
+    from .runtime.loader import load_processor, load_quantized
 
     model = load_quantized(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, load_processor(path, trust_remote_code=trust_remote_code)

@@ -59,7 +59,7 @@ def bench_rtn(work: Path, ppl_chunks: int, new_tokens: int) -> dict:
 
     from hubtool import record
     from hubtool.compare import kernel_backends
-    from hubtool.formats.loader import load_processor, load_quantized
+    from hubtool.runtime.loader import load_processor, load_quantized
     from hubtool.source import load_source, locate
 
     run = work / "rtn"

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from hubtool.formats.loader import load_quantized
 from hubtool.runtime.int4linear import Int4Linear
+from hubtool.runtime.loader import load_quantized
 from hubtool.source import auto_model_class
 from tests.test_formats import exported
 from tests.test_loading import inputs_for, logits

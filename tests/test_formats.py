@@ -395,9 +395,9 @@ def test_optimum_quantizer_quantizes_and_exports(tiny_models, tmp_path):
     """HubtoolQuantizer is an OptimumQuantizer; from a path or a model, quantize() writes loadable formats."""
     from optimum.quantization_base import OptimumQuantizer
 
-    from hubtool.formats.loader import load_quantized
     from hubtool.integrations.optimum import HubtoolQuantizer
     from hubtool.runtime.int4linear import Int4Linear
+    from hubtool.runtime.loader import load_quantized
 
     q = HubtoolQuantizer.from_pretrained(tiny_models("llama"))
     assert isinstance(q, OptimumQuantizer)

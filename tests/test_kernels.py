@@ -259,11 +259,13 @@ def test_cache_dir_honours_env(monkeypatch, tmp_path):
 
 @needs_cpu_kernel
 def test_kernel_info_reports_isa_and_dir():
-    """kernel_info() says what hubtool env shows: availability, ISA, build folder, auto order."""
-    info = kernel_info()
+    """describe_kernels() says what hubtool env shows: availability, ISA, build folder, auto order."""
+    info = B.describe_kernels()
     assert info["cpu"]["available"] and info["cpu"]["isa"] in cpu.ISA_CODES
     assert info["cpu"]["build_dir"].endswith(cpu.source_hash())
+    assert any(cpu.build_dir().glob("*.so"))  # still the folder the loaded library came from
     assert info["auto_order"][0] == "hubtool"
+    assert {k: info[k] for k in ("cpu", "gpu")} == kernel_info()  # the kernels' own part, from floor 1
     json.dumps(info)
 
 

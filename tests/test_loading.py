@@ -21,8 +21,8 @@ from hubtool.core import packing
 from hubtool.core.spec import QuantSpec
 from hubtool.errors import HubtoolError
 from hubtool.formats.export import FORMATS
-from hubtool.formats.loader import load_processor, load_quantized
 from hubtool.runtime.int4linear import Int4Linear
+from hubtool.runtime.loader import load_processor, load_quantized
 from tests.test_formats import exported
 
 EXACT = 1e-3

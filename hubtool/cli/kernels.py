@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..errors import HubtoolError
 from .common import console
 
 kernels_app = typer.Typer(help="hubtool's own int4 kernels.", no_args_is_help=True)
@@ -34,10 +33,8 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> No
 @kernels_app.command("build")
 def build(verbose: bool = typer.Option(False, help="Show the compiler's output.")) -> None:
     """Compile (or find cached) the CPU kernel now instead of at first use."""
-    try:
-        from ..kernels import build_cpu_kernel
-    except ImportError:
-        raise HubtoolError("this hubtool build has no kernels package") from None
+    from ..kernels import build_cpu_kernel
+
     path = build_cpu_kernel(verbose=verbose)
     console.print(f"CPU kernel ready: {path}")
 

@@ -1,13 +1,14 @@
 """Write a quantized model as a complete model repo in one of the formats the ecosystem loads.
 
-Every format holds the same GPTQ v1 tensors (``formats.gptq``) for the quantized linears and the model's
-own 16-bit tensors (in the model's dtype) for everything else; they differ in config.json:
+Every format holds the same GPTQ v1 tensors (``core.packing``) for the quantized linears and the model's
+own 16-bit tensors (in the model's dtype) for everything else; they differ in config.json (the facts of
+each format are in ``formats.table``):
 
 * ``auto_round``: ``quant_method: auto-round``, ``packing_format: auto_round:auto_gptq`` (auto-round
   0.16's own layout for int4, loaded by transformers' AutoRound quantizer);
 * ``auto_gptq``: ``quant_method: gptq``, ``checkpoint_format: gptq``, ``desc_act: false``, plus g_idx;
 * ``hubtool``: ``quant_method: hubtool`` with the exact list of quantized modules, the spec, the method and
-  the recipe; it loads through ``hubtool.integrations.transformers`` after ``import hubtool``.
+  the recipe; it loads through ``hubtool.runtime.hf_quantizer`` after ``import hubtool``.
 
 A format folder is assembled in a hidden sibling folder and renamed into place, so a crash never leaves
 a complete-looking folder behind.
@@ -35,12 +36,10 @@ from ..core import packing
 from ..core.intweight import IntWeight
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
+from .table import FORMATS
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto_round", "auto_gptq", "hubtool")
-QUANT_METHODS = {"auto_round": "auto-round", "auto_gptq": "gptq", "hubtool": "hubtool"}
-AUTO_ROUND_PACKING = "auto_round:auto_gptq"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -76,7 +75,7 @@ def export_format(
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(out_dir)
         tmp.mkdir()
-        state_dict = build_state_dict(model, weights, with_g_idx=(fmt == "auto_gptq"))
+        state_dict = build_state_dict(model, weights, with_g_idx=FORMATS[fmt].with_g_idx)
         qconfig = quantization_config(model, weights, spec, fmt, meta)
         _write_repo(tmp, model, processor, state_dict, qconfig, fmt, max_shard_size)
         _fsync_dir(tmp)
@@ -237,6 +236,7 @@ def quantization_config(
     blocks = block_lists(weights, meta)
     skipped = skipped_in_blocks(model, weights, blocks)
     version = meta.get("hubtool_version") or __version__
+    info = FORMATS[fmt]
     if fmt == "auto_round":
         qc: dict[str, Any] = {
             "bits": spec.bits,
@@ -244,8 +244,8 @@ def quantization_config(
             "sym": spec.sym,
             "data_type": "int",
             "block_name_to_quantize": ",".join(blocks),
-            "quant_method": "auto-round",
-            "packing_format": AUTO_ROUND_PACKING,
+            "quant_method": info.quant_method,
+            "packing_format": info.packing_format,
             **_recipe_fields(meta),
         }
         if skipped:
@@ -262,9 +262,9 @@ def quantization_config(
             "true_sequential": False,
             "damp_percent": 0.01,
             "lm_head": False,
-            "quant_method": "gptq",
-            "checkpoint_format": "gptq",
-            "format": "gptq",  # transformers 5's GPTQConfig name for checkpoint_format
+            "quant_method": info.quant_method,
+            "checkpoint_format": info.packing_format,
+            "format": info.packing_format,  # transformers 5's GPTQConfig name for checkpoint_format
             "block_name_to_quantize": ",".join(blocks),
             # provenance as auto-round writes it; no "meta" key: transformers reads one as GPTQModel's v2 format
             "provider": f"hubtool {version} ({meta.get('method') or 'rtn'})",
@@ -280,12 +280,12 @@ def quantization_config(
             qc["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in skipped}
         return qc
     qc = {
-        "quant_method": "hubtool",
+        "quant_method": info.quant_method,
         "bits": spec.bits,
         "group_size": spec.group_size,
         "sym": spec.sym,
-        "packing_format": "gptq",
-        "g_idx": False,
+        "packing_format": info.packing_format,
+        "g_idx": info.with_g_idx,
         "modules": list(weights),
         "method": meta.get("method") or "rtn",
         "recipe": meta.get("recipe"),
@@ -345,10 +345,9 @@ def _write_repo(
     if data.get("dtype") is not None:
         data["torch_dtype"] = data["dtype"]
         _write_json(tmp / "config.json", data)
-    if fmt == "auto_round":  # auto-round writes its config a second time, for its own tools
-        _write_json(tmp / "quantization_config.json", qconfig)
-    elif fmt == "auto_gptq":  # AutoGPTQ / GPTQModel read quantize_config.json
-        _write_json(tmp / "quantize_config.json", qconfig)
+    side_config = FORMATS[fmt].side_config  # auto-round's own tools, AutoGPTQ / GPTQModel read these
+    if side_config:
+        _write_json(tmp / side_config, qconfig)
     gen = getattr(model, "generation_config", None)
     can_generate = getattr(model, "can_generate", lambda: False)()
     if gen is not None and can_generate:

@@ -17,10 +17,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _TARGET = "transformers.quantizers.auto"
+_QUANTIZER = "hubtool.runtime.hf_quantizer"  # where the config, the HfQuantizer and register() live
 
 
 def _register_now() -> None:
-    module = sys.modules.get(f"{__name__}.transformers")
+    module = sys.modules.get(_QUANTIZER)
     if module is not None and not hasattr(module, "register"):
         return  # it is being imported right now (it imports transformers); whoever imports it registers
     try:

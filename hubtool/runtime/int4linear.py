@@ -1,4 +1,8 @@
-"""Int4Linear: a linear layer whose weight is stored as GPTQ-packed int4 and computed by a kernel backend."""
+"""Int4Linear: a linear layer whose weight is stored as GPTQ-packed int4 and computed by a kernel backend.
+
+``runtime.backends`` picks the kernel for each call; ``replace_linears`` is the package's swap of named
+submodules for loading (``runtime.hf_quantizer``).
+"""
 
 from __future__ import annotations
 
@@ -102,9 +106,13 @@ class Int4Linear(nn.Module):
         return packing.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx_or_none(), dtype=dtype)
 
     # -- compute ------------------------------------------------------------------------------------
-    def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
+    def forget_prepared(self) -> None:
+        """Drop the kernel layouts and the g_idx check made from older tensors (after the tensors change)."""
         self._prepared.clear()
         self._trivial = None
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
+        self.forget_prepared()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
@@ -137,7 +145,4 @@ def replace_linears(
 ) -> None:
     """Swap each named ``nn.Linear`` in ``model`` for ``factory(name, old)``."""
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        setattr(parent, child, factory(name, old))
+        model.set_submodule(name, factory(name, model.get_submodule(name)))

@@ -26,13 +26,12 @@ from ...cache import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int4_mm.cpp")
 # one library: the int4 matmul, SignRound's fused step, the fused elementwise ops of block tuning
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("int4_mm.cpp", "signround.cpp", "block_ops.cpp"))
 HEADERS = (Path(__file__).with_name("simd.h"),)  # included by the sources: part of the build's hash
 EXT_NAME = "hubtool_int4_cpu"
-CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fno-math-errno")
+LDFLAGS = ("-fopenmp",)
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
 ISA_CODES = {v: k for k, v in ISA_NAMES.items()}
 BLOCK_N = 64  # output columns per block of the repacked layout
@@ -83,8 +82,8 @@ def load(verbose: bool = False) -> bool:
             path = cpp_extension.load(
                 name=EXT_NAME,
                 sources=[str(src) for src in SOURCES],
-                extra_cflags=CFLAGS,
-                extra_ldflags=LDFLAGS,
+                extra_cflags=list(CFLAGS),  # lists of their own: cpp_extension appends to them
+                extra_ldflags=list(LDFLAGS),
                 build_directory=str(out),
                 verbose=verbose,
                 is_python_module=False,

@@ -2,8 +2,9 @@
 
 The checkpoint's own quantization_config is translated into a ``hubtool`` one (the modules to swap are
 the ones whose ``.qweight`` the safetensors hold), and transformers' loader does the rest through
-hubtool's HfQuantizer: the model is built on the meta device, the listed linears become ``Int4Linear``,
-the shards load (safetensors only, never pickle), tied weights are tied, the model is put in eval mode.
+hubtool's HfQuantizer (``runtime.hf_quantizer``): the model is built on the meta device, the listed
+linears become ``Int4Linear``, the shards load (safetensors only, never pickle), tied weights are tied,
+the model is put in eval mode. Nothing here needs the quantizer (``quant``) or ``integrations``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ from typing import Any
 import torch
 
 from ..errors import HubtoolError
-from ..integrations.transformers import PACKING_AWQ, PACKING_V1, PACKING_V2
+from ..formats.export import INDEX_NAME, WEIGHTS_NAME
+from ..formats.table import FORMATS, PACKING_AWQ, PACKING_V1, PACKING_V2
+from ..source import _check_remote_code, auto_model_class, local_dir, locate
+from ..source import load_processor as _load_processor
+from .backends import get_backend
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
-WEIGHTS_NAME = "model.safetensors"
+HUBTOOL = FORMATS["hubtool"].quant_method
+AUTO_ROUND = FORMATS["auto_round"]
+# auto-round's quant_method as the tools of several versions spell it
+AUTO_ROUND_METHODS = (AUTO_ROUND.quant_method, "auto_round", "intel/auto-round")
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
@@ -43,8 +50,6 @@ def resolve_folder(
     path_or_id: str | Path, revision: str | None = None, trust_remote_code: bool = False
 ) -> Path:
     """A local folder holding the checkpoint (a Hub id is downloaded into the cache first)."""
-    from ..source import local_dir, locate
-
     p = Path(path_or_id).expanduser()
     if p.is_file():
         raise HubtoolError(f"{path_or_id} is a file; hubtool.load takes a model folder or a Hub id")
@@ -150,11 +155,11 @@ def hubtool_config_for(qc: dict[str, Any], ck: CheckpointTensors) -> dict[str, A
     modules = ck.quantized_modules()
     if not modules:
         raise _unsupported("no tensor ends in .qweight")
-    if method == "hubtool":
+    if method == HUBTOOL:
         out = dict(qc)
         packing = out.get("packing_format", PACKING_V1)
-    elif method in ("auto-round", "auto_round", "intel/auto-round"):
-        packing_format = str(qc.get("packing_format", "auto_round:auto_gptq"))
+    elif method in AUTO_ROUND_METHODS:
+        packing_format = str(qc.get("packing_format", AUTO_ROUND.packing_format))
         if str(qc.get("data_type", "int")) != "int":
             raise _unsupported(f"auto-round data_type {qc.get('data_type')!r}")
         if int(qc.get("act_bits", 16) or 16) < 16:
@@ -214,7 +219,7 @@ def hubtool_config_for(qc: dict[str, Any], ck: CheckpointTensors) -> dict[str, A
         if k // groups != (k if group_size == -1 else group_size):
             group_sizes[name] = k // groups
     with_g_idx = all(f"{n}.g_idx" in ck.shapes for n in modules)
-    if method != "hubtool":
+    if method != HUBTOOL:
         out.update(
             {
                 "modules": modules,
@@ -226,7 +231,7 @@ def hubtool_config_for(qc: dict[str, Any], ck: CheckpointTensors) -> dict[str, A
                 "source_quantization_config": qc,
             }
         )
-    out.update({"quant_method": "hubtool", "packing_format": packing, "g_idx": with_g_idx})
+    out.update({"quant_method": HUBTOOL, "packing_format": packing, "g_idx": with_g_idx})
     out.pop("group_sizes", None)
     if group_sizes:
         out["group_sizes"] = group_sizes
@@ -249,8 +254,7 @@ def load_quantized(
     """
     from transformers import AutoConfig
 
-    from ..integrations.transformers import register
-    from ..source import _check_remote_code, auto_model_class
+    from .hf_quantizer import register
 
     register()
     folder = resolve_folder(path_or_id, revision, trust_remote_code)
@@ -260,8 +264,6 @@ def load_quantized(
     ck = read_checkpoint(folder)
     hub_qc = hubtool_config_for(source_qc, ck)
     if backend is not None:
-        from ..runtime.backends import get_backend
-
         get_backend(backend)  # unknown names fail here, with the list of known ones
         hub_qc["backend"] = backend
     try:
@@ -320,9 +322,6 @@ def load_processor(
 ) -> Any:
     """The processor (VLM) or tokenizer (text model) saved with a checkpoint."""
     from transformers import AutoConfig
-
-    from ..source import load_processor as _load_processor
-    from ..source import locate
 
     folder = resolve_folder(path_or_id, revision, trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
