@@ -20,8 +20,8 @@ timeout 120 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/env.log"
 import json, torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 print("triton", triton.__version__)
-from hubtool.kernels import kernel_info
-print(json.dumps(kernel_info(build=True), indent=1))
+from hubtool.runtime.backends import describe_kernels
+print(json.dumps(describe_kernels(build=True), indent=1))
 PYEOF
 
 echo "== GPU tests"

@@ -394,3 +394,25 @@ def test_kernel_library_builds_where_a_compiler_is():
         "rope",
     ):
         assert hasattr(torch.ops.hubtool, op), op
+
+
+@needs_cpu_kernel
+def test_env_and_kernels_build_commands(capsys):
+    """`hubtool env --json` shows the backends, auto's choice and the kernels; `hubtool kernels build` the library."""
+    from hubtool.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["env", "--json"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    info = json.loads(out)
+    assert info["backends"] == ["reference", "torch", "hubtool"]
+    assert set(info["auto_backend"].values()) == {"hubtool"}
+    assert info["kernels"]["auto_order"] == ["hubtool", "torch", "reference"]
+    assert info["kernels"]["cpu"]["available"] and info["libraries"]["torch"] == torch.__version__
+    with pytest.raises(SystemExit) as exc:
+        main(["kernels", "build"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    assert out.replace("\n", "").endswith(cpu.status()["path"]) and os.path.isfile(cpu.status()["path"])

@@ -22,6 +22,7 @@ from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
 from ..errors import HubtoolError
+from ..formats.table import FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,7 @@ class HubtoolQuantizeCommand(BaseOptimumCLICommand):
         parser.add_argument("--method", default="rtn", help="rtn, opt-rtn or signround")
         parser.add_argument("--group-size", type=int, default=128)
         parser.add_argument("--asym", action="store_true", help="asymmetric (default symmetric)")
-        parser.add_argument(
-            "--formats", default="hubtool", help="comma-separated: auto_round,auto_gptq,hubtool"
-        )
+        parser.add_argument("--formats", default="hubtool", help="comma-separated: " + ",".join(FORMATS))
         parser.add_argument("--recipe", default="default")
         parser.add_argument("--calib", default=None, help="calibration set (default: builtin)")
         parser.add_argument("--revision", default=None)

@@ -1,4 +1,6 @@
-"""Inference: the Int4Linear layer and the kernels behind it."""
+"""Running int4 (floor 3, no quantizer needed): the Int4Linear layer (``int4linear``), the kernel backends
+and auto's choice among them (``backends``), and loading int4 checkpoints of any tool (``loader``, through
+the HfQuantizer of ``hf_quantizer``)."""
 
 from .backends import available_backends, select_backend
 from .int4linear import Int4Linear, replace_linears
