@@ -1,12 +1,13 @@
 """The quantize stage: SOURCE -> 16-bit model -> int4 variants -> exported formats -> run.json.
 
-Every check that needs no model runs before the model loads. ``run.json`` appears only when the stage
-has finished; while it runs, the folder holds an ``.incomplete`` marker instead.
+Every check that needs no model runs before the model loads, and the run folder is touched only once the
+model, its layer plan and every calibration set have loaded (``rundir`` holds the folder's rules).
+``run.json`` appears only when the stage has finished; while it runs, the folder holds an ``.incomplete``
+marker instead.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from . import record as rec
+from . import rundir
 from .__about__ import __version__
 from .core.spec import QuantSpec
 from .errors import HubtoolError
@@ -30,12 +32,12 @@ from .formats.export import FORMATS, export_format
 from .quant.driver import ProgressFn, QuantResult, quantize_model
 from .quant.layers import QuantPlan, plan_layers
 from .quant.spec import Recipe, check_method, make_recipe
-from .source import load_source, locate, parse_dtype
+from .source import load_source, local_dir, locate, parse_dtype
 
 log = logging.getLogger(__name__)
 
-INCOMPLETE = ".incomplete"
-WORK_DIR = ".work"
+INCOMPLETE = rundir.INCOMPLETE
+WORK_DIR = rundir.WORK_DIR
 LIBRARIES = ("torch", "transformers", "huggingface_hub", "safetensors", "accelerate", "auto-round", "optimum")
 
 
@@ -81,43 +83,26 @@ def parse_formats(value: str | list[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse a RUN_DIR that cannot be used as asked (nothing is written)."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise HubtoolError(f"{run_dir} exists and is not a folder", "choose another -o RUN_DIR")
-    finished = (run_dir / rec.RECORD_NAME).exists()
-    if resume:
-        if finished:
-            raise HubtoolError(
-                f"{run_dir} already holds a finished run", "nothing to resume; use --overwrite to redo it"
-            )
-        if not (run_dir / WORK_DIR).is_dir():
-            raise HubtoolError(f"{run_dir} has no interrupted run to resume", "run without --resume")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        if (run_dir / INCOMPLETE).exists() and not finished:
-            raise HubtoolError(
-                f"{run_dir} holds an unfinished run",
-                "pass --resume to continue it or --overwrite to start over",
-            )
-        raise HubtoolError(
-            f"{run_dir} is not empty", "pass --overwrite to replace it, or choose another -o RUN_DIR"
-        )
+def check_run_dir(run_dir: Path, overwrite: bool, resume: bool, sources: list[Path] = ()) -> str:
+    """Refuse a RUN_DIR that cannot be used as asked (nothing is written); return its ``rundir`` state."""
+    return rundir.check(Path(run_dir), overwrite, resume, list(sources))
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Make RUN_DIR ready (after ``check_run_dir``): empty it for --overwrite, keep it for --resume."""
+def prepare_run_dir(run_dir: Path, state: str, resume: bool) -> None:
+    """Make RUN_DIR ready (after every check): clear an old hubtool run unless resuming it, then mark it."""
     run_dir = Path(run_dir)
-    if resume:
-        return
-    if run_dir.exists() and overwrite:
-        (run_dir / rec.RECORD_NAME).unlink(
-            missing_ok=True
-        )  # first: a crash from here on leaves no finished record
-        for child in run_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if state != rundir.NEW and not (resume and state == rundir.RESUMABLE):
+        rundir.clear(run_dir)
+    rundir.claim(run_dir, "quantize started " + _now() + "\n")
+
+
+def _source_paths(source: str, info: rec.SourceInfo | None = None) -> list[Path]:
+    """The local paths a run folder must stay apart from: SOURCE as given and where it resolved to."""
+    given = Path(source).expanduser()
+    paths = [given] if given.exists() else []
+    if info is not None:
+        paths.append(Path(info.name) if info.kind == "gguf" else local_dir(info))
+    return paths
 
 
 def _versions() -> dict[str, str]:
@@ -195,23 +180,42 @@ def run_quantize(opts: QuantizeOptions, progress: ProgressFn | None = None) -> r
         raise HubtoolError(
             f"--device {opts.device} asked for, but no CUDA device is available", "use --device cpu"
         )
-    run_dir = Path(opts.run_dir)
-    check_run_dir(run_dir, opts.overwrite, opts.resume)
+    run_dir = rundir.output_path(opts.run_dir)  # the run folder's checks read only, and cost nothing
+    state = check_run_dir(run_dir, opts.overwrite, opts.resume, _source_paths(opts.source))
     info = locate(opts.source, opts.revision, opts.trust_remote_code)
-    prepare_run_dir(run_dir, opts.overwrite, opts.resume)
-    (run_dir / INCOMPLETE).write_text("quantize started " + _now() + "\n")
+    rundir.check_apart(run_dir, _source_paths(opts.source, info))
+    resume = opts.resume and state == rundir.RESUMABLE
+    inputs = _inputs(opts, info, spec, method, recipe, formats)
+    if resume:
+        rundir.check_inputs(run_dir, inputs)
     try:
-        return _run(opts, info, spec, method, formats, dtype, recipe, run_dir, t0, progress)
+        return _run(opts, info, spec, method, formats, dtype, recipe, run_dir, t0, progress, state, inputs)
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise HubtoolError(
-                f"disk full while writing {run_dir}", "free some space, then re-run with --overwrite"
-            ) from None
-        raise
+        err = rundir.os_error(exc, run_dir)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _inputs(opts, info, spec, method, recipe, formats) -> dict[str, Any]:
+    """What this run starts from, as ``.work/inputs.json`` records it (see ``rundir.check_inputs``)."""
+    return {
+        "source": rundir.source_identity(info, local_dir(info)),
+        "spec": {
+            **asdict(spec),
+            "dtype": opts.dtype,
+            "quantize_vision": opts.quantize_vision,
+            "skip": opts.skip,
+        },
+        "method": method,
+        "recipe": asdict(recipe) if method != "rtn" else None,
+        "calibration": rundir.calibration_identity(list(opts.calib)) if method != "rtn" else [],
+        "formats": formats,
+    }
 
 
 def _run(
-    opts, info, spec, method, formats, dtype, recipe, run_dir: Path, t0: float, progress
+    opts, info, spec, method, formats, dtype, recipe, run_dir: Path, t0: float, progress, state, inputs
 ) -> rec.RunRecord:
     t_load = time.perf_counter()
     loaded = load_source(info, dtype=dtype, device="cpu", trust_remote_code=opts.trust_remote_code)
@@ -226,6 +230,11 @@ def _run(
     )
     calibs: list[str | None] = list(opts.calib) or [None]
     names = variant_names([c for c in calibs if c is not None])
+    # Every calibration set loads before the run folder is touched: a bad one leaves an old run intact.
+    loaded_calibs = [_load_calib(loaded, method, recipe, c, opts.quantize_vision) for c in calibs]
+    resume = opts.resume and state == rundir.RESUMABLE
+    prepare_run_dir(run_dir, state, resume)
+    rundir.write_inputs(run_dir, inputs)
     record = rec.RunRecord(
         source=info,
         spec={
@@ -243,29 +252,54 @@ def _run(
         hardware=hardware(),
         timings=timings,
     )
-    for vname, calib_source in zip(names, calibs, strict=True):
-        record.variants.append(
-            _quantize_variant(
-                opts,
-                loaded,
-                plan,
-                spec,
-                method,
-                recipe,
-                formats,
-                vname,
-                calib_source,
-                run_dir,
-                len(calibs) == 1,
-                progress,
-            )
+    for k, (vname, calib_source) in enumerate(zip(names, calibs, strict=True)):
+        calib, calib_seconds = loaded_calibs[k]
+        loaded_calibs[k] = (None, 0.0)  # each set is freed once its variant is done
+        variant = _quantize_variant(
+            opts,
+            loaded,
+            plan,
+            spec,
+            method,
+            recipe,
+            formats,
+            vname,
+            calib_source,
+            run_dir,
+            len(calibs) == 1,
+            progress,
+            calib=calib,
+            resume=resume,
         )
+        variant.seconds += calib_seconds
+        record.variants.append(variant)
+        del calib
     record.timings["total"] = time.perf_counter() - t0
     record.peak_rss_bytes = peak_rss_bytes()
     rec.save(record, run_dir)
     (run_dir / INCOMPLETE).unlink(missing_ok=True)
     shutil.rmtree(run_dir / WORK_DIR, ignore_errors=True)
     return record
+
+
+def _load_calib(loaded, method: str, recipe: Recipe, source: str | None, image_text: bool):
+    """(calibration set or None for RTN, seconds it took to load)."""
+    if method == "rtn":
+        return None, 0.0
+    from .quant.calib import load_calibration
+
+    t0 = time.perf_counter()
+    calib = load_calibration(
+        source,
+        loaded.processor,
+        nsamples=recipe.nsamples,
+        seqlen=recipe.seqlen,
+        seed=recipe.seed,
+        is_vlm=loaded.info.is_vlm,
+        image_text=image_text,
+        batch_size=recipe.batch_size,
+    )
+    return calib, time.perf_counter() - t0
 
 
 @dataclass
@@ -296,10 +330,13 @@ def quantize_variant(
     work_dir: Path | None = None,
     resume: bool = False,
     progress: ProgressFn | None = None,
+    calib: Any = None,
 ) -> QuantizedVariant:
-    """Calibrate (unless RTN) and quantize ``plan``'s linears; the model itself is left unchanged."""
-    calib = None
-    if method != "rtn":
+    """Calibrate (unless RTN) and quantize ``plan``'s linears; the model itself is left unchanged.
+
+    ``calib`` is a calibration set already loaded from ``calib_source`` (else it is loaded here).
+    """
+    if method != "rtn" and calib is None:
         from .quant.calib import load_calibration
 
         calib = load_calibration(
@@ -325,6 +362,10 @@ def quantize_variant(
         resume=resume,
         progress=progress,
     )
+    # The plan's order, as an uninterrupted run makes it: blocks reloaded by --resume come back sorted by
+    # name, and the exports list the modules in this order (same bytes either way).
+    order = {n: k for k, n in enumerate(plan.linear_names())}
+    result.weights = dict(sorted(result.weights.items(), key=lambda kv: order.get(kv[0], len(order))))
     info = getattr(calib, "info", None)
     recipe_dict = asdict(recipe) if method != "rtn" else None
     if recipe_dict is not None and result.weight_grad:
@@ -356,6 +397,8 @@ def _quantize_variant(
     run_dir: Path,
     single: bool,
     progress,
+    calib=None,
+    resume: bool = False,
 ) -> rec.VariantRecord:
     t0 = time.perf_counter()
     if torch.cuda.is_available():
@@ -375,8 +418,9 @@ def _quantize_variant(
         device=opts.device,
         device_map=opts.device_map,
         work_dir=run_dir / WORK_DIR / vname,
-        resume=opts.resume,
+        resume=resume,
         progress=progress,
+        calib=calib,
     )
     variant = rec.VariantRecord(
         name=vname,

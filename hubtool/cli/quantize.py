@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..pipeline import FORMATS, QuantizeOptions, run_quantize
 from ..quant.driver import ProgressEvent
+from ..rundir import output_path
 from .common import console, err_console, human_bytes
 
 
@@ -18,7 +19,7 @@ def quantize(
     source: str = typer.Argument(
         ..., help="Hub id (org/name), local model folder, .gguf file, or pypi:<model>."
     ),
-    output: Path = typer.Option(..., "-o", "--output", help="Run folder to create (RUN_DIR)."),
+    output: str = typer.Option(..., "-o", "--output", help="Run folder to create (RUN_DIR)."),
     revision: str = typer.Option(None, help="Hub revision (branch, tag or commit)."),
     bits: int = typer.Option(4, help="Weight bits (4)."),
     group_size: int = typer.Option(128, help="Group size: 32, 64 or 128."),
@@ -39,13 +40,18 @@ def quantize(
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run."),
     quantize_vision: bool = typer.Option(False, help="Also quantize the vision tower's blocks."),
     skip: str = typer.Option(None, help="Regex of linear names to keep 16-bit."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty RUN_DIR."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished block."),
+    overwrite: bool = typer.Option(
+        False, help="Redo a run: replace what hubtool wrote in RUN_DIR (never a folder it did not make)."
+    ),
+    resume: bool = typer.Option(
+        False, help="Continue an interrupted run from its last finished block (same inputs only)."
+    ),
 ) -> None:
     """Quantize SOURCE to int4 and export it into RUN_DIR/formats/<format>/."""
+    run_dir = output_path(output)  # before Path(): Path("") would be the current directory
     opts = QuantizeOptions(
         source=source,
-        run_dir=output,
+        run_dir=run_dir,
         revision=revision,
         bits=bits,
         group_size=group_size,
@@ -71,7 +77,7 @@ def quantize(
         command=["hubtool", *sys.argv[1:]],
     )
     record = run_with_progress(opts)
-    print_summary(record, output)
+    print_summary(record, run_dir)
 
 
 def run_with_progress(opts: QuantizeOptions):
