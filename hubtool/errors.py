@@ -14,5 +14,6 @@ class HubtoolError(Exception):
         self.hint = hint
 
     def line(self) -> str:
-        """Return the single line the CLI prints for this error."""
-        return f"error: {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+        """Return the single line the CLI prints for this error (line breaks inside become spaces)."""
+        text = f"error: {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+        return " ".join(part.strip() for part in text.splitlines() if part.strip())

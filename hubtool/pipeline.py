@@ -32,7 +32,7 @@ from .formats.export import FORMATS, export_format
 from .quant.driver import ProgressFn, QuantResult, quantize_model
 from .quant.layers import QuantPlan, plan_layers
 from .quant.spec import Recipe, check_method, make_recipe
-from .source import load_source, local_dir, locate, parse_dtype
+from .source import load_source, local_dir, parse_dtype, preflight
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def run_quantize(opts: QuantizeOptions, progress: ProgressFn | None = None) -> r
         )
     run_dir = rundir.output_path(opts.run_dir)  # the run folder's checks read only, and cost nothing
     state = check_run_dir(run_dir, opts.overwrite, opts.resume, _source_paths(opts.source))
-    info = locate(opts.source, opts.revision, opts.trust_remote_code)
+    info = preflight(opts, method)  # every input that needs no model is checked before any write
     rundir.check_apart(run_dir, _source_paths(opts.source, info))
     resume = opts.resume and state == rundir.RESUMABLE
     inputs = _inputs(opts, info, spec, method, recipe, formats)

@@ -68,29 +68,88 @@ def load_prompts(path: Path, *, is_vlm: bool = True) -> list[Prompt]:
         raise HubtoolError(f"prompts file {path} not found", "check the --prompts path")
     try:
         text = path.read_text(encoding="utf-8")
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        node, data = _parse_yaml(text)
     except UnicodeDecodeError:
         raise HubtoolError(f"{path} is not UTF-8 text", "save the prompts file as UTF-8") from None
+    except OSError as exc:
+        raise HubtoolError(
+            f"cannot read {path} ({exc.strerror})", "check the file and its permissions"
+        ) from None
+    except DuplicateKeyError as exc:
+        raise HubtoolError(
+            f"{path} line {exc.mark.line + 1}: duplicate key {exc.key!r} (first on line {exc.first})",
+            "keep one of the two; YAML would silently drop the first",
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise HubtoolError(f"{path}{where}: invalid YAML ({problem})", "fix the YAML syntax") from None
-    if isinstance(data, dict) and "prompts" in data:
+    if isinstance(data, dict):
+        if "prompts" not in data:
+            raise HubtoolError(
+                f"{path}: a mapping at the top needs a `prompts:` key",
+                "write `prompts:` followed by `- text: ...`",
+            )
         items = data["prompts"]
-        node = next(v for k, v in node.value if k.value == "prompts")
+        node = next((v for k, v in node.value if k.value == "prompts"), None)  # None: from a `<<:` merge
     else:
         items = data
     if not isinstance(items, list) or not items:
+        line = f" line {node.start_mark.line + 1}" if node is not None else ""
         raise HubtoolError(
-            f"{path}: expected a non-empty list of prompts", "write entries like `- text: ...` (see the docs)"
+            f"{path}{line}: expected a non-empty list of prompts",
+            "write entries like `- text: ...` (see the docs)",
         )
-    lines = [n.start_mark.line + 1 for n in node.value]
+    lines = (
+        [n.start_mark.line + 1 for n in node.value]
+        if node is not None and len(node.value) == len(items)
+        else [0] * len(items)
+    )
     out = []
     for item, line in zip(items, lines, strict=True):
         out.append(_parse_entry(item, path, line, is_vlm))
     return out
+
+
+class DuplicateKeyError(Exception):
+    """A YAML mapping that repeats a key (``mark``: where the repeat is, ``first``: line of the first one)."""
+
+    def __init__(self, key: Any, first: int, mark: Any):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.mark = key, first, mark
+
+
+def _parse_yaml(text: str) -> tuple[Any, Any]:
+    """(root node, data) of a YAML document; a mapping that repeats a key raises DuplicateKeyError."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """SafeLoader that refuses duplicate keys (plain PyYAML silently keeps the last one)."""
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # `<<: *base` keys may be overridden by design
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise DuplicateKeyError(key, seen[key], key_node.start_mark)
+                        seen[key] = line
+                    except TypeError:  # an unhashable key: SafeLoader reports it itself
+                        continue
+            return super().construct_mapping(node, deep=deep)
+
+    loader = UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return node, data
 
 
 def _parse_entry(item: Any, path: Path, line: int, is_vlm: bool) -> Prompt:

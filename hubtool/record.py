@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import types
@@ -217,41 +218,113 @@ class RunRecord:
 
 
 # -- JSON mapping ----------------------------------------------------------------------------------
+class RecordError(HubtoolError):
+    """A record (or part of one) whose JSON does not have the structure its dataclass needs."""
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _kind(value: Any) -> str:
+    """How JSON calls a Python value: 'a list', 'a string', 'null'..."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+    return names.get(type(value)) or ("a number" if isinstance(value, int | float) else type(value).__name__)
+
+
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain JSON-able data."""
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
-def from_dict(cls: Any, data: Any) -> Any:
-    """Build ``cls`` (a dataclass or a typing form) from plain data; unknown keys are ignored."""
-    if data is None:
-        return None
+def from_dict(cls: Any, data: Any, where: str = "") -> Any:
+    """Build ``cls`` (a dataclass or a typing form) from plain data; unknown keys are ignored.
+
+    Every field is checked against its type: a mismatch raises RecordError naming the field (``where``).
+    """
+    here = where or "the record"
+    if cls is Any:
+        return data
     origin = typing.get_origin(cls)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(cls) if a is not type(None)]
-        return from_dict(args[0], data) if len(args) == 1 else data
+        args = typing.get_args(cls)
+        if data is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return from_dict(rest[0], data, where) if len(rest) == 1 else data
     if origin is list:
+        if not isinstance(data, list):
+            raise RecordError(f"{here} should be a list, not {_kind(data)}")
         (item,) = typing.get_args(cls)
-        return [from_dict(item, x) for x in data]
+        return [from_dict(item, x, f"{where}[{i}]") for i, x in enumerate(data)]
     if origin is dict:
+        if not isinstance(data, dict):
+            raise RecordError(f"{here} should be an object, not {_kind(data)}")
         _, value = typing.get_args(cls)
-        return {k: from_dict(value, v) for k, v in data.items()}
+        return {k: from_dict(value, v, f"{where}.{k}" if where else k) for k, v in data.items()}
     if dataclasses.is_dataclass(cls):
+        if not isinstance(data, dict):
+            raise RecordError(f"{here} should be an object, not {_kind(data)}")
         hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: from_dict(hints[k], v) for k, v in data.items() if k in names})
+        fields = dataclasses.fields(cls)
+        for f in fields:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and f.name not in data:
+                raise RecordError(f"{here} has no {f.name!r}" if where else f"no {f.name!r} field")
+        names = {f.name for f in fields}
+        return cls(
+            **{
+                k: from_dict(hints[k], v, f"{where}.{k}" if where else k)
+                for k, v in data.items()
+                if k in names
+            }
+        )
+    if cls in _TYPE_NAMES:
+        ok = isinstance(data, cls) and not (cls is int and isinstance(data, bool))
+        if cls is float:
+            ok = isinstance(data, int | float) and not isinstance(data, bool)
+        if not ok:
+            raise RecordError(f"{here} should be {_TYPE_NAMES[cls]}, not {_kind(data)}")
     return data
 
 
+def non_finite(data: Any, where: str = "") -> str | None:
+    """The path of the first NaN or infinity in plain data (``None`` when every number is finite)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return f"{where or 'the value'} = {data}"
+    items = (
+        data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list | tuple) else ()
+    )
+    for k, v in items:
+        bad = non_finite(v, f"{where}[{k}]" if isinstance(k, int) else (f"{where}.{k}" if where else str(k)))
+        if bad:
+            return bad
+    return None
+
+
 def to_json(record: RunRecord) -> str:
-    """Serialize a record."""
-    return json.dumps(to_dict(record), indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    """Serialize a record as strict JSON; a NaN or infinity anywhere is refused (JSON has no such number)."""
+    data = to_dict(record)
+    bad = non_finite(data)
+    if bad:
+        raise HubtoolError(
+            f"the run record would hold a number that is not finite ({bad}); run.json was not written",
+            "check the inputs that produced it (e.g. --lr) and run the stage again",
+        )
+    return json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise RecordError(f"it holds {name}, which strict JSON does not allow")
 
 
 def from_json(text: str) -> RunRecord:
-    """Parse a record, refusing one written by a newer schema."""
-    data = json.loads(text)
+    """Parse a record, refusing one of the wrong structure or written by a newer schema (RecordError)."""
+    data = json.loads(text, parse_constant=_refuse_constant)
+    if not isinstance(data, dict):
+        raise RecordError(f"it holds {_kind(data)}, not an object")
     version = data.get("schema_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RecordError(f"schema_version should be an integer, not {_kind(version)}")
     if version > SCHEMA_VERSION:
         raise HubtoolError(
             f"run.json has schema {version}, newer than this hubtool understands ({SCHEMA_VERSION})",
@@ -291,10 +364,18 @@ def load(run_dir: Path) -> RunRecord:
             f"{run_dir} holds no finished run (no {RECORD_NAME})",
             "run `hubtool quantize SOURCE -o RUN_DIR` first",
         )
+    hint = "restore it or run the stage that wrote it again; `hubtool quantize --overwrite` redoes the run"
     try:
         return from_json(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise HubtoolError(f"{path} is not a valid run record: {exc}", "re-run the quantize stage") from None
+    except UnicodeDecodeError:
+        raise HubtoolError(f"{path} is not a valid run record: it is not UTF-8 text", hint) from None
+    except json.JSONDecodeError as exc:
+        raise HubtoolError(
+            f"{path} is not a valid run record: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})",
+            hint,
+        ) from None
+    except RecordError as exc:
+        raise HubtoolError(f"{path} is not a valid run record: {exc.message}", hint) from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,51 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_device(value: str | None, flag: str = "--device") -> torch.device:
+    """Parse a device name (cpu, cuda, cuda:N, ...) and check that this machine has it."""
+    try:
+        dev = torch.device(str(value).strip())
+    except (RuntimeError, ValueError, TypeError):
+        raise HubtoolError(f"{flag} {value!r} is not a device", "use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None) if dev.type != "meta" else None
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise HubtoolError(f"{flag} {value} asked for, but this machine has no {dev.type} device", "use cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise HubtoolError(
+            f"{flag} {value}: this machine has {count} {dev.type} device{'s' if count != 1 else ''}",
+            f"use {dev.type}:0" + (f" to {dev.type}:{count - 1}" if count > 1 else ""),
+        )
+    return dev
+
+
+def check_device_map(value: str | None, flag: str = "--device-map") -> list[torch.device]:
+    """Parse a --device-map ('auto' or 'cuda:0,cuda:1') and check that every device named exists."""
+    if not value or value.strip() == "auto":
+        return []
+    names = [d.strip() for d in value.split(",")]
+    if not all(names):
+        raise HubtoolError(f"{flag} {value!r} has an empty entry", "list devices like cuda:0,cuda:1")
+    return [check_device(d, f"{flag} entry") for d in names]
+
+
+def check_hub_id(repo_id: str) -> None:
+    """Refuse a malformed Hub id (colons, spaces, '--'...) before anything is downloaded."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise HubtoolError(
+            f"{repo_id!r} is neither a local path nor a valid Hub id",
+            "a Hub id is org/name with letters, digits, '-', '_' and '.' only",
+        ) from None
+
+
 def resolve_pypi_model(alias: str) -> Path:
     """Path of the GGUF file of a model that installs from PyPI (without importing the package's code)."""
     module, how = PYPI_MODELS[alias]
@@ -85,6 +131,34 @@ def auto_model_class(config: Any) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     return AutoModelForImageTextToText if _is_vlm(config) else AutoModelForCausalLM
+
+
+def read_config(folder: Path) -> dict:
+    """A model folder's config.json as a dict, or a one-line error if it is not a JSON object."""
+    path = Path(folder) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise HubtoolError(f"{path} is not UTF-8 text", "re-download or re-save the model") from None
+    except json.JSONDecodeError as exc:
+        raise HubtoolError(
+            f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})",
+            "fix the file, or re-download or re-save the model",
+        ) from None
+    if not isinstance(data, dict):
+        raise HubtoolError(
+            f"{path} holds a JSON {type(data).__name__}, not an object", "re-download or re-save the model"
+        )
+    return data
+
+
+def _check_config_dict(config_dict: dict, trust_remote_code: bool, where: str) -> None:
+    """The architecture is loadable (or trusted remote code) and the model is not already quantized."""
+    _check_remote_code(config_dict, trust_remote_code, where)
+    qc = config_dict.get("quantization_config")
+    if qc:
+        qm = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise HubtoolError(f"{where} is already quantized ({qm})", "quantize its 16-bit original instead")
 
 
 def _check_remote_code(config_dict: dict, trust_remote_code: bool, where: str) -> None:
@@ -129,6 +203,195 @@ def _check_weights(folder: Path) -> None:
             raise HubtoolError(
                 f"{f} is not a valid safetensors file ({exc})", "re-download or re-save it"
             ) from None
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """The safetensors files transformers loads from ``folder``: the index's shards, else model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise HubtoolError(
+                f"{index} is not a valid safetensors index", "re-download or re-save it"
+            ) from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise HubtoolError(
+                f"{index} lists {missing[0]}, which is not in {folder}"
+                + (f" ({len(missing)} shards missing)" if len(missing) > 1 else ""),
+                "download every shard of the model",
+            )
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    names = sorted(p.name for p in folder.glob("*.safetensors"))
+    raise HubtoolError(
+        f"{folder} has {names[0]} but no model.safetensors or model.safetensors.index.json",
+        "save the model with save_pretrained (or rename a single file to model.safetensors)",
+    )
+
+
+def _auto_config(folder: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a config it cannot use
+        raise HubtoolError(
+            f"transformers cannot read {folder / 'config.json'}: {exc}".splitlines()[0],
+            "fix config.json, or re-download the model",
+        ) from None
+
+
+def _param_pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".N.", name)
+
+
+def check_shapes(folder: Path, config: Any, trust_remote_code: bool = False) -> None:
+    """Compare the tensors the config implies (model built on the meta device) with the safetensors headers.
+
+    No weight is read. Refused: a tensor of another shape, a parameter the weights lack (tied ones aside),
+    and weights of blocks the config does not have (e.g. ``num_hidden_layers`` too small).
+    """
+    from safetensors import safe_open
+
+    where = Path(folder) / "config.json"
+    try:
+        with torch.device("meta"):
+            model = auto_model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # a config whose values cannot build the model
+        raise HubtoolError(
+            f"{where} does not describe a model transformers can build: {exc}".splitlines()[0],
+            "use the config.json saved with these weights",
+        ) from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    stored: dict[str, tuple[int, ...]] = {}
+    for f in _model_files(Path(folder)):
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                stored[key] = tuple(handle.get_slice(key).get_shape())
+    rename, exact = _renamer(model, expected)
+    found, converted, mismatched, extra = set(), set(), [], []
+    patterns = {_param_pattern(k) for k in expected}
+    for key, shape in stored.items():
+        name, by_converter = rename(key)
+        if by_converter:  # merged/split by transformers while loading: shapes differ by design
+            converted.add(name)
+        elif name in expected:
+            found.add(name)
+            if expected[name] != shape:
+                mismatched.append((key, shape, expected[name]))
+        elif _param_pattern(name) in patterns:
+            extra.append(key)
+    hint = "use the config.json saved with these weights"
+    if mismatched:
+        key, shape, want = mismatched[0]
+        more = f"; {len(mismatched)} tensors differ" if len(mismatched) > 1 else ""
+        raise HubtoolError(
+            f"{where} does not match the weights: {key} is {list(shape)} in the weights "
+            f"but {list(want)} by the config{more}",
+            hint,
+        )
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    missing = [
+        k
+        for k, _ in model.named_parameters()
+        if k not in found and k not in converted and not (k in tied and tied[k] in found)
+    ]
+    if missing and exact:
+        raise HubtoolError(
+            f"{where} does not match the weights: they lack {len(missing)} tensor(s) the config implies "
+            f"(e.g. {missing[0]})",
+            hint,
+        )
+    if extra:
+        raise HubtoolError(
+            f"{where} does not match the weights: they hold {len(extra)} tensor(s) the config has no "
+            f"place for (e.g. {extra[0]})",
+            hint,
+        )
+
+
+def _renamer(model: Any, expected: dict[str, Any]):
+    """(checkpoint key -> (model key, made by a merging/splitting converter), whether names are exact).
+
+    The keys are renamed as transformers renames them while loading; without that machinery (another
+    transformers version) names are compared as stored, and only shapes count.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        conversions = get_model_conversion_mapping(model)
+    except Exception:  # another transformers version: compare names as stored
+        log.debug("no checkpoint key renaming available; comparing tensor names as stored")
+        return (lambda key: (key, False)), False
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    renamings = [c for c in conversions if not isinstance(c, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(key: str) -> tuple[str, bool]:
+        name, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+        return name, pattern is not None
+
+    return rename, True
+
+
+def check_tokenizer(folder: Path, info: SourceInfo, config: Any, trust_remote_code: bool = False) -> None:
+    """Load the tokenizer (or a VLM's processor) now: a folder without usable tokenizer files fails here."""
+    try:
+        load_processor(folder, info, config, trust_remote_code)
+    except Exception as exc:  # transformers raises ValueError, OSError, TypeError... for missing files
+        known = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
+        kind = "processor" if _is_vlm(config) else "tokenizer"
+        files = "preprocessor_config.json, tokenizer.json..." if kind == "processor" else "tokenizer.json..."
+        what = (
+            "no tokenizer files"
+            if not any((Path(folder) / n).is_file() for n in known)
+            else f"no usable {kind} ({type(exc).__name__}: {exc})".splitlines()[0]
+        )
+        raise HubtoolError(
+            f"{info.name} has {what}", f"copy the {kind} files saved with the model ({files}) into it"
+        ) from None
+
+
+def check_source_files(info: SourceInfo, trust_remote_code: bool = False) -> None:
+    """Cheap checks of a located model folder: config, architecture, weights, shapes and tokenizer."""
+    if info.kind == "gguf":
+        return  # checked by locate (the reader parses it); config and tokenizer come from the file
+    folder = local_dir(info)
+    _check_config_dict(read_config(folder), trust_remote_code, info.name)
+    _check_weights(folder)
+    config = _auto_config(folder, trust_remote_code)
+    check_shapes(folder, config, trust_remote_code)
+    check_tokenizer(folder, info, config, trust_remote_code)
+
+
+def preflight(opts: Any, method: str) -> SourceInfo:
+    """Check everything ``hubtool quantize`` takes that needs no model in memory; return the located source.
+
+    ``opts`` is a ``pipeline.QuantizeOptions``. Runs before the run folder is created or touched.
+    """
+    check_device(opts.device)
+    check_device_map(opts.device_map)
+    if opts.skip:
+        try:
+            re.compile(opts.skip)
+        except re.error as exc:
+            raise HubtoolError(
+                f"--skip {opts.skip!r} is not a valid regular expression: {exc}",
+                "give a Python regex of linear names, e.g. 'mlp\\.down_proj'",
+            ) from None
+    if method != "rtn":
+        from .quant.calib import check_source
+
+        for calib in opts.calib:
+            check_source(calib)
+    info = locate(opts.source, opts.revision, opts.trust_remote_code)
+    check_source_files(info, opts.trust_remote_code)
+    return info
 
 
 def _download(repo_id: str, revision: str | None, trust_remote_code: bool) -> tuple[Path, str]:
@@ -198,6 +461,7 @@ def locate(source: str, revision: str | None = None, trust_remote_code: bool = F
             )
         return SourceInfo(kind="dir", name=str(p.resolve()))
     if source.count("/") == 1 and not source.startswith((".", "/")):
+        check_hub_id(source)
         path, commit = _download(source, revision, trust_remote_code)
         return SourceInfo(kind="hub", name=source, revision=revision, commit=commit or None, note=str(path))
     raise HubtoolError(
@@ -234,14 +498,11 @@ def load_source(
     """Load the 16-bit model and its tokenizer/processor described by ``info`` (from ``locate``)."""
     from transformers import AutoConfig
 
+    check_device(device)
     if info.kind == "gguf":
         return _load_gguf(info, dtype, device)
     folder = local_dir(info)
-    config_dict = json.loads((folder / "config.json").read_text())
-    _check_remote_code(config_dict, trust_remote_code, info.name)
-    if config_dict.get("quantization_config"):
-        qm = config_dict["quantization_config"].get("quant_method")
-        raise HubtoolError(f"{info.name} is already quantized ({qm})", "quantize its 16-bit original instead")
+    _check_config_dict(read_config(folder), trust_remote_code, info.name)
     _check_weights(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     cls = auto_model_class(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 
 # hubtool draws its own progress; libraries' tqdm bars (e.g. transformers' GGUF loading) stay quiet.
@@ -16,7 +17,14 @@ from typer._click.exceptions import ClickException
 
 from ..__about__ import __version__
 from ..errors import HubtoolError
-from .common import err_console, setup_logging
+from .common import (
+    Interrupted,
+    install_signal_handlers,
+    interrupted_line,
+    os_error_line,
+    restore_signal_handlers,
+    setup_logging,
+)
 
 app = typer.Typer(
     name="hubtool",
@@ -58,21 +66,45 @@ for _name in COMMAND_MODULES:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app; user errors print one line and exit 2, never a traceback."""
+    """Entry point: run the app; user errors print one line and exit 2, never a traceback.
+
+    SIGINT and SIGTERM print one line saying how to go on (e.g. the `--resume` command) and exit 128+signal.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    handlers = install_signal_handlers()
     try:
-        rv = app(args=argv, standalone_mode=False, prog_name="hubtool")
+        rv = app(args=args, standalone_mode=False, prog_name="hubtool")
     except HubtoolError as exc:
-        err_console.print(exc.line(), markup=False, soft_wrap=True)
+        _say(exc.line())
         return _exit(exc.exit_code)
     except typer.Exit as exc:
         return _exit(exc.exit_code)
     except ClickException as exc:
         exc.show()
         return _exit(exc.exit_code)
+    except Interrupted as exc:
+        restore_signal_handlers(handlers)
+        handlers = {}
+        _say(interrupted_line(args, exc.signum))
+        return _exit(128 + exc.signum)
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("interrupted (an unfinished run can continue with --resume)")
+        _say(interrupted_line(args, signal.SIGINT))
         return _exit(130)
+    except OSError as exc:
+        line = os_error_line(exc, "hubtool " + (args[0] if args else ""))
+        if line is None:
+            raise
+        _say(line)
+        return _exit(2)
+    finally:
+        restore_signal_handlers(handlers)
     return _exit(rv if isinstance(rv, int) else 0)
+
+
+def _say(line: str) -> None:
+    """Print one line on stderr, as is (no markup, no wrapping)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _exit(code: int) -> int:

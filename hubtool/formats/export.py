@@ -82,7 +82,7 @@ def export_format(
         _swap_into_place(tmp, out_dir)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_error(exc, fmt, out_dir, state_dict) from None
+        raise _os_error(exc, fmt, out_dir, state_dict, model, weights) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -462,13 +462,50 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _export_bytes(
+    model: nn.Module, weights: dict[str, Any], fmt: str, state_dict: dict[str, torch.Tensor] | None
+) -> int:
+    """Bytes of tensors an export writes: its state dict's if built, else estimated from the shapes."""
+    if state_dict:
+        return sum(t.numel() * t.element_size() for t in state_dict.values())
+    total, seen = 0, set()
+    for name, t in model.state_dict().items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if name.removesuffix(".weight") in weights or key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    for name, w in weights.items():
+        n, k = model.get_submodule(name).weight.shape
+        groups = k // w.group_size
+        # qweight (K/8 x N int32), qzeros (K/G x N/8 int32), scales (K/G x N fp16), g_idx (K int32)
+        total += k * n // 2 + groups * n // 2 + groups * n * 2 + (4 * k if FORMATS[fmt].with_g_idx else 0)
+    return total
+
+
+def _size_text(n: int) -> str:
+    """4_300_000 -> '4.3 MB' (decimal units, as disk sizes are shown)."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            break
+    return f"{n:.1f} {unit}"
+
+
 def _os_error(
-    exc: OSError, fmt: str, out_dir: Path, state_dict: dict[str, torch.Tensor] | None
+    exc: OSError,
+    fmt: str,
+    out_dir: Path,
+    state_dict: dict[str, torch.Tensor] | None,
+    model: nn.Module,
+    weights: dict[str, Any],
 ) -> HubtoolError:
     if exc.errno in _DISK_FULL:
-        need = sum(t.numel() * t.element_size() for t in state_dict.values()) if state_dict else 0
+        need = _export_bytes(model, weights, fmt, state_dict)
         hint = "free some space and run again"
-        if need:
-            hint = f"the {fmt} export needs about {need / 1e9:.2f} GB; " + hint
+        if need:  # the partial folder was removed: the whole export is still to write
+            hint = f"the {fmt} export needs about {_size_text(need)} free; " + hint
         return HubtoolError(f"disk full while writing the {fmt} export to {out_dir}", hint)
     return HubtoolError(f"cannot write the {fmt} export to {out_dir}: {exc.strerror or exc}")

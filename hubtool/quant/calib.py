@@ -179,6 +179,70 @@ def _read_source(source: str | None) -> tuple[list[Any], list[Path | None], dict
     )
 
 
+def check_source(source: str | None) -> None:
+    """Cheap up-front check of a --calib value (exists, readable, known kind); nothing is tokenized."""
+    if source is None or source in BUILTIN_ALIASES:
+        return
+    path = Path(source).expanduser()
+    if path.exists():
+        files = [path]
+        if path.is_dir():
+            try:
+                files = sorted(
+                    p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                )
+            except OSError as exc:
+                raise HubtoolError(
+                    f"calibration folder {path} cannot be read ({exc.strerror})", "check its permissions"
+                ) from None
+            if not files:
+                raise HubtoolError(
+                    f"calibration folder {path} holds no .txt/.jsonl/.json/.parquet file",
+                    "point at the data files",
+                )
+        elif path.suffix.lower() not in TEXT_SUFFIXES:
+            raise HubtoolError(
+                f"calibration file {path.name} has an unsupported type", "use .txt, .jsonl, .json or .parquet"
+            )
+        for f in files:
+            try:
+                with open(f, "rb") as handle:
+                    handle.read(1)
+            except OSError as exc:
+                raise HubtoolError(
+                    f"calibration file {f} cannot be read ({exc.strerror})",
+                    "check the file and its permissions",
+                ) from None
+        return
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).suffix:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(source)
+        except HFValidationError:
+            raise HubtoolError(
+                f"calibration source {source!r} is neither a local path nor a valid Hub dataset id",
+                "a Hub id is org/name with letters, digits, '-', '_' and '.' only",
+            ) from None
+        if _offline():
+            raise HubtoolError(
+                f"calibration dataset {source!r} is on the Hub but HF_HUB_OFFLINE is set",
+                "unset HF_HUB_OFFLINE, or pass a local file or 'builtin'",
+            )
+        import importlib.util
+
+        if importlib.util.find_spec("datasets") is None:
+            raise HubtoolError(
+                f"loading the Hub dataset {source!r} needs the `datasets` package", "pip install datasets"
+            )
+        return
+    raise HubtoolError(
+        f"calibration source {source!r} not found",
+        "give a local .txt/.jsonl/.json/.parquet file or folder, a Hub dataset id (org/name), or 'builtin'",
+    )
+
+
 def _meta(name: str, source: str, sha: str) -> dict[str, str]:
     return {"name": name, "source": source, "sha256": sha}
 

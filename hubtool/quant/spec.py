@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..errors import HubtoolError
@@ -34,14 +35,47 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+# The smallest value of each integer setting (seqlen: a token and the next one it predicts).
+MINIMUM = {"iters": 0, "nsamples": 1, "seqlen": 2, "batch_size": 1, "seed": 0}
+MAX_SEED = 2**32 - 1  # what every random generator hubtool seeds accepts
+
+
 def make_recipe(name: str = "default", **overrides) -> Recipe:
-    """Return the named recipe with the given fields (those not None) replaced."""
+    """Return the named recipe with the given fields (those not None) replaced, each range-checked.
+
+    ``batch_size`` larger than ``nsamples`` is refused when both are given; when only ``nsamples`` is, tuning
+    uses batches of all the samples there are (the runner clamps the batch to the calibration set).
+    """
     if name not in RECIPES:
         raise HubtoolError(f"unknown recipe {name!r}", "use one of " + ", ".join(RECIPES))
     changes = {k: v for k, v in overrides.items() if v is not None}
-    for key in ("iters", "nsamples", "seqlen", "batch_size"):
-        if key in changes and changes[key] < (0 if key == "iters" else 1):
-            raise HubtoolError(f"--{key.replace('_', '-')} must be positive, got {changes[key]}")
+    for key, value in changes.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "lr":
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise HubtoolError(
+                    f"{flag} must be a finite number > 0, got {value!r}", "omit --lr to use 1/iters"
+                )
+        elif key in MINIMUM:
+            top = MAX_SEED if key == "seed" else None
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < MINIMUM[key]
+                or (top and value > top)
+            ):
+                allowed = f"from {MINIMUM[key]} to {top}" if top else f">= {MINIMUM[key]}"
+                raise HubtoolError(f"{flag} must be an integer {allowed}, got {value!r}")
+    if "batch_size" in changes and "nsamples" in changes and changes["batch_size"] > changes["nsamples"]:
+        raise HubtoolError(
+            f"--batch-size {changes['batch_size']} is larger than --nsamples {changes['nsamples']}",
+            f"use --batch-size {changes['nsamples']} or less, or more samples",
+        )
     return replace(RECIPES[name], **changes)
 
 
