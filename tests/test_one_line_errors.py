@@ -427,6 +427,9 @@ def test_interrupt_line_names_the_resume_command(tmp_path):
         f"terminated (SIGTERM): the finished blocks are saved; continue with: "
         f"hubtool quantize m -o {run} --iters 5 --resume"
     )
+    assert interrupted_line(["-v", *args], signal.SIGINT).endswith(
+        f"hubtool -v quantize m -o {run} --iters 5 --resume"
+    )
     assert interrupted_line(["eval", str(run)], signal.SIGINT).startswith("interrupted: finished samples")
 
 

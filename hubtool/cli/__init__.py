@@ -19,6 +19,7 @@ from ..__about__ import __version__
 from ..errors import HubtoolError
 from .common import (
     Interrupted,
+    command_name,
     install_signal_handlers,
     interrupted_line,
     os_error_line,
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(interrupted_line(args, signal.SIGINT))
         return _exit(130)
     except OSError as exc:
-        line = os_error_line(exc, "hubtool " + (args[0] if args else ""))
+        line = os_error_line(exc, f"hubtool {command_name(args)}".strip())
         if line is None:
             raise
         _say(line)

@@ -105,15 +105,23 @@ def _output_arg(args: list[str]) -> str | None:
     return None
 
 
+def command_name(args: list[str]) -> str:
+    """The subcommand of a hubtool command line (the first word that is not an option), or ''."""
+    return next((a for a in args if not a.startswith("-")), "")
+
+
 def interrupted_line(args: list[str], signum: int) -> str:
     """The one line printed when a command is interrupted: what state it left and how to go on."""
     what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
-    command = args[0] if args else ""
+    command = command_name(args)
     if command == "quantize":
         from ..rundir import FINISHED, RESUMABLE, state
 
         out = _output_arg(args)
-        run_state = state(Path(out)) if out and out.strip() else None
+        try:
+            run_state = state(Path(out)) if out and out.strip() else None
+        except OSError:  # an unreadable folder: say what holds in general
+            run_state = None
         if run_state == RESUMABLE:
             again = ["hubtool", *(a for a in args if a != "--overwrite")]
             if "--resume" not in again:
