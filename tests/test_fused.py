@@ -72,7 +72,7 @@ def test_block_mlp_is_fused_in_tuning_and_gives_the_same_gradients(tiny_models, 
     from transformers import AutoModelForCausalLM
 
     from hubtool.quant import fused
-    from hubtool.quant.signround import LinearGroup, QLinear
+    from hubtool.quant.qlinear import LinearGroup, QLinear
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models(arch), dtype=torch.bfloat16).eval()
     mlp = model.model.layers[0].mlp

@@ -14,7 +14,7 @@ from hubtool.errors import HubtoolError
 from hubtool.quant.calib import load_calibration
 from hubtool.quant.driver import ProgressEvent, quantize_model
 from hubtool.quant.layers import plan_layers
-from hubtool.quant.signround import TunedLinear
+from hubtool.quant.signround import TunedLinear, sign_sgd
 from hubtool.quant.spec import make_recipe
 from tests import tiny
 
@@ -212,7 +212,7 @@ def test_hand_written_gradients_match_autograd(sym):
     g = torch.randn(16, 256)
     out = torch.empty(16, 256)
     st.forward_into(out)
-    st.backward_from(g)  # lr is None: gradients are stored, nothing steps
+    st.backward_from(g)  # outside sign_sgd: gradients are stored, nothing steps
     v, alpha, beta = (t.clone().requires_grad_(True) for t in (st.v, st.alpha, st.beta))
     ref = _reference_weight(st, v, alpha, beta)
     torch.testing.assert_close(ref, out, rtol=0, atol=0)
@@ -222,8 +222,9 @@ def test_hand_written_gradients_match_autograd(sym):
     st.keep_best()
     assert torch.equal(st.int_weight().dequantize(), out)  # the stored codes are what was tuned
     before = st.v.clone()
-    st.lr = 0.1
-    st.backward_from(g)
+    with sign_sgd([st], 0.1):
+        st.backward_from(g)
+    assert st.step_lr is None  # the step size lives as long as the step
     step = (st.v - before).abs()
     assert step.max() <= 0.1 + 1e-6 and (step > 0).any() and st.v.abs().max() <= 0.5
 
@@ -233,7 +234,7 @@ def test_hand_written_gradients_match_autograd(sym):
 def test_fused_cpu_step_equals_the_torch_reference(sym, dtype, monkeypatch):
     """The C++ forward/backward give the reference's weights, codes and V steps bit for bit."""
     from hubtool.kernels import cpu
-    from hubtool.quant import signround
+    from hubtool.quant import scales
 
     if not cpu.load():
         pytest.skip("CPU kernel library unavailable")
@@ -245,14 +246,14 @@ def test_fused_cpu_step_equals_the_torch_reference(sym, dtype, monkeypatch):
     v0 = torch.rand(states[0].v.shape) - 0.5
     for st in states:
         st.v.copy_(v0)
-        st.lr = 0.01
     outs = [torch.empty(24, 384, dtype=dtype) for _ in range(2)]
     for step in range(3):
         g = torch.randn(24, 384).to(dtype)
         for fused, st, out in zip((True, False), states, outs, strict=True):
-            monkeypatch.setitem(signround._FUSED, "ok", fused)
+            monkeypatch.setitem(scales._FUSED, "ok", fused)
             st.forward_into(out)
-            st.backward_from(g)
+            with sign_sgd([st], 0.01):
+                st.backward_from(g)
         a, b = states
         assert torch.equal(outs[0], outs[1]), f"step {step}: fake weights differ"
         assert torch.equal(a.q, b.q) and torch.equal(a.inside, b.inside)
@@ -265,7 +266,7 @@ def test_fused_cpu_step_equals_the_torch_reference(sym, dtype, monkeypatch):
 def test_fused_symmetric_scale_and_clip_step_equal_the_torch_code(monkeypatch):
     """The C++ scale (zero, tiny and fp16-overflowing groups included) and alpha/beta step, bit for bit."""
     from hubtool.kernels import cpu
-    from hubtool.quant import signround
+    from hubtool.quant import scales
 
     if not cpu.load():
         pytest.skip("CPU kernel library unavailable")
@@ -278,8 +279,8 @@ def test_fused_symmetric_scale_and_clip_step_equal_the_torch_code(monkeypatch):
     alpha, beta = torch.rand(64, 4, generator=g), torch.rand(64, 4, generator=g)
     results = []
     for fused in (True, False):
-        monkeypatch.setitem(signround._FUSED, "ok", fused)
-        results.append(signround.sym_scale(wmin, wmax, alpha, beta, spec))
+        monkeypatch.setitem(scales._FUSED, "ok", fused)
+        results.append(scales.sym_scale(wmin, wmax, alpha, beta, spec))
     (s, sel), (s_ref, sel_ref) = results
     assert torch.equal(s, s_ref) and torch.equal(sel, sel_ref)
     assert s[0].eq(FP16_TINY).all() and s[2, 0].isinf() and sel[2, 1] and not sel[2, 0]
@@ -297,7 +298,8 @@ def test_fused_symmetric_scale_and_clip_step_equal_the_torch_code(monkeypatch):
 def test_int8_weight_gradient_keeps_the_signs_that_matter(monkeypatch):
     """dL/dW as an int8 matmul: per-column codes, the exact step for its value, the bf16 step's signs."""
     from hubtool.kernels import cpu
-    from hubtool.quant import signround
+    from hubtool.quant import scales, signround
+    from hubtool.quant.qlinear import QLinear
 
     if not cpu.load():
         pytest.skip("CPU kernel library unavailable")
@@ -319,18 +321,18 @@ def test_int8_weight_gradient_keeps_the_signs_that_matter(monkeypatch):
     acc = torch.randint(-(2**20), 2**20, (32, 256), generator=g, dtype=torch.int32)
     row, col = torch.rand(32, generator=g) * 1e-3, torch.rand(256, generator=g) * 1e-3
     for fused, st in ((True, a), (False, b)):
-        monkeypatch.setitem(signround._FUSED, "ok", fused)
-        st.lr = 0.01
+        monkeypatch.setitem(scales._FUSED, "ok", fused)
         st.forward_into(torch.empty(32, 256, dtype=torch.bfloat16))
-        if fused:
-            st.backward_from(acc, (row, col))
-        else:
-            st.backward_from(acc.float() * (row[:, None] * col[None, :]))
+        with sign_sgd([st], 0.01):
+            if fused:
+                st.backward_from(acc, (row, col))
+            else:
+                st.backward_from(acc.float() * (row[:, None] * col[None, :]))
     assert torch.equal(a.v, b.v) and (a.v != 0).any()
     assert (a.alpha == b.alpha).float().mean() > 0.95
 
     # in a block's backward: the int8 dL/dW steps V the way the exact one does wherever |dL/dW| matters
-    monkeypatch.setitem(signround._FUSED, "ok", True)
+    monkeypatch.setitem(scales._FUSED, "ok", True)
     lin = torch.nn.Linear(256, 96, bias=False).to(torch.bfloat16)
     xin = torch.randn(4, 64, 256, generator=g).to(torch.bfloat16)
     xin[:, 0] *= 30  # a token with much larger activations, as the first token of real models
@@ -338,11 +340,11 @@ def test_int8_weight_gradient_keeps_the_signs_that_matter(monkeypatch):
     steps = {}
     for mode in ("1", "0"):
         monkeypatch.setenv(signround.INT8_GRAD_ENV, mode)
-        q = signround.QLinear(lin)
+        q = QLinear(lin)
         st = TunedLinear("x", lin.weight, spec)
-        st.lr = 1.0
         q.group.use_states([st])
-        ((q(xin).float() - target) ** 2).mean().backward()
+        with sign_sgd([st], 1.0):
+            ((q(xin).float() - target) ** 2).mean().backward()
         steps[mode] = -st.v.reshape(96, 256)  # V - lr * sign(dL/dW * s), clamped: the sign step
     exact = torch.func.grad(lambda wt: ((xin.float() @ wt.T - target) ** 2).mean())(
         st.int_weight(best=False).dequantize(torch.float32)
@@ -371,7 +373,7 @@ def test_result_records_the_weight_gradient_precision(llama, monkeypatch):
 def test_fused_clip_search_chooses_what_the_torch_code_chooses(sym, monkeypatch):
     """The clipping search's C++ weight error is the torch code's, bit for bit: the same clipping per group."""
     from hubtool.kernels import cpu
-    from hubtool.quant import signround
+    from hubtool.quant import scales
     from hubtool.quant.optrtn import search_clip
 
     if not cpu.load():
@@ -385,7 +387,7 @@ def test_fused_clip_search_chooses_what_the_torch_code_chooses(sym, monkeypatch)
     spec = QuantSpec(sym=sym)
     found = {}
     for fused in (True, False):
-        monkeypatch.setitem(signround._FUSED, "ok", fused)
+        monkeypatch.setitem(scales._FUSED, "ok", fused)
         found[fused] = (search_clip(w, h, spec), search_clip(w, None, spec))
     for a, b in zip(found[True], found[False], strict=True):
         assert torch.equal(a, b)
@@ -394,7 +396,7 @@ def test_fused_clip_search_chooses_what_the_torch_code_chooses(sym, monkeypatch)
 
 def test_masked_squared_error_and_its_gradient():
     """The tuning loss: fp32 sum of squared errors over valid positions, and its gradient, as autograd gives."""
-    from hubtool.quant.blockwise import _sq_err
+    from hubtool.quant.runner import squared_error as _sq_err
 
     g = torch.Generator().manual_seed(0)
     out = torch.randn(2, 5, 8, generator=g).to(torch.bfloat16).requires_grad_()

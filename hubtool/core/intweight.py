@@ -89,15 +89,28 @@ def scales_from_range(
     wmin = wg.amin(dim=-1).clamp(max=0) * alpha
     wmax = wg.amax(dim=-1).clamp(min=0) * beta
     if spec.sym:
-        max_v = torch.where(-wmin >= wmax, wmin, wmax)  # signed value of the largest magnitude
-        scale = max_v / -spec.sym_zero
+        scale, _ = full_range_scale(wmin, wmax, spec)
         scale = torch.where(scale.abs() < 1e-9, torch.full_like(scale, 1e-9), scale)
         zero = torch.full_like(scale, float(spec.sym_zero))
     else:
-        scale = ((wmax - wmin) / spec.qmax).clamp(min=1e-9)
+        scale = range_scale(wmin, wmax, spec)
         # zero >= 1: GPTQ v1 stores zero-1 in a nibble, so 0 is not representable there.
         zero = torch.round(-wmin / scale).clamp(1, spec.qmax)
     return scale, zero
+
+
+def full_range_scale(
+    wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric "full range" scale per group from its (clipped) range ends wmin <= 0 <= wmax, unrounded,
+    and whether the negative end set it: the signed end of larger magnitude maps onto -2**(bits-1)."""
+    negative = -wmin >= wmax
+    return torch.where(negative, wmin, wmax) / -spec.sym_zero, negative
+
+
+def range_scale(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Asymmetric scale per group from its (clipped) range ends, unrounded: the range over qmax (at least 1e-9)."""
+    return ((wmax - wmin) / spec.qmax).clamp(min=1e-9)
 
 
 def quantize_with(

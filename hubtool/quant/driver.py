@@ -1,10 +1,14 @@
-"""Quantize a model's planned linears with the chosen method; the model's own weights are left untouched."""
+"""The quantizer's entry point: :func:`quantize_model` runs the chosen method over a plan's linears.
+
+``rtn`` rounds each weight alone (no data). ``opt-rtn`` and ``signround`` run block by block on the
+calibration data: :class:`.runner.BlockRunner` (capture, placement, memory, resume, progress) calls
+:func:`.blockquant.quantize_block` (the per-block algorithm) on each block. The model's own weights
+are left untouched.
+"""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -12,39 +16,16 @@ from torch import nn
 
 from ..core.intweight import IntWeight
 from ..core.spec import QuantSpec
-from ..record import BlockLoss, SkippedLayer
+from ..errors import HubtoolError
+from .blockquant import quantize_block
 from .layers import QuantPlan
+from .result import ProgressEvent, ProgressFn, QuantResult
 from .rtn import quantize_rtn
-from .spec import Recipe
+from .runner import BlockRunner
+from .spec import Recipe, check_method
+from .workdir import WorkDir, fingerprint
 
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class ProgressEvent:
-    """Reported after each block (and, while tuning, every few iterations)."""
-
-    index: int  # block index, 0-based
-    total: int
-    block: str
-    done: bool = False  # True once the block is finished
-    iteration: int = 0
-    iters: int = 0
-    rtn_loss: float | None = None
-    loss: float | None = None
-
-
-ProgressFn = Callable[[ProgressEvent], None]
-
-
-@dataclass
-class QuantResult:
-    """What the quantizer produced: codes per linear (full module name), per-block losses, extra skips."""
-
-    weights: dict[str, IntWeight]
-    block_losses: list[BlockLoss] = field(default_factory=list)
-    skipped: list[SkippedLayer] = field(default_factory=list)
-    weight_grad: str | None = None  # SignRound: the precision of dL/dW ("int8" on the CPU, else the dtype)
+__all__ = ["ProgressEvent", "ProgressFn", "QuantResult", "quantize_model"]
 
 
 def quantize_model(
@@ -64,25 +45,28 @@ def quantize_model(
     """Quantize every linear in ``plan``: RTN needs no data; opt-rtn and signround run block by block.
 
     ``calib`` is a :class:`hubtool.quant.calib.CalibrationSet`; ``device_map`` ("cuda:0,cuda:1" or "auto")
-    spreads each block over several GPUs while it is tuned.
+    spreads each block over several devices while it is tuned; ``work_dir`` keeps finished blocks, which
+    ``resume`` continues from.
     """
-    if method == "rtn":
+    if check_method(method) == "rtn":
         return _rtn(model, plan, spec, progress)
-    from .blockwise import quantize_blockwise
-
-    return quantize_blockwise(
+    if calib is None or len(calib) == 0:
+        raise HubtoolError(f"--method {method} needs calibration data", "pass --calib or use --method rtn")
+    recipe = recipe or Recipe()
+    runner = BlockRunner(
         model,
         plan,
-        spec,
-        method,
-        recipe,
         calib,
+        batch_size=max(1, min(recipe.batch_size, len(calib))),
         device=device,
-        work_dir=work_dir,
-        resume=resume,
-        progress=progress,
         device_map=device_map,
+        progress=progress,
     )
+    work = None
+    if work_dir:
+        work = WorkDir(Path(work_dir), spec, fingerprint(model, plan, spec, method, recipe, calib))
+    per_block = functools.partial(quantize_block, spec=spec, method=method, recipe=recipe)
+    return runner.run(per_block, work, resume)
 
 
 def _rtn(model: nn.Module, plan: QuantPlan, spec: QuantSpec, progress: ProgressFn | None) -> QuantResult:

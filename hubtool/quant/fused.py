@@ -16,7 +16,7 @@ and more backward; here one pass each (``hubtool::rope``), on the heads' transpo
 
 Used only where it computes the module's own function: the forward's source has the gated MLP's line
 (or the norm's lines), the activation is SiLU or tanh-GELU, gate and up run as one matmul of a
-:class:`.signround.LinearGroup`, the norm's weight is frozen. Anything else runs the module's own forward.
+:class:`.qlinear.LinearGroup`, the norm's weight is frozen. Anything else runs the module's own forward.
 """
 
 from __future__ import annotations

@@ -1,8 +1,13 @@
-"""Which layers get quantized: the decoder blocks of the language model, and the linears inside them."""
+"""Which layers get quantized: the decoder blocks of the language model, and the linears inside them.
+
+:func:`plan_layers` makes the :class:`QuantPlan` (blocks in order, each with its linears; every linear
+left 16-bit with the reason); :func:`swap_module` replaces a submodule and returns the undo.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -134,3 +139,12 @@ def _skip_reason(
     if lin.out_features % 32:
         return f"output width {lin.out_features} is not a multiple of 32 (GPTQ loaders pack zeros in 32-column words)"
     return None
+
+
+def swap_module(root: nn.Module, name: str, new: nn.Module) -> Callable[[], None]:
+    """Replace submodule ``name`` of ``root`` by ``new``; returns the undo."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return lambda: setattr(parent, child, old)

@@ -5,6 +5,11 @@ For a linear with input activations X (tokens x K) the output error of a quantiz
 Keeping only H's diagonal blocks (one G x G block per group) the error splits into independent
 per-group terms ``e_{n,g} H_g e_{n,g}^T``, so every group can pick its own clipping factor from a grid in
 one vectorized pass per candidate (a batched (N x G) @ (G x G) product per group column).
+
+* :class:`HessianCollector` - forward hooks that accumulate those blocks of ``X^T X`` per linear (and
+  note which linears read the same input);
+* :func:`search_clip` - the clipping per group (alpha = beta = c): a coarse grid, then a finer pass;
+* :func:`quantize_clipped` - the codes for a clipping, with :mod:`.scales`' fp16-exact scales.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from torch import nn
 
 from ..core.intweight import IntWeight, group_view
 from ..core.spec import QuantSpec
-from .signround import asym_scale_zero, fused_available, sym_scale
+from .scales import fused_available, stored_scale_zero
 
 # Clipping factors tried (alpha = beta = c): a grid from 0.5 to 1, then a finer pass around the best.
 COARSE = torch.linspace(0.5, 1.0, 21)
@@ -31,11 +36,16 @@ class HessianCollector:
     def __init__(self, linears: dict[str, nn.Module], group_size: int):
         self.g = group_size
         self.h: dict[str, torch.Tensor] = {}
-        self.tokens = 0
         self.mask: torch.Tensor | None = None  # (B, L) of the current batch, or None
         self._shared: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}
-        self.groups: dict[str, list[str]] = {}  # first reader of an input -> every linear reading it
+        self.same_input: dict[str, list[str]] = {}  # first reader of an input -> every linear reading it
         self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
+
+    def __enter__(self) -> HessianCollector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     def new_batch(self, mask: torch.Tensor | None) -> None:
         """Call before each forward: the valid-token mask (B, L) of the batch."""
@@ -48,8 +58,8 @@ class HessianCollector:
             key = id(x)
             hit = self._shared.get(key)
             xtx = hit[1] if hit is not None and hit[0] is x else None
-            if xtx is not None and not any(name in g for g in self.groups.values()):
-                self.groups.setdefault(hit[2], [hit[2]]).append(name)
+            if xtx is not None and not any(name in g for g in self.same_input.values()):
+                self.same_input.setdefault(hit[2], [hit[2]]).append(name)
             if xtx is None:
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
                 if self.mask is not None and self.mask.numel() == flat.shape[0]:
@@ -72,17 +82,6 @@ class HessianCollector:
         self._shared.clear()
 
 
-def scale_zero(
-    wmin: torch.Tensor, wmax: torch.Tensor, c: torch.Tensor, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16-exact scale and zero point per group for clipping alpha = beta = c (as SignRound computes them)."""
-    if spec.sym:
-        scale, _ = sym_scale(wmin, wmax, c, c, spec)
-        return scale, torch.full_like(scale, float(spec.sym_zero))
-    scale, zero, _ = asym_scale_zero(wmin, wmax, c, c, spec)
-    return scale, zero
-
-
 class _Search:
     """Per-group output error of clipped RTN for one weight, with preallocated buffers."""
 
@@ -100,7 +99,7 @@ class _Search:
     def codes(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q - zero) in self.e (float, grouped), scale and zero for clipping c."""
         spec = self.spec
-        scale, zero = scale_zero(self.wmin, self.wmax, c, spec)
+        scale, zero = stored_scale_zero(self.wmin, self.wmax, c, c, spec)
         s3 = scale.unsqueeze(-1)
         e = self.e
         torch.div(self.wg, s3, out=e)
@@ -115,7 +114,7 @@ class _Search:
     def errors(self, c: torch.Tensor) -> torch.Tensor:
         """Per-group error (N, G#) of clipping c (a scalar tensor or (N, G#))."""
         if self.fused:  # the weight error in one C++ pass, already laid out for the batched product
-            scale, zero = scale_zero(self.wmin, self.wmax, c, self.spec)
+            scale, zero = stored_scale_zero(self.wmin, self.wmax, c, c, self.spec)
             z = torch.zeros_like(scale) if self.spec.sym else zero
             lo, hi = self.spec.code_range
             et = torch.ops.hubtool.clip_error(self.wg, scale.contiguous(), z.contiguous(), lo, hi)
