@@ -21,6 +21,8 @@ Command-line flags override it. Every key is optional::
 
     [card]                                      # card extras: base_model, model_name, license, language,
     base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"   # tags, datasets, description, caveats, citation
+    includes = ["header.md.j2"]                 # files the template may include (nothing else but
+                                                # hubtool's own partials/*.md.j2)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ CARD_KEYS = {
     "caveats",
     "citation",
     "repo_id",
+    "includes",
 }
 KEYS = PATH_KEYS | STR_KEYS | LIST_KEYS | TABLE_KEYS | {"private", "limit"}
 
@@ -116,8 +119,19 @@ def _validate(data: dict[str, Any], path: Path) -> dict[str, Any]:
                 raise HubtoolError(
                     f"{path}: unknown [card] key {bad[0]!r}", "known: " + ", ".join(sorted(CARD_KEYS))
                 )
+            if "includes" in value:
+                value = {**value, "includes": _paths(value["includes"], base, f"{path}: [card] includes")}
         out[key] = value
     return out
+
+
+def _paths(value: Any, base: Path, what: str) -> list[str]:
+    """A list of file paths (one string is a list of one), relative ones made relative to ``base``."""
+    if isinstance(value, str):
+        value = [value]
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise HubtoolError(f"{what} must be a list of file paths")
+    return [v if Path(v).is_absolute() else str(base / v) for v in value]
 
 
 def merged(config: dict[str, Any], **flags: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ import shutil
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FORMAT_ORDER = ("auto_round", "auto_gptq", "hubtool")
 KEEP_REMOTE = {".gitattributes"}
+DRY_RUN_MARKER = ".hubtool-dry-run"  # in a folder a dry run made: a later dry run may replace its trees
+PENDING_COMMIT = "0" * 40  # a branch's commit in the card rendered as a check, before the upload
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -161,31 +164,46 @@ def upload(
     extras: dict[str, Any] | None = None,
     default_format: str | None = None,
 ) -> rec.PublishRecord:
-    """Publish RUN_DIR to ``repo_id`` (branches and tags per format, card on main), verify, record it."""
+    """Publish RUN_DIR to ``repo_id`` (branches and tags per format, card on main), verify, record it.
+
+    Every check comes before the first remote write: each local file against the record, the card
+    (rendered as it will be published, so a broken or unsafe template stops here), the token and the
+    namespace. The card is rendered again once the branches' commits are known, since it names them.
+    """
     run_dir = Path(run_dir)
-    if not _REPO_ID.match(repo_id or ""):
-        raise HubtoolError(f"--repo-id {repo_id!r} is not of the form ORG/NAME", "e.g. my-org/my-model-int4")
+    _check_repo_id(repo_id)
     record = rec.load(run_dir)
     if not record.variants or not any(v.formats for v in record.variants):
         raise HubtoolError(f"{run_dir} holds no exported format", "run `hubtool quantize` first")
     tag = tag or default_tag()
     extras = {**(extras or {}), **({"default_format": default_format} if default_format else {})}
     revisions = plan_revisions(record, default_format=default_format, tag=tag)
+    check_local_files(build_plan(record, run_dir, revisions, card=False))
     if dry_run is not None:
         return _dry_run(run_dir, repo_id, revisions, Path(dry_run), template, extras)
 
-    secret = _resolve_token(token)
+    from .card import check_card, write_card
+
     endpoint = _endpoint(endpoint)
+    draft = [replace(r, commit=None if r.revision == "main" else PENDING_COMMIT) for r in revisions]
+    check_card(
+        run_dir,
+        template,
+        extras=extras,
+        repo_id=repo_id,
+        publish=rec.PublishRecord(repo_id, endpoint, private, draft, verified=False),
+    )
+    secret = _resolve_token(token)
     api = _api(endpoint, secret)
     step = _Step("connecting")
     with _client_mode(endpoint), _hub_errors(step, endpoint, repo_id, secret):
         step.now = "checking the token"
         user = api.whoami()
+        _check_namespace(api, repo_id, user)
         step.now = f"creating {repo_id}"
-        _ensure_repo(api, repo_id, private, user)
+        _ensure_repo(api, repo_id, private)
         main, branches = revisions[0], revisions[1:]
         branch_plans = build_plan(record, run_dir, branches, card=False)
-        check_local_files(branch_plans)
         for plan in branch_plans:
             r = plan.revision
             step.now = f"uploading {r.format} ({r.variant}) to branch {r.revision}"
@@ -199,8 +217,6 @@ def upload(
         record.publish = rec.PublishRecord(repo_id, endpoint, private, [main, *branches], verified=False)
         rec.save(record, run_dir)
         step.now = "rendering the card"
-        from .card import write_card
-
         write_card(run_dir, template, extras=extras, repo_id=repo_id)
         record = rec.load(run_dir)
         (main_plan,) = build_plan(record, run_dir, [main], card=True)
@@ -233,6 +249,69 @@ def upload(
     return record.publish
 
 
+def check_access(repo_id: str, *, endpoint: str | None = None, token: str | None = None) -> str:
+    """Check the endpoint, the token (whoami) and that its user may write to ``repo_id``'s namespace; the user."""
+    _check_repo_id(repo_id)
+    secret = _resolve_token(token)
+    endpoint = _endpoint(endpoint)
+    api = _api(endpoint, secret)
+    with _client_mode(endpoint), _hub_errors(_Step("checking the token"), endpoint, repo_id, secret):
+        user = api.whoami()
+        _check_namespace(api, repo_id, user)
+    return str(user.get("name"))
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if not _REPO_ID.match(repo_id or ""):
+        raise HubtoolError(f"--repo-id {repo_id!r} is not of the form ORG/NAME", "e.g. my-org/my-model-int4")
+
+
+# -- dry run ---------------------------------------------------------------------------------------
+def check_dry_run_dir(out: Path, run_dir: Path, record: rec.RunRecord | None = None) -> list[str]:
+    """Refuse a --dry-run folder hubtool may not write into; the revision trees an earlier dry run left there.
+
+    Allowed: a missing or empty folder, or one an earlier dry run made (it holds DRY_RUN_MARKER). Never the
+    run folder, a folder that contains it, or one inside the run folder's outputs.
+    """
+    out, run_dir = Path(out), Path(run_dir)
+    here, run = out.resolve(), run_dir.resolve()
+    if here == run or run.is_relative_to(here):
+        raise HubtoolError(
+            f"--dry-run {out} is or contains the run folder {run_dir}",
+            "choose a folder outside the run folder",
+        )
+    if here.is_relative_to(run):
+        from .card import CARD_DIR
+
+        outputs = {"formats", CARD_DIR, rec.RECORD_NAME}
+        if record is not None:
+            files = [f for v in record.variants for fmt in v.formats for f in fmt.files]
+            files += ([record.card] if record.card else []) + list(record.card_assets)
+            outputs |= {Path(f.path).parts[0] for f in files}
+        top = here.relative_to(run).parts[0]
+        if top in outputs:
+            raise HubtoolError(
+                f"--dry-run {out} is inside the run folder's {top}", "choose a folder outside the run folder"
+            )
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise HubtoolError(f"--dry-run {out} exists and is not a folder", "choose a new or empty folder")
+    marker = out / DRY_RUN_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        try:
+            names = json.loads(marker.read_text(encoding="utf-8")).get("revisions", [])
+        except (OSError, ValueError, AttributeError):
+            names = []
+        return [n for n in names if isinstance(n, str) and n == _branch_name(n)]
+    if any(out.iterdir()):
+        raise HubtoolError(
+            f"--dry-run {out} is not empty and was not made by a hubtool dry run (nothing was written)",
+            "choose a new or empty folder",
+        )
+    return []
+
+
 def _dry_run(
     run_dir: Path,
     repo_id: str,
@@ -242,23 +321,39 @@ def _dry_run(
     extras: dict[str, Any],
 ) -> rec.PublishRecord:
     """Write each revision's tree to ``out/<revision>/`` (the card into main's) and log the plan."""
-    from .card import write_card
+    from .card import check_card, write_card
 
     record = rec.load(run_dir)
     plans = build_plan(record, run_dir, revisions, card=False)
-    check_local_files(plans)
-    for plan in plans:
-        dest = out / plan.revision.revision
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True)
-        for path_in_repo, local, _ in plan.files:
-            target = dest / path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local, target)  # a copy, not a link: editing the tree must not touch the run
-    card = write_card(
-        run_dir, template, extras=extras, repo_id=repo_id, out_dir=out / "main", save_record=False
-    )
+    old = check_dry_run_dir(out, run_dir, record)
+    check_card(run_dir, template, extras=extras, repo_id=repo_id)  # a broken template writes nothing
+    names = [p.revision.revision for p in plans]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DRY_RUN_MARKER).write_text(
+            json.dumps({"made_by": f"hubtool {__version__} --dry-run", "revisions": names}) + "\n"
+        )
+        for name in dict.fromkeys([*old, *names]):  # the trees hubtool wrote here before, and this run's
+            dest = out / name
+            if dest.is_symlink() or dest.is_file():
+                dest.unlink()
+            elif dest.is_dir():
+                shutil.rmtree(dest)
+        for plan in plans:
+            dest = out / plan.revision.revision
+            dest.mkdir(parents=True)
+            for path_in_repo, local, _ in plan.files:
+                target = dest / path_in_repo
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(local, target)  # a copy, not a link: editing the tree must not touch the run
+        card = write_card(
+            run_dir, template, extras=extras, repo_id=repo_id, out_dir=out / "main", save_record=False
+        )
+    except OSError as exc:
+        raise HubtoolError(
+            f"cannot write the dry run into {out}: {exc.strerror or exc}",
+            "choose a writable folder with space",
+        ) from None
     for line in describe_plan(plans, repo_id):
         log.info("dry run: %s", line)
     extra = sorted(p.relative_to(card.parent).as_posix() for p in card.parent.rglob("*") if p.is_file())
@@ -390,7 +485,13 @@ def _download(repo_id: str, path: str, revision: str, endpoint: str, token: str 
 def _endpoint(endpoint: str | None) -> str:
     from huggingface_hub import constants
 
-    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    url = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HubtoolError(
+            f"endpoint {url!r} is not an http(s) URL", "e.g. --endpoint https://huggingface.co"
+        )
+    return url
 
 
 def _resolve_token(token: str | None) -> str:
@@ -453,20 +554,25 @@ def _client_mode(endpoint: str) -> Iterator[None]:
         constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = saved
 
 
-def _ensure_repo(api: Any, repo_id: str, private: bool, user: dict) -> None:
-    """Create the repo (or reuse one the token can write to); refuse a namespace the user cannot write to."""
+def _check_namespace(api: Any, repo_id: str, user: dict) -> None:
+    """Refuse a namespace the token's user cannot write to (before anything is created or quantized)."""
     namespace = repo_id.split("/")[0]
     mine = {user.get("name")} | {o.get("name") for o in user.get("orgs", []) if isinstance(o, dict)}
-    if namespace not in mine:
-        if api.repo_exists(repo_id):
-            raise HubtoolError(
-                f"{repo_id} already exists and belongs to {namespace}, which user {user.get('name')} cannot write to",
-                "choose a --repo-id in your own namespace or one of your organizations",
-            )
+    if namespace in mine:
+        return
+    if api.repo_exists(repo_id):
         raise HubtoolError(
-            f"user {user.get('name')} cannot create repos under {namespace}",
+            f"{repo_id} already exists and belongs to {namespace}, which user {user.get('name')} cannot write to",
             "choose a --repo-id in your own namespace or one of your organizations",
         )
+    raise HubtoolError(
+        f"user {user.get('name')} cannot create repos under {namespace}",
+        "choose a --repo-id in your own namespace or one of your organizations",
+    )
+
+
+def _ensure_repo(api: Any, repo_id: str, private: bool) -> None:
+    """Create the repo, or reuse one the token can write to."""
     url = api.create_repo(repo_id, private=private or None, exist_ok=True)  # None: the namespace's default
     log.info("repo %s ready (%s)", repo_id, url)
     if private and not getattr(api.repo_info(repo_id), "private", True):
@@ -526,6 +632,11 @@ def _describe(exc: BaseException, step: str, endpoint: str, repo_id: str) -> tup
         return "HF_HUB_OFFLINE is set, so nothing can be uploaded", "unset HF_HUB_OFFLINE"
     network = next((e for e in chain if isinstance(e, _transport_errors())), None)
     if network is not None:
+        if step == "checking the token":  # the first request: the endpoint itself is likely wrong
+            return (
+                f"lost the connection to {endpoint} while {step} ({type(network).__name__})",
+                "check --endpoint (or HF_ENDPOINT) and the network; nothing was uploaded",
+            )
         return (
             f"lost the connection to {endpoint} while {step} ({type(network).__name__})",
             "re-run the same command to finish: files already uploaded are not sent again",
@@ -613,7 +724,7 @@ def quantize_options(source: str, run_dir: Path, spec: dict[str, Any] | None = N
     from .pipeline import QuantizeOptions
 
     names = {f.name for f in fields(QuantizeOptions)}
-    spec = {k.replace("-", "_"): v for k, v in (spec or {}).items()}
+    spec = {k.replace("-", "_"): v for k, v in (spec or {}).items() if v is not None}
     spec.update({k: v for k, v in more.items() if v is not None})
     bad = sorted(set(spec) - names)
     if bad:
@@ -624,6 +735,67 @@ def quantize_options(source: str, run_dir: Path, spec: dict[str, Any] | None = N
     if not opts.command:
         opts.command = quantize_command(opts)
     return opts
+
+
+def check_reuse(record: rec.RunRecord, run_dir: Path, source: str, opts: Any, given: set[str]) -> None:
+    """Refuse to reuse a finished run made otherwise than ``opts`` asks; the line names what differs.
+
+    Always compared: the source, method, bits, group size, symmetry and calibration sets. Compared when
+    asked for (``given``): the revision, formats, dtype, skip, quantize_vision and the recipe (the recipe
+    named, with its overrides, against each variant's recorded recipe).
+    """
+    made_from = record.command[2] if record.command[:2] == ["hubtool", "quantize"] else None
+    if made_from is not None and source not in (made_from, record.source.name):
+        raise HubtoolError(
+            f"{run_dir} holds a run of {made_from}, not of {source}",
+            "pass --overwrite to redo it, or choose another --run-dir",
+        )
+    have, want = dict(record.spec), {}
+    for key in ("method", "bits", "group_size", "sym"):
+        want[key] = getattr(opts, key)
+    for key in ("dtype", "skip", "quantize_vision"):
+        if key in given:
+            want[key] = getattr(opts, key)
+    if "formats" in given:
+        from .pipeline import parse_formats
+
+        have["formats"] = sorted(have.get("formats") or {f.name for v in record.variants for f in v.formats})
+        want["formats"] = sorted(parse_formats(opts.formats))
+    if "revision" in given:
+        have["revision"], want["revision"] = record.source.revision, opts.revision
+    recipe_keys = ("recipe", "iters", "nsamples", "seqlen", "batch_size", "lr", "seed")
+    if opts.method != "rtn" and given & set(recipe_keys):
+        from dataclasses import asdict
+
+        from .quant.spec import make_recipe
+
+        asked = asdict(make_recipe(opts.recipe, **{k: getattr(opts, k) for k in recipe_keys[1:]}))
+        recorded = (record.variants[0].recipe or {}) if record.variants else {}
+        for key, name in zip(("name", *recipe_keys[1:]), recipe_keys, strict=True):
+            if key in recorded:
+                have[name], want[name] = recorded[key], asked[key]
+    if opts.method != "rtn":
+        have["calibration"] = [v.calibration.source if v.calibration else None for v in record.variants]
+        want["calibration"] = _calibration_sources(opts.calib, have["calibration"])
+    diffs = [f"{k} {have.get(k)!r} (asked {v!r})" for k, v in want.items() if have.get(k) != v]
+    if diffs:
+        raise HubtoolError(
+            f"{run_dir} holds a finished run made otherwise: " + "; ".join(diffs),
+            "pass --overwrite to redo it, or choose another --run-dir",
+        )
+
+
+def _calibration_sources(calib: list[str], recorded: list[str | None]) -> list[str | None]:
+    """The calibration sources run.json would record for ``calib`` (none given: the default set)."""
+    from .quant.calib import BUILTIN_ALIASES, BUILTIN_SOURCE, HUB_DEFAULT
+
+    if not calib:  # the default: the Hub's set when it was reachable, else the builtin one
+        return recorded if recorded in ([BUILTIN_SOURCE], [HUB_DEFAULT]) else [BUILTIN_SOURCE]
+    out: list[str | None] = []
+    for c in calib:
+        path = Path(c).expanduser()
+        out.append(BUILTIN_SOURCE if c in BUILTIN_ALIASES else str(path.resolve()) if path.exists() else c)
+    return out
 
 
 def publish(
@@ -653,34 +825,26 @@ def publish(
     ``pipeline.run_quantize`` (the CLI passes one that draws a progress bar).
     """
     run_dir = Path(run_dir or Path("runs") / repo_id.split("/")[-1])
-    if not _REPO_ID.match(repo_id or ""):
-        raise HubtoolError(f"--repo-id {repo_id!r} is not of the form ORG/NAME", "e.g. my-org/my-model-int4")
+    _check_repo_id(repo_id)
+    given = {k.replace("-", "_") for k, v in (spec or {}).items() if v is not None}
+    opts = quantize_options(
+        source, run_dir, spec, calib=list(calibrations) if calibrations else None, overwrite=overwrite or None
+    )
+    # everything that can be checked before hours of quantizing: the Hub, the dry-run folder, the template
     if dry_run is None:
-        _resolve_token(token)  # fail before hours of quantizing, not after
-    finished = (run_dir / rec.RECORD_NAME).is_file()
-    if finished and not overwrite:
+        check_access(repo_id, endpoint=endpoint, token=token)
+    else:
+        check_dry_run_dir(Path(dry_run), run_dir)
+    from .card import check_template
+
+    check_template(template, (extras or {}).get("includes"))
+    if (run_dir / rec.RECORD_NAME).is_file() and not overwrite:
         record = rec.load(run_dir)
-        made_from = record.command[2] if record.command[:2] == ["hubtool", "quantize"] else None
-        if made_from is not None and source not in (made_from, record.source.name):
-            raise HubtoolError(
-                f"{run_dir} holds a run of {made_from}, not of {source}",
-                "pass --overwrite to redo it, or choose another --run-dir",
-            )
-        log.info(
-            "%s already holds a quantized run of %s; reusing it (--overwrite redoes it)",
-            run_dir,
-            record.source.name,
-        )
+        check_reuse(record, run_dir, source, opts, given | ({"calib"} if opts.calib else set()))
+        log.info("reusing the finished run in %s (same spec)", run_dir)
     else:
         from .pipeline import run_quantize
 
-        opts = quantize_options(
-            source,
-            run_dir,
-            spec,
-            calib=list(calibrations) if calibrations else None,
-            overwrite=overwrite or None,
-        )
         log.info("quantizing %s into %s", source, run_dir)
         record = (quantize_fn or run_quantize)(opts)
     if not record.comparisons or overwrite:

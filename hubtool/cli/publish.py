@@ -49,7 +49,9 @@ def upload_cmd(
     private: bool = typer.Option(None, "--private/--public", help="Create the repo private."),
     tag: str = typer.Option(None, help="Tag for this release (default: the hubtool version)."),
     dry_run: Path = typer.Option(
-        None, "--dry-run", help="Write each revision's tree to this folder instead."
+        None,
+        "--dry-run",
+        help="Write each revision's tree to this folder instead (new, empty, or made by an earlier dry run).",
     ),
     template: Path = typer.Option(None, help="Your own Jinja card template (rendered sandboxed)."),
     default_format: str = typer.Option(None, help="Format that goes to main (default: auto_round)."),
@@ -92,7 +94,9 @@ def publish_cmd(
     private: bool = typer.Option(None, "--private/--public", help="Create the repo private."),
     tag: str = typer.Option(None, help="Tag for this release (default: the hubtool version)."),
     dry_run: Path = typer.Option(
-        None, "--dry-run", help="Write each revision's tree to this folder instead."
+        None,
+        "--dry-run",
+        help="Write each revision's tree to this folder instead (new, empty, or made by an earlier dry run).",
     ),
     template: Path = typer.Option(None, help="Your own Jinja card template (rendered sandboxed)."),
     default_format: str = typer.Option(None, help="Format that goes to main (default: auto_round)."),
