@@ -236,7 +236,7 @@ def test_dry_run_writes_trees_and_uploads_nothing(hub, run, tmp_path):
     out = tmp_path / "dry"
     result = upload(run, REPO, endpoint=hub.url, dry_run=out)
     assert not hub.state.requests and not result.verified
-    assert sorted(p.name for p in out.iterdir()) == ["auto_gptq", "main"]
+    assert sorted(p.name for p in out.iterdir()) == [".hubtool-dry-run", "auto_gptq", "main"]
     assert (out / "main" / "README.md").is_file() and (out / "main" / "eval_chart.png").is_file()
     assert (out / "auto_gptq" / "model.safetensors").read_bytes() == (
         run / "formats" / "auto_gptq" / "model.safetensors"
