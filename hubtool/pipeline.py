@@ -1,449 +1,147 @@
-"""The quantize stage: SOURCE -> 16-bit model -> int4 variants -> exported formats -> run.json.
+"""``hubtool publish``: the stages chained — quantize, compare, evaluate, card, upload.
 
-Every check that needs no model runs before the model loads, and the run folder is touched only once the
-model, its layer plan and every calibration set have loaded (``rundir`` holds the folder's rules).
-``run.json`` appears only when the stage has finished; while it runs, the folder holds an ``.incomplete``
-marker instead.
+Each stage reads and writes the run folder; a stage whose results ``run.json`` already holds is kept
+(a finished run is reused only when it was made with the options asked for). Everything that can fail
+without quantizing (the Hub token and namespace, the dry-run folder, the card template) is checked first.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import platform
-import resource
-import shutil
-import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import record as rec
-from . import rundir
-from .__about__ import __version__
-from .core.spec import QuantSpec
 from .errors import HubtoolError
-from .formats.export import FORMATS, export_format
-from .quant.driver import ProgressFn, QuantResult, quantize_model
-from .quant.layers import QuantPlan, plan_layers
-from .quant.spec import Recipe, check_method, make_recipe
-from .source import load_source, local_dir, parse_dtype, preflight
+from .stages.card import check_template
+from .stages.compare import run_compare
+from .stages.evaluate import run_eval
+from .stages.hub import check_access, check_dry_run_dir, check_repo_id, upload
+from .stages.quantize import parse_formats, quantize_options, run_quantize
 
 log = logging.getLogger(__name__)
 
-INCOMPLETE = rundir.INCOMPLETE
-WORK_DIR = rundir.WORK_DIR
-LIBRARIES = ("torch", "transformers", "huggingface_hub", "safetensors", "accelerate", "auto-round", "optimum")
 
+def check_reuse(record: rec.RunRecord, run_dir: Path, source: str, opts: Any, given: set[str]) -> None:
+    """Refuse to reuse a finished run made otherwise than ``opts`` asks; the line names what differs.
 
-@dataclass
-class QuantizeOptions:
-    """Everything `hubtool quantize` takes (the CLI, hubtool.toml and the Optimum quantizer build this)."""
-
-    source: str
-    run_dir: Path
-    revision: str | None = None
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    method: str = "signround"
-    recipe: str = "default"
-    iters: int | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    seed: int | None = None
-    calib: list[str] = field(default_factory=list)
-    formats: list[str] = field(default_factory=lambda: list(FORMATS))
-    dtype: str = "bfloat16"
-    device: str = "cpu"
-    device_map: str | None = None
-    trust_remote_code: bool = False
-    quantize_vision: bool = False
-    skip: str | None = None
-    overwrite: bool = False
-    resume: bool = False
-    command: list[str] = field(default_factory=list)
-
-
-def parse_formats(value: str | list[str]) -> list[str]:
-    """Validate a --formats list (comma-separated or a list)."""
-    items = [f.strip() for f in (value.split(",") if isinstance(value, str) else value) if f.strip()]
-    bad = [f for f in items if f not in FORMATS]
-    if bad or not items:
+    Always compared: the source, method, bits, group size, symmetry and calibration sets. Compared when
+    asked for (``given``): the revision, formats, dtype, skip, quantize_vision and the recipe (the recipe
+    named, with its overrides, against each variant's recorded recipe).
+    """
+    made_from = record.command[2] if record.command[:2] == ["hubtool", "quantize"] else None
+    if made_from is not None and source not in (made_from, record.source.name):
         raise HubtoolError(
-            f"unknown format {bad[0] if bad else '(none)'!r}", "use any of " + ",".join(FORMATS)
+            f"{run_dir} holds a run of {made_from}, not of {source}",
+            "pass --overwrite to redo it, or choose another --run-dir",
         )
-    return list(dict.fromkeys(items))
+    have, want = dict(record.spec), {}
+    for key in ("method", "bits", "group_size", "sym"):
+        want[key] = getattr(opts, key)
+    for key in ("dtype", "skip", "quantize_vision"):
+        if key in given:
+            want[key] = getattr(opts, key)
+    if "formats" in given:
+        have["formats"] = sorted(have.get("formats") or {f.name for v in record.variants for f in v.formats})
+        want["formats"] = sorted(parse_formats(opts.formats))
+    if "revision" in given:
+        have["revision"], want["revision"] = record.source.revision, opts.revision
+    recipe_keys = ("recipe", "iters", "nsamples", "seqlen", "batch_size", "lr", "seed")
+    if opts.method != "rtn" and given & set(recipe_keys):
+        from dataclasses import asdict
+
+        from .quant.spec import make_recipe
+
+        asked = asdict(make_recipe(opts.recipe, **{k: getattr(opts, k) for k in recipe_keys[1:]}))
+        recorded = (record.variants[0].recipe or {}) if record.variants else {}
+        for key, name in zip(("name", *recipe_keys[1:]), recipe_keys, strict=True):
+            if key in recorded:
+                have[name], want[name] = recorded[key], asked[key]
+    if opts.method != "rtn":
+        have["calibration"] = [v.calibration.source if v.calibration else None for v in record.variants]
+        want["calibration"] = _calibration_sources(opts.calib, have["calibration"])
+    diffs = [f"{k} {have.get(k)!r} (asked {v!r})" for k, v in want.items() if have.get(k) != v]
+    if diffs:
+        raise HubtoolError(
+            f"{run_dir} holds a finished run made otherwise: " + "; ".join(diffs),
+            "pass --overwrite to redo it, or choose another --run-dir",
+        )
 
 
-def check_run_dir(run_dir: Path, overwrite: bool, resume: bool, sources: list[Path] = ()) -> str:
-    """Refuse a RUN_DIR that cannot be used as asked (nothing is written); return its ``rundir`` state."""
-    return rundir.check(Path(run_dir), overwrite, resume, list(sources))
+def _calibration_sources(calib: list[str], recorded: list[str | None]) -> list[str | None]:
+    """The calibration sources run.json would record for ``calib`` (none given: the default set)."""
+    from .quant.calib import BUILTIN_ALIASES, BUILTIN_SOURCE, HUB_DEFAULT
 
-
-def prepare_run_dir(run_dir: Path, state: str, resume: bool) -> None:
-    """Make RUN_DIR ready (after every check): clear an old hubtool run unless resuming it, then mark it."""
-    run_dir = Path(run_dir)
-    if state != rundir.NEW and not (resume and state == rundir.RESUMABLE):
-        rundir.clear(run_dir)
-    rundir.claim(run_dir, "quantize started " + _now() + "\n")
-
-
-def _source_paths(source: str, info: rec.SourceInfo | None = None) -> list[Path]:
-    """The local paths a run folder must stay apart from: SOURCE as given and where it resolved to."""
-    given = Path(source).expanduser()
-    paths = [given] if given.exists() else []
-    if info is not None:
-        paths.append(Path(info.name) if info.kind == "gguf" else local_dir(info))
-    return paths
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "hubtool": __version__}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    if not calib:  # the default: the Hub's set when it was reachable, else the builtin one
+        return recorded if recorded in ([BUILTIN_SOURCE], [HUB_DEFAULT]) else [BUILTIN_SOURCE]
+    out: list[str | None] = []
+    for c in calib:
+        path = Path(c).expanduser()
+        out.append(BUILTIN_SOURCE if c in BUILTIN_ALIASES else str(path.resolve()) if path.exists() else c)
     return out
 
 
-def hardware() -> dict[str, Any]:
-    """The machine a run used: CPU model and count, memory, GPU if any."""
-    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (OSError, ValueError):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_count"] = torch.cuda.device_count()
-    return info
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def variant_names(calibs: list[str]) -> list[str]:
-    """One variant name per calibration set: "int4" alone, else "int4-<calibration name>"."""
-    if len(calibs) <= 1:
-        return ["int4"]
-    names = []
-    for c in calibs:
-        stem = Path(c).stem if Path(c).suffix else c.rstrip("/").split("/")[-1]
-        name = "int4-" + "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in stem)
-        while name in names:
-            name += "-2"
-        names.append(name)
-    return names
-
-
-def format_dir(variant: str, fmt: str, single: bool) -> str:
-    """Where a variant's format lives in the run folder (relative path)."""
-    return f"formats/{fmt}" if single else f"formats/{variant}/{fmt}"
-
-
-def run_quantize(opts: QuantizeOptions, progress: ProgressFn | None = None) -> rec.RunRecord:
-    """Quantize ``opts.source`` into ``opts.run_dir`` (one variant per calibration set) and write run.json."""
-    t0 = time.perf_counter()
-    spec = QuantSpec(opts.bits, opts.group_size, opts.sym)
-    method = check_method(opts.method)
-    formats = parse_formats(opts.formats)
-    dtype = parse_dtype(opts.dtype)
-    recipe = make_recipe(
-        opts.recipe,
-        iters=opts.iters,
-        nsamples=opts.nsamples,
-        seqlen=opts.seqlen,
-        batch_size=opts.batch_size,
-        lr=opts.lr,
-        seed=opts.seed,
-    )
-    if method == "rtn" and opts.calib:
-        raise HubtoolError(
-            "--calib has no effect with --method rtn", "drop --calib, or use --method signround/opt-rtn"
-        )
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HubtoolError(
-            f"--device {opts.device} asked for, but no CUDA device is available", "use --device cpu"
-        )
-    run_dir = rundir.output_path(opts.run_dir)  # the run folder's checks read only, and cost nothing
-    state = check_run_dir(run_dir, opts.overwrite, opts.resume, _source_paths(opts.source))
-    info = preflight(opts, method)  # every input that needs no model is checked before any write
-    rundir.check_apart(run_dir, _source_paths(opts.source, info))
-    resume = opts.resume and state == rundir.RESUMABLE
-    inputs = _inputs(opts, info, spec, method, recipe, formats)
-    if resume:
-        rundir.check_inputs(run_dir, inputs)
-    try:
-        return _run(opts, info, spec, method, formats, dtype, recipe, run_dir, t0, progress, state, inputs)
-    except OSError as exc:
-        err = rundir.os_error(exc, run_dir)
-        if err is None:
-            raise
-        raise err from None
-
-
-def _inputs(opts, info, spec, method, recipe, formats) -> dict[str, Any]:
-    """What this run starts from, as ``.work/inputs.json`` records it (see ``rundir.check_inputs``)."""
-    return {
-        "source": rundir.source_identity(info, local_dir(info)),
-        "spec": {
-            **asdict(spec),
-            "dtype": opts.dtype,
-            "quantize_vision": opts.quantize_vision,
-            "skip": opts.skip,
-        },
-        "method": method,
-        "recipe": asdict(recipe) if method != "rtn" else None,
-        "calibration": rundir.calibration_identity(list(opts.calib)) if method != "rtn" else [],
-        "formats": formats,
-    }
-
-
-def _run(
-    opts, info, spec, method, formats, dtype, recipe, run_dir: Path, t0: float, progress, state, inputs
-) -> rec.RunRecord:
-    t_load = time.perf_counter()
-    loaded = load_source(info, dtype=dtype, device="cpu", trust_remote_code=opts.trust_remote_code)
-    timings = {"load": time.perf_counter() - t_load}
-    model = loaded.model
-    plan = plan_layers(model, spec, quantize_vision=opts.quantize_vision, skip=opts.skip)
-    log.info(
-        "quantizing %d linears in %d blocks (%d left 16-bit)",
-        len(plan.linear_names()),
-        len(plan.blocks),
-        len(plan.skipped),
-    )
-    calibs: list[str | None] = list(opts.calib) or [None]
-    names = variant_names([c for c in calibs if c is not None])
-    # Every calibration set loads before the run folder is touched: a bad one leaves an old run intact.
-    loaded_calibs = [_load_calib(loaded, method, recipe, c, opts.quantize_vision) for c in calibs]
-    resume = opts.resume and state == rundir.RESUMABLE
-    prepare_run_dir(run_dir, state, resume)
-    rundir.write_inputs(run_dir, inputs)
-    record = rec.RunRecord(
-        source=info,
-        spec={
-            **asdict(spec),
-            "method": method,
-            "formats": formats,
-            "dtype": opts.dtype,
-            "quantize_vision": opts.quantize_vision,
-            "skip": opts.skip,
-        },
-        hubtool_version=__version__,
-        created_at=_now(),
-        command=opts.command or ["hubtool", "quantize", opts.source],
-        libraries=_versions(),
-        hardware=hardware(),
-        timings=timings,
-    )
-    for k, (vname, calib_source) in enumerate(zip(names, calibs, strict=True)):
-        calib, calib_seconds = loaded_calibs[k]
-        loaded_calibs[k] = (None, 0.0)  # each set is freed once its variant is done
-        variant = _quantize_variant(
-            opts,
-            loaded,
-            plan,
-            spec,
-            method,
-            recipe,
-            formats,
-            vname,
-            calib_source,
-            run_dir,
-            len(calibs) == 1,
-            progress,
-            calib=calib,
-            resume=resume,
-        )
-        variant.seconds += calib_seconds
-        record.variants.append(variant)
-        del calib
-    record.timings["total"] = time.perf_counter() - t0
-    record.peak_rss_bytes = peak_rss_bytes()
-    rec.save(record, run_dir)
-    (run_dir / INCOMPLETE).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / WORK_DIR, ignore_errors=True)
-    return record
-
-
-def _load_calib(loaded, method: str, recipe: Recipe, source: str | None, image_text: bool):
-    """(calibration set or None for RTN, seconds it took to load)."""
-    if method == "rtn":
-        return None, 0.0
-    from .quant.calib import load_calibration
-
-    t0 = time.perf_counter()
-    calib = load_calibration(
-        source,
-        loaded.processor,
-        nsamples=recipe.nsamples,
-        seqlen=recipe.seqlen,
-        seed=recipe.seed,
-        is_vlm=loaded.info.is_vlm,
-        image_text=image_text,
-        batch_size=recipe.batch_size,
-    )
-    return calib, time.perf_counter() - t0
-
-
-@dataclass
-class QuantizedVariant:
-    """One int4 variant in memory: its codes, the calibration it was tuned on, and the metadata exports carry."""
-
-    result: QuantResult
-    calibration: rec.CalibrationInfo | None
-    recipe: dict[str, Any] | None
-    meta: dict[str, Any]
-
-
-def quantize_variant(
-    model: Any,
-    processor: Any,
-    plan: QuantPlan,
-    spec: QuantSpec,
-    method: str,
-    recipe: Recipe,
-    calib_source: str | None,
+def publish(
+    source: str,
+    repo_id: str,
     *,
-    name: str = "int4",
-    source_name: str = "",
-    is_vlm: bool = False,
-    quantize_vision: bool = False,
-    device: str = "cpu",
-    device_map: str | None = None,
-    work_dir: Path | None = None,
-    resume: bool = False,
-    progress: ProgressFn | None = None,
-    calib: Any = None,
-) -> QuantizedVariant:
-    """Calibrate (unless RTN) and quantize ``plan``'s linears; the model itself is left unchanged.
+    run_dir: Path | None = None,
+    spec: dict[str, Any] | None = None,
+    calibrations: list[str] | None = None,
+    prompts: Path | None = None,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    private: bool = False,
+    tag: str | None = None,
+    dry_run: Path | None = None,
+    template: Path | None = None,
+    extras: dict[str, Any] | None = None,
+    default_format: str | None = None,
+    overwrite: bool = False,
+    quantize_fn: Callable[[Any], rec.RunRecord] | None = None,
+) -> rec.PublishRecord:
+    """quantize -> compare -> evaluate -> card -> upload; a stage whose results run.json already holds is kept.
 
-    ``calib`` is a calibration set already loaded from ``calib_source`` (else it is loaded here).
+    ``spec`` holds `hubtool quantize` options (QuantizeOptions fields); ``quantize_fn`` replaces
+    ``pipeline.run_quantize`` (the CLI passes one that draws a progress bar).
     """
-    if method != "rtn" and calib is None:
-        from .quant.calib import load_calibration
-
-        calib = load_calibration(
-            calib_source,
-            processor,
-            nsamples=recipe.nsamples,
-            seqlen=recipe.seqlen,
-            seed=recipe.seed,
-            is_vlm=is_vlm,
-            image_text=quantize_vision,
-            batch_size=recipe.batch_size,
-        )
-    result = quantize_model(
-        model,
-        plan,
-        spec,
-        method,
-        recipe,
-        calib,
-        device=device,
-        device_map=device_map,
-        work_dir=work_dir,
-        resume=resume,
-        progress=progress,
+    run_dir = Path(run_dir or Path("runs") / repo_id.split("/")[-1])
+    check_repo_id(repo_id)
+    given = {k.replace("-", "_") for k, v in (spec or {}).items() if v is not None}
+    opts = quantize_options(
+        source, run_dir, spec, calib=list(calibrations) if calibrations else None, overwrite=overwrite or None
     )
-    # The plan's order, as an uninterrupted run makes it: blocks reloaded by --resume come back sorted by
-    # name, and the exports list the modules in this order (same bytes either way).
-    order = {n: k for k, n in enumerate(plan.linear_names())}
-    result.weights = dict(sorted(result.weights.items(), key=lambda kv: order.get(kv[0], len(order))))
-    info = getattr(calib, "info", None)
-    recipe_dict = asdict(recipe) if method != "rtn" else None
-    if recipe_dict is not None and result.weight_grad:
-        recipe_dict["weight_grad"] = result.weight_grad
-    meta = {
-        "variant": name,
-        "method": method,
-        "recipe": recipe_dict,
-        "calibration": asdict(info) if info else None,
-        "hubtool_version": __version__,
-        "block_lists": plan.block_lists,
-        "quantized": sorted(result.weights),
-        "skipped": [s.name for s in plan.skipped + result.skipped],
-        "source": source_name,
-    }
-    return QuantizedVariant(result, info, recipe_dict, meta)
-
-
-def _quantize_variant(
-    opts,
-    loaded,
-    plan,
-    spec,
-    method,
-    recipe,
-    formats,
-    vname,
-    calib_source,
-    run_dir: Path,
-    single: bool,
-    progress,
-    calib=None,
-    resume: bool = False,
-) -> rec.VariantRecord:
-    t0 = time.perf_counter()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    q = quantize_variant(
-        loaded.model,
-        loaded.processor,
-        plan,
-        spec,
-        method,
-        recipe,
-        calib_source,
-        name=vname,
-        source_name=loaded.info.name,
-        is_vlm=loaded.info.is_vlm,
-        quantize_vision=opts.quantize_vision,
-        device=opts.device,
-        device_map=opts.device_map,
-        work_dir=run_dir / WORK_DIR / vname,
-        resume=resume,
-        progress=progress,
-        calib=calib,
+    # everything that can be checked before hours of quantizing: the Hub, the dry-run folder, the template
+    if dry_run is None:
+        check_access(repo_id, endpoint=endpoint, token=token)
+    else:
+        check_dry_run_dir(Path(dry_run), run_dir)
+    check_template(template, (extras or {}).get("includes"))
+    if (run_dir / rec.RECORD_NAME).is_file() and not overwrite:
+        record = rec.load(run_dir)
+        check_reuse(record, run_dir, source, opts, given | ({"calib"} if opts.calib else set()))
+        log.info("reusing the finished run in %s (same spec)", run_dir)
+    else:
+        log.info("quantizing %s into %s", source, run_dir)
+        record = (quantize_fn or run_quantize)(opts)
+    if not record.comparisons or overwrite:
+        log.info("comparing int4 and 16-bit answers")
+        run_compare(run_dir, prompts_path=Path(prompts) if prompts else None)
+    if tasks and (not rec.load(run_dir).evals or overwrite):
+        log.info("evaluating %s", ", ".join(tasks))
+        run_eval(run_dir, tasks, limit=limit)
+    return upload(
+        run_dir,
+        repo_id,
+        endpoint=endpoint,
+        token=token,
+        private=private,
+        tag=tag,
+        dry_run=dry_run,
+        template=template,
+        extras=extras,
+        default_format=default_format,
     )
-    variant = rec.VariantRecord(
-        name=vname,
-        method=method,
-        recipe=q.recipe,
-        calibration=q.calibration,
-        quantized=q.meta["quantized"],
-        skipped=plan.skipped + q.result.skipped,
-        block_losses=q.result.block_losses,
-    )
-    for fmt in formats:
-        rel = format_dir(vname, fmt, single)
-        out = run_dir / rel
-        export_format(loaded.model, loaded.processor, q.result.weights, spec, fmt, out, q.meta)
-        config = json.loads((out / "config.json").read_text())
-        qm = config.get("quantization_config", {}).get("quant_method", "")
-        variant.formats.append(rec.FormatRecord(fmt, rel, qm, rec.file_records(out, run_dir)))
-    variant.seconds = time.perf_counter() - t0
-    variant.peak_rss_bytes = peak_rss_bytes()
-    if torch.cuda.is_available():
-        variant.peak_gpu_bytes = torch.cuda.max_memory_allocated()
-    return variant
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -58,9 +58,9 @@ def bench_rtn(work: Path, ppl_chunks: int, new_tokens: int) -> dict:
     import torch
 
     from hubtool import record
-    from hubtool.compare import kernel_backends
     from hubtool.runtime.loader import load_processor, load_quantized
     from hubtool.source import load_source, locate
+    from hubtool.stages.compare import kernel_backends
 
     run = work / "rtn"
     wall, rss = _hubtool(

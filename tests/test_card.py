@@ -10,8 +10,8 @@ import pytest
 from huggingface_hub import ModelCard
 
 from hubtool import record as rec
-from hubtool.card import AUTOROUND_BIBTEX, CHART_NAME, card_metadata, render_card, write_card
 from hubtool.errors import HubtoolError
+from hubtool.stages.card import AUTOROUND_BIBTEX, CHART_NAME, card_metadata, render_card, write_card
 from tests.fake_run import make_run
 
 NUMBER = re.compile(r"(?<![\w.\-])\d+(?:\.\d+)?(?!\w)")

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from hubtool import compare, record
+from hubtool import record
 from hubtool.assets import DEFAULT_IMAGE, default_image_path, draw_default_image
 from hubtool.errors import HubtoolError
-from hubtool.prompts import DEFAULT_IMAGE_NAME, default_prompts, load_prompts
+from hubtool.stages import compare
+from hubtool.stages.prompts import DEFAULT_IMAGE_NAME, default_prompts, load_prompts
 
 
 # -- run folders (shared with test_evaluate) -------------------------------------------------------
 def build_run(src: Path, run_dir: Path) -> Path:
     """A finished quantize run of ``src``: one RTN int4 variant exported in hubtool's format."""
-    from hubtool.pipeline import QuantizeOptions, run_quantize
+    from hubtool.stages.quantize import QuantizeOptions, run_quantize
 
     run_quantize(QuantizeOptions(source=str(src), run_dir=run_dir, method="rtn", formats=["hubtool"]))
     return run_dir

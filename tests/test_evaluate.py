@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hubtool import compare, evaluate, record
+from hubtool import record
 from hubtool.errors import HubtoolError
-from hubtool.tasks import load_task, parse_spec, parse_specs
+from hubtool.stages import compare, evaluate
+from hubtool.stages.tasks import load_task, parse_spec, parse_specs
 
 pytest_plugins = ["tests.test_compare"]  # the run-folder fixtures: base_runs, fresh_run, no_model_loads
 

@@ -28,7 +28,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
     2: ("hubtool.quant", "hubtool.formats"),
     3: ("hubtool.runtime", "hubtool.source"),
     4: ("hubtool.stages", "hubtool.envinfo", "hubtool.bench_kernels"),
-    5: ("hubtool.pipeline",),
+    5: ("hubtool.pipeline", "hubtool.config"),
     6: ("hubtool.cli", "hubtool.integrations", "hubtool.__main__", "hubtool"),
 }
 

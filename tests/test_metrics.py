@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hubtool import metrics as m
+from hubtool.stages import metrics as m
 
 OPTS = {"A": "a red circle", "B": "a blue square", "C": "a green triangle", "D": "dark red circle"}
 

@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hubtool import record, rundir
+from hubtool import record
 from hubtool.cli import main
 from hubtool.cli.common import interrupted_line, os_error_line
+from hubtool.core import rundir
 from hubtool.errors import HubtoolError
 from hubtool.formats import export
-from hubtool.pipeline import QuantizeOptions
+from hubtool.stages.quantize import QuantizeOptions
 from tests import fake_run, tiny
 
 RTN = ["--method", "rtn", "--formats", "hubtool"]
@@ -325,7 +326,7 @@ def test_bad_prompts_file(capsys, tmp_path, text, needle):
 
 
 def test_prompt_merge_keys_still_allowed(tmp_path):
-    from hubtool.prompts import load_prompts
+    from hubtool.stages.prompts import load_prompts
 
     p = tmp_path / "p.yaml"
     p.write_text("base: &b {text: x, max_new_tokens: 3}\nprompts:\n  - <<: *b\n    text: y\n")

@@ -19,7 +19,8 @@ from huggingface_hub.utils import _http
 
 from hubtool import record as rec
 from hubtool.errors import HubtoolError
-from hubtool.publish import default_tag, upload
+from hubtool.stages.hub import upload
+from hubtool.stages.revisions import default_tag
 from tests.fake_run import make_run
 from tests.hubserver import HubServer
 
@@ -302,7 +303,7 @@ def test_cli_reads_hubtool_toml(hub, run, tmp_path, capsys, monkeypatch):
 def test_xet_without_xet_storage_gives_a_hint(hub, run, monkeypatch):
     pytest.importorskip("hf_xet")
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
-    monkeypatch.setattr("hubtool.publish.is_loopback", lambda endpoint: False)  # as if it were remote
+    monkeypatch.setattr("hubtool.stages.hub.is_loopback", lambda endpoint: False)  # as if it were remote
     with pytest.raises(HubtoolError) as info:
         upload(run, REPO, endpoint=hub.url)
     assert "HF_HUB_DISABLE_XET=1" in (info.value.hint or "")
@@ -359,7 +360,7 @@ def test_publish_command_end_to_end(hub, tiny_models, tmp_path, capsys):
 
 
 def test_publish_reuses_a_finished_run_of_the_same_source(run, tmp_path):
-    from hubtool.publish import publish
+    from hubtool.pipeline import publish
 
     def must_not_quantize(opts):
         raise AssertionError("quantize ran again")

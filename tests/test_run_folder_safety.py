@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from hubtool import record, rundir
+from hubtool import record
 from hubtool.cli import main
+from hubtool.core import rundir
 from hubtool.errors import HubtoolError
 from tests import tiny
 
@@ -167,7 +168,7 @@ def test_overwrite_redoes_a_run_and_keeps_a_users_file_inside_it(capsys, workspa
 
 # -- a failed run can always be retried -------------------------------------------------------------
 def test_a_run_that_failed_before_its_first_block_reruns_plainly(capsys, workspace, monkeypatch):
-    import hubtool.pipeline
+    import hubtool.stages.quantize
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -308,7 +309,7 @@ def test_resume_with_the_same_inputs_gives_the_same_bytes(capsys, workspace, mon
 
 # -- the rules themselves ---------------------------------------------------------------------------
 def test_own_names_follow_the_stages():
-    from hubtool import card, compare, evaluate
+    from hubtool.stages import card, compare, evaluate
 
     assert {card.CARD_DIR, compare.IMAGES_DIR, evaluate.CACHE_DIR} <= set(rundir.OWN_NAMES)
 

@@ -1,4 +1,4 @@
-"""`hubtool compare` and `hubtool eval`: thin wrappers over hubtool.compare / hubtool.evaluate."""
+"""`hubtool compare` and `hubtool eval`: thin wrappers over hubtool.stages.compare / hubtool.stages.evaluate."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ..compare import StageProgress
+from ..stages.compare import StageProgress
 from .common import console, err_console
 
 
@@ -58,7 +58,7 @@ def compare_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run."),
 ) -> None:
     """Answer the same prompts greedily with the 16-bit model and each int4 variant (stored in run.json)."""
-    from ..compare import run_compare
+    from ..stages.compare import run_compare
 
     with _progress_bars() as update:
         comps = run_compare(
@@ -108,7 +108,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate the 16-bit model and each int4 variant; results (cached per sample) go into run.json."""
     from .. import record
-    from ..evaluate import eval_table, run_eval
+    from ..stages.evaluate import eval_table, run_eval
 
     with _progress_bars() as update:
         run_eval(

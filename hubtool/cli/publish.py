@@ -30,7 +30,7 @@ def card_cmd(
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Render RUN_DIR/card/README.md (and its chart) from run.json."""
-    from ..card import write_card
+    from ..stages.card import write_card
 
     cfg = merged(_config(config), template=str(template) if template else None, repo_id=repo_id)
     path = write_card(
@@ -58,7 +58,7 @@ def upload_cmd(
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Publish RUN_DIR: each format on its own branch and tag, the card and the default format on main."""
-    from ..publish import upload
+    from ..stages.hub import upload
 
     cfg = merged(
         _config(config),
@@ -128,7 +128,7 @@ def publish_cmd(
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """quantize -> compare -> eval -> card -> upload, in one command (driven by hubtool.toml if present)."""
-    from ..publish import publish
+    from ..pipeline import publish
 
     spec = {
         "method": method,

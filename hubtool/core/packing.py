@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.intweight import IntWeight
+from .intweight import IntWeight
 
 PACK = 8  # int4 values per int32
 _SHIFTS = torch.arange(

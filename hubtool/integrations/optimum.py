@@ -84,9 +84,9 @@ class HubtoolQuantizer(OptimumQuantizer):
         """Quantize and export; return {format: folder}. One format goes to ``save_dir``, several to ``save_dir/<fmt>``."""
         from ..core.spec import QuantSpec
         from ..formats.export import DEFAULT_MAX_SHARD_SIZE, export_format
-        from ..pipeline import parse_formats, quantize_variant
         from ..quant.layers import plan_layers
         from ..quant.spec import check_method, make_recipe
+        from ..stages.quantize import parse_formats, quantize_variant
 
         if file_prefix:
             log.debug("file_prefix %r is ignored: hubtool writes standard model repos", file_prefix)

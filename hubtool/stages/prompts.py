@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .assets import DEFAULT_IMAGE_PROMPT, default_image_path
-from .errors import HubtoolError
+from ..assets import DEFAULT_IMAGE_PROMPT, default_image_path
+from ..errors import HubtoolError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import HubtoolError
+from ..errors import HubtoolError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def load_task(spec: TaskSpec, *, is_vlm: bool, limit: int | None = None) -> Task
 
 def heldout() -> tuple[str, str]:
     """The built-in held-out text (never used for calibration) and its description."""
-    from .quant.calib import BUILTIN_SOURCE, heldout_text
+    from ..quant.calib import BUILTIN_SOURCE, heldout_text
 
     return heldout_text(), f"{BUILTIN_SOURCE} (held-out topics)"
 

@@ -30,9 +30,10 @@ from jinja2 import BaseLoader, StrictUndefined, TemplateError, TemplateNotFound,
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from . import record as rec
-from .__about__ import __version__
-from .errors import HubtoolError
+from .. import record as rec
+from ..__about__ import __version__
+from ..errors import HubtoolError
+from .revisions import choose_default_format, plan_revisions
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +380,7 @@ def write_chart(record: rec.RunRecord, path: Path) -> bool:
 MAX_CARD_BYTES = 1 << 20  # the card, and any single value a template builds
 MAX_RENDER_SECONDS = 10.0
 MAX_INCLUDE_DEPTH = 50
-TEMPLATES_DIR = Path(__file__).parent / "templates"
+TEMPLATES_DIR = Path(__file__).parents[1] / "templates"  # hubtool/templates
 _WIDTH_CALLS = {"center", "ljust", "rjust", "zfill", "expandtabs", "indent"}
 # a printf or str.format field whose width or precision is huge, or comes from an argument
 _WIDE_FIELD = re.compile(r"%[-#0 +]*(?:\*|\d{7,})|%[-#0 +]*\d*\.(?:\*|\d{7,})|\{[^{}]*:[^{}]*(?:\{|\d{7,})")
@@ -736,15 +737,11 @@ def _variant(v: rec.VariantRecord) -> dict[str, Any]:
 
 
 def _default_format(record: rec.RunRecord, extras: dict[str, Any]) -> str | None:
-    from .publish import choose_default_format
-
     return choose_default_format(record, extras.get("default_format"))
 
 
 def _revisions(record: rec.RunRecord, extras: dict[str, Any]) -> list[dict[str, Any]]:
     """The repo's revisions: published ones (with commits) if the record has them, else the planned layout."""
-    from .publish import plan_revisions
-
     published = record.publish.revisions if record.publish else []
     planned = published or plan_revisions(record, default_format=_default_format(record, extras), tag=None)
     out = []

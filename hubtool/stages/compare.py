@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from . import record
-from .errors import HubtoolError
+from .. import record
+from ..errors import HubtoolError
 from .metrics import token_agreement
 from .prompts import Prompt, default_prompts, load_prompts
 
@@ -139,7 +139,7 @@ def load_int4(
     path: Path, device: str, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
     """Load an exported int4 model and its processor back from its format folder."""
-    from .runtime.loader import load_processor, load_quantized
+    from ..runtime.loader import load_processor, load_quantized
 
     model = load_quantized(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, load_processor(path, trust_remote_code=trust_remote_code)
@@ -149,7 +149,7 @@ def load_model(
     ref: ModelRef, rec: record.RunRecord, device: str = "cpu", trust_remote_code: bool = False
 ) -> LoadedRef:
     """Load one model of the run for inference (eval mode) on ``device``."""
-    from .source import load_source, parse_dtype
+    from ..source import load_source, parse_dtype
 
     dtype = parse_dtype(rec.source.dtype or "bfloat16")
     t0 = time.perf_counter()

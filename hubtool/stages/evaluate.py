@@ -1,6 +1,6 @@
 """The eval stage: the 16-bit source and every int4 variant on the same tasks, results into ``run.json``.
 
-Task kinds (see :mod:`hubtool.tasks`): perplexity on held-out text, lm-evaluation-harness tasks through
+Task kinds (see :mod:`hubtool.stages.tasks`): perplexity on held-out text, lm-evaluation-harness tasks through
 its Python API (an HFLM wrapped around the model already loaded), and VLMEvalKit-layout multiple choice,
 yes/no and open VQA, answered by batched greedy generation.
 
@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from . import compare, record
+from .. import record
+from ..errors import HubtoolError
+from . import compare
 from .compare import LoadedRef, ModelRef, ProgressFn, StageProgress, model_refs, source_label
-from .errors import HubtoolError
 from .metrics import (
     bootstrap_stderr,
     extract_choice,

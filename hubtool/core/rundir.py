@@ -27,8 +27,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from . import record as rec
-from .errors import HubtoolError
+from .. import record as rec
+from ..errors import HubtoolError
 
 log = logging.getLogger(__name__)
 

@@ -23,21 +23,21 @@ import os
 import re
 import shutil
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import record as rec
-from .__about__ import __version__
-from .errors import HubtoolError
+from .. import record as rec
+from ..__about__ import __version__
+from ..errors import HubtoolError
+from .revisions import branch_name, default_tag, plan_revisions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FORMAT_ORDER = ("auto_round", "auto_gptq", "hubtool")
 KEEP_REMOTE = {".gitattributes"}
 DRY_RUN_MARKER = ".hubtool-dry-run"  # in a folder a dry run made: a later dry run may replace its trees
 PENDING_COMMIT = "0" * 40  # a branch's commit in the card rendered as a check, before the upload
@@ -56,46 +56,6 @@ class RevisionPlan:
     def size(self) -> int:
         """Bytes in this revision's files."""
         return sum(f.size for _, _, f in self.files)
-
-
-# -- the plan --------------------------------------------------------------------------------------
-def default_tag() -> str:
-    """The Hub tag used when none is given: the hubtool version ("v0.1.0")."""
-    return f"v{__version__}"
-
-
-def choose_default_format(record: rec.RunRecord, wanted: str | None = None) -> str | None:
-    """The format that goes to ``main``: ``wanted`` if the default variant has it, else auto_round first."""
-    if not record.variants:
-        return None
-    names = [f.name for f in record.variants[0].formats]
-    if wanted:
-        if wanted not in names:
-            raise HubtoolError(
-                f"--default-format {wanted} was not exported", "exported: " + ", ".join(names or ["none"])
-            )
-        return wanted
-    return next((f for f in DEFAULT_FORMAT_ORDER if f in names), names[0] if names else None)
-
-
-def plan_revisions(
-    record: rec.RunRecord, *, default_format: str | None = None, tag: str | None = None
-) -> list[rec.PublishedRevision]:
-    """Which (variant, format) goes to which revision and tag; ``main`` first (commits not known yet)."""
-    default_format = choose_default_format(record, default_format)
-    out: list[rec.PublishedRevision] = []
-    for i, v in enumerate(record.variants):
-        for f in v.formats:
-            if i == 0 and f.name == default_format:
-                out.insert(0, rec.PublishedRevision(f.name, v.name, "main", tag))
-                continue
-            branch = f.name if i == 0 else _branch_name(f"{v.name}-{f.name}")
-            out.append(rec.PublishedRevision(f.name, v.name, branch, f"{tag}-{branch}" if tag else None))
-    return out
-
-
-def _branch_name(name: str) -> str:
-    return re.sub(r"[^\w.\-]+", "-", name).strip("-.") or "int4"
 
 
 def build_plan(
@@ -171,7 +131,7 @@ def upload(
     namespace. The card is rendered again once the branches' commits are known, since it names them.
     """
     run_dir = Path(run_dir)
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     record = rec.load(run_dir)
     if not record.variants or not any(v.formats for v in record.variants):
         raise HubtoolError(f"{run_dir} holds no exported format", "run `hubtool quantize` first")
@@ -251,7 +211,7 @@ def upload(
 
 def check_access(repo_id: str, *, endpoint: str | None = None, token: str | None = None) -> str:
     """Check the endpoint, the token (whoami) and that its user may write to ``repo_id``'s namespace; the user."""
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     secret = _resolve_token(token)
     endpoint = _endpoint(endpoint)
     api = _api(endpoint, secret)
@@ -261,7 +221,8 @@ def check_access(repo_id: str, *, endpoint: str | None = None, token: str | None
     return str(user.get("name"))
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a --repo-id that is not ORG/NAME."""
     if not _REPO_ID.match(repo_id or ""):
         raise HubtoolError(f"--repo-id {repo_id!r} is not of the form ORG/NAME", "e.g. my-org/my-model-int4")
 
@@ -303,7 +264,7 @@ def check_dry_run_dir(out: Path, run_dir: Path, record: rec.RunRecord | None = N
             names = json.loads(marker.read_text(encoding="utf-8")).get("revisions", [])
         except (OSError, ValueError, AttributeError):
             names = []
-        return [n for n in names if isinstance(n, str) and n == _branch_name(n)]
+        return [n for n in names if isinstance(n, str) and n == branch_name(n)]
     if any(out.iterdir()):
         raise HubtoolError(
             f"--dry-run {out} is not empty and was not made by a hubtool dry run (nothing was written)",
@@ -678,194 +639,3 @@ def _scrub(text: str | None, secret: str | None) -> str | None:
     if text is None or not secret:
         return text
     return text.replace(secret, "***")
-
-
-# -- publish: the whole pipeline -------------------------------------------------------------------
-def quantize_command(opts: Any) -> list[str]:
-    """The ``hubtool quantize`` argv that reproduces ``opts`` (a QuantizeOptions); defaults are left out."""
-    from .pipeline import QuantizeOptions
-
-    defaults = QuantizeOptions(source="", run_dir=Path("."))
-    argv = ["hubtool", "quantize", str(opts.source), "-o", str(opts.run_dir)]
-    flags = {
-        "revision": "--revision",
-        "bits": "--bits",
-        "group_size": "--group-size",
-        "method": "--method",
-        "recipe": "--recipe",
-        "iters": "--iters",
-        "nsamples": "--nsamples",
-        "seqlen": "--seqlen",
-        "batch_size": "--batch-size",
-        "lr": "--lr",
-        "seed": "--seed",
-        "dtype": "--dtype",
-        "device": "--device",
-        "skip": "--skip",
-    }
-    for name, flag in flags.items():
-        value = getattr(opts, name)
-        if value is not None and value != getattr(defaults, name):
-            argv += [flag, str(value)]
-    if not opts.sym:
-        argv.append("--asym")
-    for c in opts.calib:
-        argv += ["--calib", str(c)]
-    if list(opts.formats) != list(defaults.formats):
-        argv += ["--formats", ",".join(opts.formats)]
-    for name in ("trust_remote_code", "quantize_vision"):
-        if getattr(opts, name):
-            argv.append("--" + name.replace("_", "-"))
-    return argv
-
-
-def quantize_options(source: str, run_dir: Path, spec: dict[str, Any] | None = None, **more: Any) -> Any:
-    """A QuantizeOptions from a spec dict (hubtool.toml's [spec] or CLI flags); unknown keys are refused."""
-    from .pipeline import QuantizeOptions
-
-    names = {f.name for f in fields(QuantizeOptions)}
-    spec = {k.replace("-", "_"): v for k, v in (spec or {}).items() if v is not None}
-    spec.update({k: v for k, v in more.items() if v is not None})
-    bad = sorted(set(spec) - names)
-    if bad:
-        raise HubtoolError(f"unknown quantize option {bad[0]!r}", "known: " + ", ".join(sorted(names)))
-    if isinstance(spec.get("calib"), str):
-        spec["calib"] = [spec["calib"]]
-    opts = QuantizeOptions(source=source, run_dir=Path(run_dir), **spec)
-    if not opts.command:
-        opts.command = quantize_command(opts)
-    return opts
-
-
-def check_reuse(record: rec.RunRecord, run_dir: Path, source: str, opts: Any, given: set[str]) -> None:
-    """Refuse to reuse a finished run made otherwise than ``opts`` asks; the line names what differs.
-
-    Always compared: the source, method, bits, group size, symmetry and calibration sets. Compared when
-    asked for (``given``): the revision, formats, dtype, skip, quantize_vision and the recipe (the recipe
-    named, with its overrides, against each variant's recorded recipe).
-    """
-    made_from = record.command[2] if record.command[:2] == ["hubtool", "quantize"] else None
-    if made_from is not None and source not in (made_from, record.source.name):
-        raise HubtoolError(
-            f"{run_dir} holds a run of {made_from}, not of {source}",
-            "pass --overwrite to redo it, or choose another --run-dir",
-        )
-    have, want = dict(record.spec), {}
-    for key in ("method", "bits", "group_size", "sym"):
-        want[key] = getattr(opts, key)
-    for key in ("dtype", "skip", "quantize_vision"):
-        if key in given:
-            want[key] = getattr(opts, key)
-    if "formats" in given:
-        from .pipeline import parse_formats
-
-        have["formats"] = sorted(have.get("formats") or {f.name for v in record.variants for f in v.formats})
-        want["formats"] = sorted(parse_formats(opts.formats))
-    if "revision" in given:
-        have["revision"], want["revision"] = record.source.revision, opts.revision
-    recipe_keys = ("recipe", "iters", "nsamples", "seqlen", "batch_size", "lr", "seed")
-    if opts.method != "rtn" and given & set(recipe_keys):
-        from dataclasses import asdict
-
-        from .quant.spec import make_recipe
-
-        asked = asdict(make_recipe(opts.recipe, **{k: getattr(opts, k) for k in recipe_keys[1:]}))
-        recorded = (record.variants[0].recipe or {}) if record.variants else {}
-        for key, name in zip(("name", *recipe_keys[1:]), recipe_keys, strict=True):
-            if key in recorded:
-                have[name], want[name] = recorded[key], asked[key]
-    if opts.method != "rtn":
-        have["calibration"] = [v.calibration.source if v.calibration else None for v in record.variants]
-        want["calibration"] = _calibration_sources(opts.calib, have["calibration"])
-    diffs = [f"{k} {have.get(k)!r} (asked {v!r})" for k, v in want.items() if have.get(k) != v]
-    if diffs:
-        raise HubtoolError(
-            f"{run_dir} holds a finished run made otherwise: " + "; ".join(diffs),
-            "pass --overwrite to redo it, or choose another --run-dir",
-        )
-
-
-def _calibration_sources(calib: list[str], recorded: list[str | None]) -> list[str | None]:
-    """The calibration sources run.json would record for ``calib`` (none given: the default set)."""
-    from .quant.calib import BUILTIN_ALIASES, BUILTIN_SOURCE, HUB_DEFAULT
-
-    if not calib:  # the default: the Hub's set when it was reachable, else the builtin one
-        return recorded if recorded in ([BUILTIN_SOURCE], [HUB_DEFAULT]) else [BUILTIN_SOURCE]
-    out: list[str | None] = []
-    for c in calib:
-        path = Path(c).expanduser()
-        out.append(BUILTIN_SOURCE if c in BUILTIN_ALIASES else str(path.resolve()) if path.exists() else c)
-    return out
-
-
-def publish(
-    source: str,
-    repo_id: str,
-    *,
-    run_dir: Path | None = None,
-    spec: dict[str, Any] | None = None,
-    calibrations: list[str] | None = None,
-    prompts: Path | None = None,
-    tasks: list[str] | None = None,
-    limit: int | None = None,
-    endpoint: str | None = None,
-    token: str | None = None,
-    private: bool = False,
-    tag: str | None = None,
-    dry_run: Path | None = None,
-    template: Path | None = None,
-    extras: dict[str, Any] | None = None,
-    default_format: str | None = None,
-    overwrite: bool = False,
-    quantize_fn: Callable[[Any], rec.RunRecord] | None = None,
-) -> rec.PublishRecord:
-    """quantize -> compare -> evaluate -> card -> upload; a stage whose results run.json already holds is kept.
-
-    ``spec`` holds `hubtool quantize` options (QuantizeOptions fields); ``quantize_fn`` replaces
-    ``pipeline.run_quantize`` (the CLI passes one that draws a progress bar).
-    """
-    run_dir = Path(run_dir or Path("runs") / repo_id.split("/")[-1])
-    _check_repo_id(repo_id)
-    given = {k.replace("-", "_") for k, v in (spec or {}).items() if v is not None}
-    opts = quantize_options(
-        source, run_dir, spec, calib=list(calibrations) if calibrations else None, overwrite=overwrite or None
-    )
-    # everything that can be checked before hours of quantizing: the Hub, the dry-run folder, the template
-    if dry_run is None:
-        check_access(repo_id, endpoint=endpoint, token=token)
-    else:
-        check_dry_run_dir(Path(dry_run), run_dir)
-    from .card import check_template
-
-    check_template(template, (extras or {}).get("includes"))
-    if (run_dir / rec.RECORD_NAME).is_file() and not overwrite:
-        record = rec.load(run_dir)
-        check_reuse(record, run_dir, source, opts, given | ({"calib"} if opts.calib else set()))
-        log.info("reusing the finished run in %s (same spec)", run_dir)
-    else:
-        from .pipeline import run_quantize
-
-        log.info("quantizing %s into %s", source, run_dir)
-        record = (quantize_fn or run_quantize)(opts)
-    if not record.comparisons or overwrite:
-        from .compare import run_compare
-
-        log.info("comparing int4 and 16-bit answers")
-        run_compare(run_dir, prompts_path=Path(prompts) if prompts else None)
-    if tasks and (not rec.load(run_dir).evals or overwrite):
-        from .evaluate import run_eval
-
-        log.info("evaluating %s", ", ".join(tasks))
-        run_eval(run_dir, tasks, limit=limit)
-    return upload(
-        run_dir,
-        repo_id,
-        endpoint=endpoint,
-        token=token,
-        private=private,
-        tag=tag,
-        dry_run=dry_run,
-        template=template,
-        extras=extras,
-        default_format=default_format,
-    )

@@ -1,0 +1,501 @@
+"""The quantize stage: SOURCE -> 16-bit model -> int4 variants -> exported formats -> run.json.
+
+Every check that needs no model runs before the model loads, and the run folder is touched only once the
+model, its layer plan and every calibration set have loaded (``rundir`` holds the folder's rules).
+``run.json`` appears only when the stage has finished; while it runs, the folder holds an ``.incomplete``
+marker instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import record as rec
+from ..__about__ import __version__
+from ..core import rundir
+from ..core.spec import QuantSpec
+from ..errors import HubtoolError
+from ..formats.export import FORMATS, export_format
+from ..quant.driver import ProgressFn, QuantResult, quantize_model
+from ..quant.layers import QuantPlan, plan_layers
+from ..quant.spec import Recipe, check_method, make_recipe
+from ..source import load_source, local_dir, parse_dtype, preflight
+
+log = logging.getLogger(__name__)
+
+INCOMPLETE = rundir.INCOMPLETE
+WORK_DIR = rundir.WORK_DIR
+LIBRARIES = ("torch", "transformers", "huggingface_hub", "safetensors", "accelerate", "auto-round", "optimum")
+
+
+@dataclass
+class QuantizeOptions:
+    """Everything `hubtool quantize` takes (the CLI, hubtool.toml and the Optimum quantizer build this)."""
+
+    source: str
+    run_dir: Path
+    revision: str | None = None
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    method: str = "signround"
+    recipe: str = "default"
+    iters: int | None = None
+    nsamples: int | None = None
+    seqlen: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int | None = None
+    calib: list[str] = field(default_factory=list)
+    formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    quantize_vision: bool = False
+    skip: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    command: list[str] = field(default_factory=list)
+
+
+def quantize_command(opts: Any) -> list[str]:
+    """The ``hubtool quantize`` argv that reproduces ``opts`` (a QuantizeOptions); defaults are left out."""
+    defaults = QuantizeOptions(source="", run_dir=Path("."))
+    argv = ["hubtool", "quantize", str(opts.source), "-o", str(opts.run_dir)]
+    flags = {
+        "revision": "--revision",
+        "bits": "--bits",
+        "group_size": "--group-size",
+        "method": "--method",
+        "recipe": "--recipe",
+        "iters": "--iters",
+        "nsamples": "--nsamples",
+        "seqlen": "--seqlen",
+        "batch_size": "--batch-size",
+        "lr": "--lr",
+        "seed": "--seed",
+        "dtype": "--dtype",
+        "device": "--device",
+        "skip": "--skip",
+    }
+    for name, flag in flags.items():
+        value = getattr(opts, name)
+        if value is not None and value != getattr(defaults, name):
+            argv += [flag, str(value)]
+    if not opts.sym:
+        argv.append("--asym")
+    for c in opts.calib:
+        argv += ["--calib", str(c)]
+    if list(opts.formats) != list(defaults.formats):
+        argv += ["--formats", ",".join(opts.formats)]
+    for name in ("trust_remote_code", "quantize_vision"):
+        if getattr(opts, name):
+            argv.append("--" + name.replace("_", "-"))
+    return argv
+
+
+def quantize_options(source: str, run_dir: Path, spec: dict[str, Any] | None = None, **more: Any) -> Any:
+    """A QuantizeOptions from a spec dict (hubtool.toml's [spec] or CLI flags); unknown keys are refused."""
+    names = {f.name for f in fields(QuantizeOptions)}
+    spec = {k.replace("-", "_"): v for k, v in (spec or {}).items() if v is not None}
+    spec.update({k: v for k, v in more.items() if v is not None})
+    bad = sorted(set(spec) - names)
+    if bad:
+        raise HubtoolError(f"unknown quantize option {bad[0]!r}", "known: " + ", ".join(sorted(names)))
+    if isinstance(spec.get("calib"), str):
+        spec["calib"] = [spec["calib"]]
+    opts = QuantizeOptions(source=source, run_dir=Path(run_dir), **spec)
+    if not opts.command:
+        opts.command = quantize_command(opts)
+    return opts
+
+
+def parse_formats(value: str | list[str]) -> list[str]:
+    """Validate a --formats list (comma-separated or a list)."""
+    items = [f.strip() for f in (value.split(",") if isinstance(value, str) else value) if f.strip()]
+    bad = [f for f in items if f not in FORMATS]
+    if bad or not items:
+        raise HubtoolError(
+            f"unknown format {bad[0] if bad else '(none)'!r}", "use any of " + ",".join(FORMATS)
+        )
+    return list(dict.fromkeys(items))
+
+
+def check_run_dir(run_dir: Path, overwrite: bool, resume: bool, sources: list[Path] = ()) -> str:
+    """Refuse a RUN_DIR that cannot be used as asked (nothing is written); return its ``rundir`` state."""
+    return rundir.check(Path(run_dir), overwrite, resume, list(sources))
+
+
+def prepare_run_dir(run_dir: Path, state: str, resume: bool) -> None:
+    """Make RUN_DIR ready (after every check): clear an old hubtool run unless resuming it, then mark it."""
+    run_dir = Path(run_dir)
+    if state != rundir.NEW and not (resume and state == rundir.RESUMABLE):
+        rundir.clear(run_dir)
+    rundir.claim(run_dir, "quantize started " + _now() + "\n")
+
+
+def _source_paths(source: str, info: rec.SourceInfo | None = None) -> list[Path]:
+    """The local paths a run folder must stay apart from: SOURCE as given and where it resolved to."""
+    given = Path(source).expanduser()
+    paths = [given] if given.exists() else []
+    if info is not None:
+        paths.append(Path(info.name) if info.kind == "gguf" else local_dir(info))
+    return paths
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "hubtool": __version__}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    """The machine a run used: CPU model and count, memory, GPU if any."""
+    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (OSError, ValueError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def variant_names(calibs: list[str]) -> list[str]:
+    """One variant name per calibration set: "int4" alone, else "int4-<calibration name>"."""
+    if len(calibs) <= 1:
+        return ["int4"]
+    names = []
+    for c in calibs:
+        stem = Path(c).stem if Path(c).suffix else c.rstrip("/").split("/")[-1]
+        name = "int4-" + "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in stem)
+        while name in names:
+            name += "-2"
+        names.append(name)
+    return names
+
+
+def format_dir(variant: str, fmt: str, single: bool) -> str:
+    """Where a variant's format lives in the run folder (relative path)."""
+    return f"formats/{fmt}" if single else f"formats/{variant}/{fmt}"
+
+
+def run_quantize(opts: QuantizeOptions, progress: ProgressFn | None = None) -> rec.RunRecord:
+    """Quantize ``opts.source`` into ``opts.run_dir`` (one variant per calibration set) and write run.json."""
+    t0 = time.perf_counter()
+    spec = QuantSpec(opts.bits, opts.group_size, opts.sym)
+    method = check_method(opts.method)
+    formats = parse_formats(opts.formats)
+    dtype = parse_dtype(opts.dtype)
+    recipe = make_recipe(
+        opts.recipe,
+        iters=opts.iters,
+        nsamples=opts.nsamples,
+        seqlen=opts.seqlen,
+        batch_size=opts.batch_size,
+        lr=opts.lr,
+        seed=opts.seed,
+    )
+    if method == "rtn" and opts.calib:
+        raise HubtoolError(
+            "--calib has no effect with --method rtn", "drop --calib, or use --method signround/opt-rtn"
+        )
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HubtoolError(
+            f"--device {opts.device} asked for, but no CUDA device is available", "use --device cpu"
+        )
+    run_dir = rundir.output_path(opts.run_dir)  # the run folder's checks read only, and cost nothing
+    state = check_run_dir(run_dir, opts.overwrite, opts.resume, _source_paths(opts.source))
+    info = preflight(opts, method)  # every input that needs no model is checked before any write
+    rundir.check_apart(run_dir, _source_paths(opts.source, info))
+    resume = opts.resume and state == rundir.RESUMABLE
+    inputs = _inputs(opts, info, spec, method, recipe, formats)
+    if resume:
+        rundir.check_inputs(run_dir, inputs)
+    try:
+        return _run(opts, info, spec, method, formats, dtype, recipe, run_dir, t0, progress, state, inputs)
+    except OSError as exc:
+        err = rundir.os_error(exc, run_dir)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _inputs(opts, info, spec, method, recipe, formats) -> dict[str, Any]:
+    """What this run starts from, as ``.work/inputs.json`` records it (see ``rundir.check_inputs``)."""
+    return {
+        "source": rundir.source_identity(info, local_dir(info)),
+        "spec": {
+            **asdict(spec),
+            "dtype": opts.dtype,
+            "quantize_vision": opts.quantize_vision,
+            "skip": opts.skip,
+        },
+        "method": method,
+        "recipe": asdict(recipe) if method != "rtn" else None,
+        "calibration": rundir.calibration_identity(list(opts.calib)) if method != "rtn" else [],
+        "formats": formats,
+    }
+
+
+def _run(
+    opts, info, spec, method, formats, dtype, recipe, run_dir: Path, t0: float, progress, state, inputs
+) -> rec.RunRecord:
+    t_load = time.perf_counter()
+    loaded = load_source(info, dtype=dtype, device="cpu", trust_remote_code=opts.trust_remote_code)
+    timings = {"load": time.perf_counter() - t_load}
+    model = loaded.model
+    plan = plan_layers(model, spec, quantize_vision=opts.quantize_vision, skip=opts.skip)
+    log.info(
+        "quantizing %d linears in %d blocks (%d left 16-bit)",
+        len(plan.linear_names()),
+        len(plan.blocks),
+        len(plan.skipped),
+    )
+    calibs: list[str | None] = list(opts.calib) or [None]
+    names = variant_names([c for c in calibs if c is not None])
+    # Every calibration set loads before the run folder is touched: a bad one leaves an old run intact.
+    loaded_calibs = [_load_calib(loaded, method, recipe, c, opts.quantize_vision) for c in calibs]
+    resume = opts.resume and state == rundir.RESUMABLE
+    prepare_run_dir(run_dir, state, resume)
+    rundir.write_inputs(run_dir, inputs)
+    record = rec.RunRecord(
+        source=info,
+        spec={
+            **asdict(spec),
+            "method": method,
+            "formats": formats,
+            "dtype": opts.dtype,
+            "quantize_vision": opts.quantize_vision,
+            "skip": opts.skip,
+        },
+        hubtool_version=__version__,
+        created_at=_now(),
+        command=opts.command or ["hubtool", "quantize", opts.source],
+        libraries=_versions(),
+        hardware=hardware(),
+        timings=timings,
+    )
+    for k, (vname, calib_source) in enumerate(zip(names, calibs, strict=True)):
+        calib, calib_seconds = loaded_calibs[k]
+        loaded_calibs[k] = (None, 0.0)  # each set is freed once its variant is done
+        variant = _quantize_variant(
+            opts,
+            loaded,
+            plan,
+            spec,
+            method,
+            recipe,
+            formats,
+            vname,
+            calib_source,
+            run_dir,
+            len(calibs) == 1,
+            progress,
+            calib=calib,
+            resume=resume,
+        )
+        variant.seconds += calib_seconds
+        record.variants.append(variant)
+        del calib
+    record.timings["total"] = time.perf_counter() - t0
+    record.peak_rss_bytes = peak_rss_bytes()
+    rec.save(record, run_dir)
+    (run_dir / INCOMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / WORK_DIR, ignore_errors=True)
+    return record
+
+
+def _load_calib(loaded, method: str, recipe: Recipe, source: str | None, image_text: bool):
+    """(calibration set or None for RTN, seconds it took to load)."""
+    if method == "rtn":
+        return None, 0.0
+    from ..quant.calib import load_calibration
+
+    t0 = time.perf_counter()
+    calib = load_calibration(
+        source,
+        loaded.processor,
+        nsamples=recipe.nsamples,
+        seqlen=recipe.seqlen,
+        seed=recipe.seed,
+        is_vlm=loaded.info.is_vlm,
+        image_text=image_text,
+        batch_size=recipe.batch_size,
+    )
+    return calib, time.perf_counter() - t0
+
+
+@dataclass
+class QuantizedVariant:
+    """One int4 variant in memory: its codes, the calibration it was tuned on, and the metadata exports carry."""
+
+    result: QuantResult
+    calibration: rec.CalibrationInfo | None
+    recipe: dict[str, Any] | None
+    meta: dict[str, Any]
+
+
+def quantize_variant(
+    model: Any,
+    processor: Any,
+    plan: QuantPlan,
+    spec: QuantSpec,
+    method: str,
+    recipe: Recipe,
+    calib_source: str | None,
+    *,
+    name: str = "int4",
+    source_name: str = "",
+    is_vlm: bool = False,
+    quantize_vision: bool = False,
+    device: str = "cpu",
+    device_map: str | None = None,
+    work_dir: Path | None = None,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+    calib: Any = None,
+) -> QuantizedVariant:
+    """Calibrate (unless RTN) and quantize ``plan``'s linears; the model itself is left unchanged.
+
+    ``calib`` is a calibration set already loaded from ``calib_source`` (else it is loaded here).
+    """
+    if method != "rtn" and calib is None:
+        from ..quant.calib import load_calibration
+
+        calib = load_calibration(
+            calib_source,
+            processor,
+            nsamples=recipe.nsamples,
+            seqlen=recipe.seqlen,
+            seed=recipe.seed,
+            is_vlm=is_vlm,
+            image_text=quantize_vision,
+            batch_size=recipe.batch_size,
+        )
+    result = quantize_model(
+        model,
+        plan,
+        spec,
+        method,
+        recipe,
+        calib,
+        device=device,
+        device_map=device_map,
+        work_dir=work_dir,
+        resume=resume,
+        progress=progress,
+    )
+    # The plan's order, as an uninterrupted run makes it: blocks reloaded by --resume come back sorted by
+    # name, and the exports list the modules in this order (same bytes either way).
+    order = {n: k for k, n in enumerate(plan.linear_names())}
+    result.weights = dict(sorted(result.weights.items(), key=lambda kv: order.get(kv[0], len(order))))
+    info = getattr(calib, "info", None)
+    recipe_dict = asdict(recipe) if method != "rtn" else None
+    if recipe_dict is not None and result.weight_grad:
+        recipe_dict["weight_grad"] = result.weight_grad
+    meta = {
+        "variant": name,
+        "method": method,
+        "recipe": recipe_dict,
+        "calibration": asdict(info) if info else None,
+        "hubtool_version": __version__,
+        "block_lists": plan.block_lists,
+        "quantized": sorted(result.weights),
+        "skipped": [s.name for s in plan.skipped + result.skipped],
+        "source": source_name,
+    }
+    return QuantizedVariant(result, info, recipe_dict, meta)
+
+
+def _quantize_variant(
+    opts,
+    loaded,
+    plan,
+    spec,
+    method,
+    recipe,
+    formats,
+    vname,
+    calib_source,
+    run_dir: Path,
+    single: bool,
+    progress,
+    calib=None,
+    resume: bool = False,
+) -> rec.VariantRecord:
+    t0 = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    q = quantize_variant(
+        loaded.model,
+        loaded.processor,
+        plan,
+        spec,
+        method,
+        recipe,
+        calib_source,
+        name=vname,
+        source_name=loaded.info.name,
+        is_vlm=loaded.info.is_vlm,
+        quantize_vision=opts.quantize_vision,
+        device=opts.device,
+        device_map=opts.device_map,
+        work_dir=run_dir / WORK_DIR / vname,
+        resume=resume,
+        progress=progress,
+        calib=calib,
+    )
+    variant = rec.VariantRecord(
+        name=vname,
+        method=method,
+        recipe=q.recipe,
+        calibration=q.calibration,
+        quantized=q.meta["quantized"],
+        skipped=plan.skipped + q.result.skipped,
+        block_losses=q.result.block_losses,
+    )
+    for fmt in formats:
+        rel = format_dir(vname, fmt, single)
+        out = run_dir / rel
+        export_format(loaded.model, loaded.processor, q.result.weights, spec, fmt, out, q.meta)
+        config = json.loads((out / "config.json").read_text())
+        qm = config.get("quantization_config", {}).get("quant_method", "")
+        variant.formats.append(rec.FormatRecord(fmt, rel, qm, rec.file_records(out, run_dir)))
+    variant.seconds = time.perf_counter() - t0
+    variant.peak_rss_bytes = peak_rss_bytes()
+    if torch.cuda.is_available():
+        variant.peak_gpu_bytes = torch.cuda.max_memory_allocated()
+    return variant
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
