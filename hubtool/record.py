@@ -10,14 +10,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .core.fsio import atomic_write_text
 from .errors import HubtoolError
 
 SCHEMA_VERSION = 1
@@ -331,22 +330,6 @@ def from_json(text: str) -> RunRecord:
             "upgrade hubtool",
         )
     return from_dict(RunRecord, data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(record: RunRecord, run_dir: Path) -> Path:

@@ -10,14 +10,15 @@ import json
 from pathlib import Path
 
 from hubtool import record as rec
-
-FORMATS = ("auto_round", "auto_gptq", "hubtool")
-QUANT_METHODS = {"auto_round": "auto-round", "auto_gptq": "gptq", "hubtool": "hubtool"}
+from hubtool.formats.table import FORMATS
 
 
 def _write_format(out: Path, fmt: str, seed: int, weights_bytes: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {"model_type": "llama", "quantization_config": {"quant_method": QUANT_METHODS[fmt], "bits": 4}}
+    cfg = {
+        "model_type": "llama",
+        "quantization_config": {"quant_method": FORMATS[fmt].quant_method, "bits": 4},
+    }
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048, "fmt": fmt}) + "\n")
     rnd = bytes((i * 131 + seed * 7 + (i >> 8)) % 251 for i in range(weights_bytes))
@@ -28,7 +29,7 @@ def make_run(
     run_dir: Path,
     *,
     variants: int = 2,
-    formats: tuple[str, ...] = FORMATS,
+    formats: tuple[str, ...] = tuple(FORMATS),
     vlm: bool = False,
     evals: bool = True,
     source_kind: str = "hub",
@@ -100,7 +101,9 @@ def make_run(
             rel = f"formats/{fmt}" if variants == 1 else f"formats/{name}/{fmt}"
             _write_format(run_dir / rel, fmt, seed=10 * i + j, weights_bytes=weights_bytes)
             v.formats.append(
-                rec.FormatRecord(fmt, rel, QUANT_METHODS[fmt], rec.file_records(run_dir / rel, run_dir))
+                rec.FormatRecord(
+                    fmt, rel, FORMATS[fmt].quant_method, rec.file_records(run_dir / rel, run_dir)
+                )
             )
         record.variants.append(v)
     image = None

@@ -21,6 +21,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "hubtool.errors",
         "hubtool.record",
         "hubtool.core",
+        "hubtool.rundir",
         "hubtool.cache",
         "hubtool.assets",
     ),

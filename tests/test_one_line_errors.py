@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hubtool import record
+from hubtool import record, rundir
 from hubtool.cli import main
 from hubtool.cli.common import interrupted_line, os_error_line
-from hubtool.core import rundir
 from hubtool.errors import HubtoolError
 from hubtool.formats import export
 from hubtool.stages.quantize import QuantizeOptions

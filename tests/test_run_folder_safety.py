@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hubtool import record
+from hubtool import record, rundir
 from hubtool.cli import main
-from hubtool.core import rundir
 from hubtool.errors import HubtoolError
 from tests import tiny
 
@@ -175,7 +174,7 @@ def test_a_run_that_failed_before_its_first_block_reruns_plainly(capsys, workspa
 
     run = workspace / "run"
     with monkeypatch.context() as m:
-        m.setattr(hubtool.pipeline, "quantize_model", killed)
+        m.setattr(hubtool.stages.quantize, "quantize_model", killed)
         code, _ = run_cli(capsys, "quantize", workspace / "m", "-o", run, *SIGNROUND)
     assert code == 130
     assert {p.name for p in run.iterdir()} == {rundir.MARKER, rundir.INCOMPLETE, rundir.WORK_DIR}
@@ -233,15 +232,15 @@ def test_unwritable_or_not_a_folder_output_is_one_line(capsys, workspace, monkey
 # -- resume is bound to its inputs ------------------------------------------------------------------
 def _interrupt_after_first_block(monkeypatch):
     """Make the next run stop (as SIGINT would) once block 0 is saved."""
-    from hubtool.quant import blockwise
+    from hubtool.quant.workdir import WorkDir
 
-    commit = blockwise._WorkDir.commit
+    commit = WorkDir.commit
 
     def commit_then_stop(self, done):
         commit(self, done)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(blockwise._WorkDir, "commit", commit_then_stop)
+    monkeypatch.setattr(WorkDir, "commit", commit_then_stop)
 
 
 def _interrupted_run(capsys, monkeypatch, source: Path, run: Path, *extra) -> dict:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
+
+from ..core.fsio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,12 @@ def draw_default_image(size: int = SIZE):
 
 def write_default_image(path: Path = DEFAULT_IMAGE) -> Path:
     """Draw the default image and save it as PNG at ``path`` (atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         draw_default_image().save(tmp, format="PNG", optimize=True)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+    atomic_write(path, write)
     return path
 
 

@@ -115,7 +115,7 @@ def interrupted_line(args: list[str], signum: int) -> str:
     what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
     command = command_name(args)
     if command == "quantize":
-        from ..core.rundir import FINISHED, RESUMABLE, state
+        from ..rundir import FINISHED, RESUMABLE, state
 
         out = _output_arg(args)
         try:

@@ -9,8 +9,8 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..core.rundir import output_path
 from ..quant.driver import ProgressEvent
+from ..rundir import output_path
 from ..stages.quantize import FORMATS, QuantizeOptions, run_quantize
 from .common import console, err_console, human_bytes
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..__about__ import __version__
 from ..core import packing
+from ..core.fsio import fsync_dir, fsync_file, replace_dir
 from ..core.intweight import IntWeight
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
@@ -78,8 +79,8 @@ def export_format(
         state_dict = build_state_dict(model, weights, with_g_idx=FORMATS[fmt].with_g_idx)
         qconfig = quantization_config(model, weights, spec, fmt, meta)
         _write_repo(tmp, model, processor, state_dict, qconfig, fmt, max_shard_size)
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, out_dir)
+        fsync_dir(tmp)
+        replace_dir(tmp, out_dir)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _os_error(exc, fmt, out_dir, state_dict, model, weights) from None
@@ -358,7 +359,7 @@ def _write_repo(
         log.warning("no tokenizer or processor given: the %s export has none", fmt)
     for p in sorted(tmp.rglob("*")):
         if p.is_file():
-            _fsync_file(p)
+            fsync_file(p)
 
 
 def write_safetensors(
@@ -404,42 +405,6 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)
-    except OSError as exc:  # some filesystems cannot fsync a directory
-        if exc.errno in _DISK_FULL:
-            raise
-        log.debug("fsync of %s: %s", path, exc)
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished folder to ``out_dir``, replacing an older one only after the new one is whole."""
-    if out_dir.exists() or out_dir.is_symlink():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            os.replace(old, out_dir)  # put the previous export back
-            raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
 
 
 def _remove_stale(out_dir: Path) -> None:

@@ -32,7 +32,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .. import record as rec
 from ..__about__ import __version__
+from ..core.fsio import atomic_write_text
 from ..errors import HubtoolError
+from ..formats.table import FORMATS
 from .revisions import choose_default_format, plan_revisions
 
 log = logging.getLogger(__name__)
@@ -72,26 +74,6 @@ METHOD_LABELS = {
     "signround": "SignRound (AutoRound)",
     "opt-rtn": "optimized round-to-nearest (AutoRound with 0 iterations)",
     "rtn": "round-to-nearest",
-}
-FORMAT_INFO: dict[str, dict[str, str]] = {
-    "auto_round": {
-        "label": "AutoRound",
-        "install": "pip install transformers auto-round",
-        "import": "",
-        "tag": "auto-round",
-    },
-    "auto_gptq": {
-        "label": "GPTQ",
-        "install": "pip install transformers optimum gptqmodel",
-        "import": "",
-        "tag": "gptq",
-    },
-    "hubtool": {
-        "label": "hubtool",
-        "install": "pip install hubtool",
-        "import": 'import hubtool  # registers the "hubtool" quantization method with transformers',
-        "tag": "hubtool",
-    },
 }
 AUTOROUND_BIBTEX = """@article{cheng2023optimize,
   title={Optimize Weight Rounding via Signed Gradient Descent for the Quantization of LLMs},
@@ -182,7 +164,7 @@ def write_card(
         else:
             log.warning("prompt image %s is missing from the run folder; the card links to it anyway", image)
     card_path = dest / CARD_NAME
-    rec.atomic_write_text(card_path, text)
+    atomic_write_text(card_path, text)
     if save_record and out_dir is None:
         record.card = _file_record(card_path, run_dir)
         assets = ([dest / chart] if chart else []) + [
@@ -236,7 +218,7 @@ def card_metadata(record: rec.RunRecord, extras: dict[str, Any] | None = None) -
     license_id, license_name = _license(extras.get("license") or record.source.license)
     pipeline_tag = "image-text-to-text" if record.source.is_vlm else "text-generation"
     formats = {f.name for v in record.variants for f in v.formats}
-    tags = ["hubtool", "int4", "4-bit"] + [FORMAT_INFO[f]["tag"] for f in sorted(formats) if f in FORMAT_INFO]
+    tags = ["hubtool", "int4", "4-bit"] + [FORMATS[f].hub_tag for f in sorted(formats) if f in FORMATS]
     if any(v.method in ("signround", "opt-rtn") for v in record.variants):
         tags.append("autoround")
     tags += list(extras.get("tags", []))
@@ -748,21 +730,19 @@ def _revisions(record: rec.RunRecord, extras: dict[str, Any]) -> list[dict[str, 
     for r in planned:
         variant = next((v for v in record.variants if v.name == r.variant), None)
         fmt = next((f for f in variant.formats if f.name == r.format), None) if variant else None
-        info = FORMAT_INFO.get(
-            r.format, {"label": r.format, "install": "pip install transformers", "import": ""}
-        )
+        info = FORMATS[r.format]
         out.append(
             {
                 "format": r.format,
-                "format_label": info["label"],
+                "format_label": info.card_label,
                 "quant_method": fmt.quant_method if fmt else "",
                 "variant": r.variant,
                 "revision": r.revision,
                 "tag": r.tag,
                 "commit": r.commit,
                 "main": r.revision == "main",
-                "install": info["install"],
-                "import": info["import"],
+                "install": info.card_install,
+                "import": info.card_import,
             }
         )
     return out

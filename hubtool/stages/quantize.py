@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from .. import record as rec
+from .. import rundir
 from ..__about__ import __version__
-from ..core import rundir
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
 from ..formats.export import FORMATS, export_format

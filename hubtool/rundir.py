@@ -27,8 +27,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import record as rec
-from ..errors import HubtoolError
+from . import record as rec
+from .core.fsio import atomic_write_text
+from .errors import HubtoolError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ MARKER = ".hubtool-run"
 INCOMPLETE = ".incomplete"
 WORK_DIR = ".work"
 INPUTS = "inputs.json"  # inside WORK_DIR
-# What hubtool's stages write into a run folder: the record, the markers, blockwise's work files, the
+# What hubtool's stages write into a run folder: the record, the markers, the quantizer's work files, the
 # exports, and card.CARD_DIR, compare.IMAGES_DIR, evaluate.CACHE_DIR (a test keeps these in step).
 OWN_NAMES = (rec.RECORD_NAME, MARKER, INCOMPLETE, WORK_DIR, "formats", "card", "compare", "eval_cache")
 
@@ -327,7 +328,7 @@ def calibration_identity(calib: list[str]) -> list[dict[str, Any]]:
 
 def write_inputs(run_dir: Path, inputs: dict[str, Any]) -> None:
     """Record what this run starts from, for a later --resume to compare."""
-    rec.atomic_write_text(Path(run_dir) / WORK_DIR / INPUTS, json.dumps(inputs, indent=2) + "\n")
+    atomic_write_text(Path(run_dir) / WORK_DIR / INPUTS, json.dumps(inputs, indent=2) + "\n")
 
 
 def _show(value: Any) -> str:
