@@ -216,6 +216,14 @@ class RunRecord:
         )
 
 
+DTYPE_LABELS = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32"}
+
+
+def source_label(record: RunRecord) -> str:
+    """The 16-bit source's column name: "bf16", or the name of the dtype it was loaded in."""
+    return DTYPE_LABELS.get(record.source.dtype, record.source.dtype or "bf16")
+
+
 # -- JSON mapping ----------------------------------------------------------------------------------
 class RecordError(HubtoolError):
     """A record (or part of one) whose JSON does not have the structure its dataclass needs."""

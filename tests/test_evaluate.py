@@ -14,7 +14,7 @@ import pytest
 
 from hubtool import record
 from hubtool.errors import HubtoolError
-from hubtool.stages import compare, evaluate
+from hubtool.stages import compare, evaltable, evaluate
 from hubtool.stages.tasks import load_task, parse_spec, parse_specs
 
 pytest_plugins = ["tests.test_compare"]  # the run-folder fixtures: base_runs, fresh_run, no_model_loads
@@ -227,7 +227,7 @@ def test_eval_table_columns_rows_and_average():
             _tr("ppl_heldout", "perplexity", "int4-a", 13.1, "perplexity", hib=False),
         ],
     )
-    t = evaluate.eval_table(rec)
+    t = evaltable.eval_table(rec)
     assert t.columns == ["bf16", "int4-a", "int4-b"]
     assert [(r.task, r.metric) for r in t.rows] == [
         ("MMBench", "accuracy"),
@@ -243,10 +243,10 @@ def test_eval_table_columns_rows_and_average():
     assert not ppl.percent and ppl.values["int4-b"] is None
     assert t.format(ppl, "int4-a") == "13.10" and t.format(ppl, "int4-b") == "–"
     assert t.format(t.rows[0], "bf16") == "80.00" and t.format(None, "int4-b") == "80.00"
-    only = evaluate.eval_table(rec, primary_only=True)
+    only = evaltable.eval_table(rec, primary_only=True)
     assert ("POPE", "accuracy") not in [(r.task, r.metric) for r in only.rows]
     rec.evals.pop(2)  # int4-b lacks MMBench now: no average for it
-    assert evaluate.eval_table(rec).average["int4-b"] is None
+    assert evaltable.eval_table(rec).average["int4-b"] is None
 
 
 def test_lm_eval_results_are_mapped():
@@ -327,7 +327,7 @@ def test_vlm_eval_end_to_end_with_cache_and_resume(fresh_run, tmp_path, monkeypa
         assert all("prediction" in x and "score" in x for x in lines[1:])
     assert rec.extras["eval"]["loaded_from"] == {"int4": "hubtool"}
     assert any(e.stage == "eval" and e.status == "done" for e in events)
-    t = evaluate.eval_table(rec)
+    t = evaltable.eval_table(rec)
     assert t.columns == ["bf16", "int4"]
     assert t.average_of == ["MMBench_DEV_EN_V11/accuracy", "POPE/f1", "TextVQA_VAL/accuracy"]
 
@@ -407,7 +407,7 @@ def test_text_model_perplexity_and_local_lm_eval_task(fresh_run, tmp_path, monke
     )
     rec = record.load(run)
     assert len(rec.evals) == len(res) == 6
-    t = evaluate.eval_table(rec)
+    t = evaltable.eval_table(rec)
     assert t.average_of == ["tiny_mc/acc"]
 
     monkeypatch.setattr(compare, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))

@@ -239,7 +239,7 @@ def test_runaway_templates_stop_with_one_line(hub, run, tmp_path, capsys, source
 
 
 def test_a_template_that_loops_silently_is_stopped_at_the_deadline(run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("hubtool.stages.card.MAX_RENDER_SECONDS", 0.5)
+    monkeypatch.setattr("hubtool.stages.card_template.MAX_RENDER_SECONDS", 0.5)
     tpl = tmp_path / "card.md.j2"
     tpl.write_text("{% set r = range(100000) %}{% for a in r %}{% for b in r %}{% endfor %}{% endfor %}\n")
     one_error(

@@ -108,7 +108,8 @@ def eval_cmd(
 ) -> None:
     """Evaluate the 16-bit model and each int4 variant; results (cached per sample) go into run.json."""
     from .. import record
-    from ..stages.evaluate import eval_table, run_eval
+    from ..stages.evaltable import eval_table
+    from ..stages.evaluate import run_eval
 
     with _progress_bars() as update:
         run_eval(

@@ -24,6 +24,7 @@ import torch
 
 from .. import record
 from ..errors import HubtoolError
+from ..record import source_label
 from .metrics import token_agreement
 from .prompts import Prompt, default_prompts, load_prompts
 
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 PREFERRED_FORMAT = "hubtool"
 IMAGES_DIR = "compare"
-DTYPE_LABELS = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32"}
 
 
 # -- progress --------------------------------------------------------------------------------------
@@ -69,11 +69,6 @@ class ModelRef:
     path: Path | None = None  # the variant's format folder
     format: str | None = None
     fingerprint: str = ""  # changes when the model's files change (invalidates eval caches)
-
-
-def source_label(rec: record.RunRecord) -> str:
-    """The 16-bit source's column name: "bf16", or the name of the dtype it was loaded in."""
-    return DTYPE_LABELS.get(rec.source.dtype, rec.source.dtype or "bf16")
 
 
 def pick_format(variant: record.VariantRecord) -> record.FormatRecord:
