@@ -78,12 +78,39 @@ def test_signround_beats_rtn_on_every_block_and_is_deterministic(llama):
     assert (w.scale < 0).any() and (w.scale > 0).any()  # full range: the sign follows the larger end
 
 
-def test_optrtn_not_worse_than_rtn(llama):
+def _output_error(w: torch.Tensor, iw, h: torch.Tensor) -> float:
+    """sum over groups of e H_g e^T: the linear's output error on the calibration X^T X (diagonal blocks)."""
+    g = h.shape[-1]
+    e = (w.float() - iw.dequantize()).reshape(w.shape[0], -1, g).transpose(0, 1)  # (G#, N, G)
+    return float((torch.bmm(e, h.float()) * e).sum())
+
+
+def test_optrtn_not_worse_than_rtn(llama, monkeypatch):
+    """The clipping search by itself beats RTN: every block's final codes are the search's (not the keep-RTN
+    fallback's) with a lower block loss than RTN's, and each linear's output error on X^T X is lower."""
+    from hubtool.quant import blockquant
+    from hubtool.quant.optrtn import quantize_clipped
+    from hubtool.quant.rtn import quantize_rtn
+
     model, tok = llama
     plan = plan_layers(model, SYM)
+    names = {model.get_submodule(n).weight.data_ptr(): n for n in plan.linear_names()}
+    searched = {}
+    real = blockquant.search_clip
+
+    def spy(weight, h, spec):
+        clip = real(weight, h, spec)
+        searched[names[weight.data_ptr()]] = (weight.detach().clone(), h, clip)
+        return clip
+
+    monkeypatch.setattr(blockquant, "search_clip", spy)
     res = quantize_model(model, plan, SYM, "opt-rtn", RECIPE, _calib(tok))
-    assert all(bl.tuned <= bl.rtn for bl in res.block_losses)
-    assert any(bl.tuned < bl.rtn for bl in res.block_losses)
+    assert set(searched) == set(plan.linear_names())
+    assert all(bl.tuned < bl.rtn for bl in res.block_losses), res.block_losses
+    for name, (w, h, clip) in searched.items():
+        assert _same({name: res.weights[name]}, {name: quantize_clipped(w, SYM, clip)}), name  # no fallback
+        assert (clip < 1).any(), name
+        assert _output_error(w, res.weights[name], h) < _output_error(w, quantize_rtn(w, SYM), h), name
 
 
 def test_resume_after_interruption_gives_the_same_bytes(tmp_path):
@@ -126,13 +153,57 @@ def test_asymmetric(tiny_models):
     assert (w.scale > 0).all() and len(torch.unique(w.zero)) > 1 and int(w.zero.min()) >= 1
 
 
-def test_gemma3_sliding_window_layers(tiny_models):
-    """Gemma 3 gives its sliding and full attention layers different masks: each block gets its own."""
-    model, tok = _load(tiny_models("gemma3"))
+def _visible(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """Which keys each query sees, (B, L, L), under an attention mask as a block gets it (None: causal)."""
+    if mask is None:
+        return torch.ones(length, length, dtype=torch.bool).tril().expand(batch, -1, -1)
+    m = mask[:, 0]
+    return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+
+
+def test_gemma3_sliding_window_layers():
+    """Gemma 3's sliding-window layers get their banded mask and local rotary embedding, its full layers the
+    causal mask: in the captured arguments, and in every forward of the block while it is tuned."""
+    from transformers import AutoModelForCausalLM
+
+    from hubtool.quant.capture import capture
+
+    cfg = tiny._text_config("gemma3", layers=2)
+    cfg.layer_types = ["sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    tiny._scale_init(model)
     recipe = make_recipe("light", iters=4, nsamples=4, seqlen=96, batch_size=2, seed=1)
-    plan = plan_layers(model, SYM)
-    res = quantize_model(model, plan, SYM, "opt-rtn", recipe, _calib(tok, recipe))
-    assert all(bl.tuned <= bl.rtn for bl in res.block_losses)
+    calib = _calib(tiny.make_tokenizer(), recipe)
+    length, window = recipe.seqlen, cfg.sliding_window
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    band = causal & ~causal.tril(-window)  # key j visible from query i when i - window < j <= i
+    assert length > window and band.sum() < causal.sum()
+    expected = [band, causal]
+
+    layers = list(model.model.layers)
+    cap, _ = capture(model, layers, calib, 2, keep_hidden=False)
+    kwargs = [cap.arguments(j, [0, 1], torch.device("cpu"))[1] for j in range(2)]
+    for j in range(2):
+        assert torch.equal(
+            _visible(kwargs[j].get("attention_mask"), 2, length), expected[j].expand(2, -1, -1)
+        )
+    cos0, cos1 = kwargs[0]["position_embeddings"][0], kwargs[1]["position_embeddings"][0]
+    assert not torch.equal(cos0, cos1)  # local and global rotary bases
+
+    seen: list[list[torch.Tensor]] = [[], []]
+    for j, layer in enumerate(layers):
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, j=j: seen[j].append(
+                _visible(kw.get("attention_mask"), kw["hidden_states"].shape[0], length)
+            ),
+            with_kwargs=True,
+        )
+    res = quantize_model(model, plan_layers(model, SYM), SYM, "signround", recipe, calib)
+    for j in range(2):
+        assert len(seen[j]) > recipe.iters  # the passes over the samples and every tuning iteration
+        assert all(torch.equal(v, expected[j].expand(len(v), -1, -1)) for v in seen[j])
+    assert all(bl.tuned < bl.rtn for bl in res.block_losses)
 
 
 def test_needs_calibration(llama):
@@ -141,9 +212,15 @@ def test_needs_calibration(llama):
         quantize_model(model, plan_layers(model, SYM), SYM, "signround", RECIPE, None)
 
 
-def test_llava_image_text_and_vision_blocks(tiny_models, tmp_path):
+def test_llava_image_text_and_vision_blocks(tiny_models, tmp_path, monkeypatch):
+    """Image-text calibration reaches every block: the vision blocks get the images' patch embeddings and are
+    tuned (codes unlike RTN's); the language blocks get the projected image features at the image tokens,
+    on the quantized path through the quantized vision tower."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from hubtool.quant import runner
+    from hubtool.quant.rtn import quantize_rtn
 
     folder = tiny_models("llava")
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16).eval()
@@ -164,22 +241,93 @@ def test_llava_image_text_and_vision_blocks(tiny_models, tmp_path):
         image_text=True,
         batch_size=2,
     )
-    # language tower only, image-text calibration
+    ids = torch.cat([s["input_ids"] for s in calib.samples])
+    pixels = torch.cat([s["pixel_values"] for s in calib.samples])
+    at_image = ids == model.config.image_token_id
+    assert at_image.any(dim=1).all()
+    with torch.no_grad():
+        patches = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[0]
+        features = torch.cat(list(model.model.get_image_features(pixel_values=pixels).pooler_output))
+    captured = []  # (first block of the chain, its inputs) for every capture with inputs
+    real = runner.capture
+
+    def spy(model_, blocks, calib_, batch_size, keep_hidden):
+        cap, hidden = real(model_, blocks, calib_, batch_size, keep_hidden)
+        if hidden is not None:
+            captured.append((blocks[0], hidden))
+        return cap, hidden
+
+    monkeypatch.setattr(runner, "capture", spy)
+    text_layer0 = model.get_submodule("model.language_model.layers.0")
+    vision_layer0 = model.get_submodule("model.vision_tower.encoder.layers.0")
+
+    # language tower only: its inputs hold the 16-bit image features at the image tokens
     text_plan = plan_layers(model, SYM)
     res = quantize_model(model, text_plan, SYM, "signround", recipe, calib)
     assert {bl.block.rsplit(".", 1)[0] for bl in res.block_losses} == {"model.language_model.layers"}
     assert all(bl.tuned < bl.rtn for bl in res.block_losses)
-    # --quantize-vision: the vision blocks first, then the language model fed through them
+    assert [b for b, _ in captured] == [text_layer0]
+    assert torch.equal(captured[0][1][at_image], features)
+
+    # --quantize-vision: the vision blocks first, on the images' patch embeddings, then the language model
+    # fed through them: its quantized-path inputs differ from the 16-bit ones exactly at the image tokens
+    captured.clear()
     plan = plan_layers(model, SYM, quantize_vision=True)
-    towers = {b.tower for b in plan.blocks}
-    assert towers == {"vision", "text"}
+    assert {b.tower for b in plan.blocks} == {"vision", "text"}
     res = quantize_model(model, plan, SYM, "signround", recipe, calib)
     assert set(res.weights) == set(plan.linear_names())
     assert all(bl.tuned < bl.rtn for bl in res.block_losses)
-    # a text calibration set for the VLM's language model
+    assert [b for b, _ in captured] == [vision_layer0, text_layer0, text_layer0]
+    (_, vision_in), (_, text_fp), (_, text_q) = captured
+    assert torch.equal(vision_in, patches) and not torch.equal(vision_in[0], vision_in[1])
+    assert torch.equal(text_fp[at_image], features)
+    assert torch.equal(text_q[~at_image], text_fp[~at_image])
+    assert (text_q[at_image] != text_fp[at_image]).any(dim=-1).all()
+    for b in plan.blocks:
+        if b.tower == "vision":
+            for n in b.full_names():
+                rtn = quantize_rtn(model.get_submodule(n).weight.detach(), SYM)
+                assert not torch.equal(res.weights[n].q, rtn.q), n  # tuned, not RTN's codes
+
+    # a text calibration set for the VLM's language model: no image in its inputs
+    captured.clear()
     text_calib = load_calibration("builtin", proc, nsamples=4, seqlen=32, seed=3, is_vlm=True, batch_size=2)
+    assert "pixel_values" not in text_calib.samples[0]
     res = quantize_model(model, text_plan, SYM, "opt-rtn", recipe, text_calib)
-    assert all(bl.tuned <= bl.rtn for bl in res.block_losses)
+    assert [b for b, _ in captured] == [text_layer0]
+    assert all(bl.tuned < bl.rtn for bl in res.block_losses)
+
+
+def test_device_map_on_the_cpu_dispatches_each_block_and_gives_the_plain_codes(llama, monkeypatch):
+    """--device-map cpu,cpu runs every block through accelerate's dispatch (hooks on its children, removed
+    after: the model is left as it was) and gives the codes of the plain CPU run."""
+    import accelerate
+
+    model, tok = llama
+    plan = plan_layers(model, SYM)
+    plain = quantize_model(model, plan, SYM, "signround", RECIPE, _calib(tok))
+    own_forward = [m for m in model.modules() if "forward" in m.__dict__]
+    dispatched = []
+    real = accelerate.dispatch_model
+
+    def spy(block, device_map, **kwargs):
+        out = real(block, device_map=device_map, **kwargs)
+        children = [c for _, c in block.named_children()]
+        dispatched.append((block, dict(device_map), all(hasattr(c, "_hf_hook") for c in children)))
+        return out
+
+    monkeypatch.setattr(accelerate, "dispatch_model", spy)
+    spread = quantize_model(model, plan, SYM, "signround", RECIPE, _calib(tok), device_map="cpu,cpu")
+    blocks = [model.get_submodule(b.name) for b in plan.blocks]
+    assert [b for b, _, _ in dispatched] == blocks
+    for block, device_map, hooked in dispatched:
+        assert hooked and set(device_map.values()) == {"cpu"}
+        assert set(device_map) == {n for n, _ in block.named_children()}
+    assert _same(plain.weights, spread.weights)
+    assert [bl.tuned for bl in spread.block_losses] == [bl.tuned for bl in plain.block_losses]
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert [m for m in model.modules() if "forward" in m.__dict__] == own_forward
+    assert not any("hf_device_map" in b.__dict__ for b in blocks)
 
 
 def _reference_weight(st: TunedLinear, v, alpha, beta) -> torch.Tensor:
