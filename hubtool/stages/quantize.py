@@ -17,7 +17,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from .. import record as rec
 from .. import rundir
 from ..__about__ import __version__
 from ..core.spec import QuantSpec
+from ..envinfo import library_versions
 from ..errors import HubtoolError
 from ..formats.export import FORMATS, export_format
 from ..quant.driver import ProgressFn, QuantResult, quantize_model
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 INCOMPLETE = rundir.INCOMPLETE
 WORK_DIR = rundir.WORK_DIR
-LIBRARIES = ("torch", "transformers", "huggingface_hub", "safetensors", "accelerate", "auto-round", "optimum")
 
 
 @dataclass
@@ -155,16 +154,6 @@ def _source_paths(source: str, info: rec.SourceInfo | None = None) -> list[Path]
     if info is not None:
         paths.append(Path(info.name) if info.kind == "gguf" else local_dir(info))
     return paths
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "hubtool": __version__}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 def hardware() -> dict[str, Any]:
@@ -300,7 +289,7 @@ def _run(
         hubtool_version=__version__,
         created_at=_now(),
         command=opts.command or ["hubtool", "quantize", opts.source],
-        libraries=_versions(),
+        libraries=library_versions(),
         hardware=hardware(),
         timings=timings,
     )
