@@ -15,8 +15,8 @@ Command-line flags override it. Every key is optional::
     limit = 64
     template = "card.md.j2"
 
-    [spec]                                      # any `hubtool quantize` option (QuantizeOptions field)
-    method = "signround"
+    [spec]                                      # `hubtool quantize` options: the QuantizeOptions fields
+    method = "signround"                        # marked spec (stages.quantize.SPEC_KEYS)
     recipe = "light"
 
     [card]                                      # card extras: base_model, model_name, license, language,
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HubtoolError
+from .stages.quantize import SPEC_KEYS, check_options
 
 CONFIG_NAME = "hubtool.toml"
 PATH_KEYS = {"run_dir", "prompts", "template"}
@@ -96,6 +97,8 @@ def _validate(data: dict[str, Any], path: Path) -> dict[str, Any]:
             raise HubtoolError(f"{path}: unknown key {key!r}", "known keys: " + ", ".join(sorted(KEYS)))
         if key in STR_KEYS | PATH_KEYS and not isinstance(value, str):
             raise HubtoolError(f"{path}: {key} must be a string")
+        if key in PATH_KEYS and not value.strip():  # "" would name the folder this file is in
+            raise HubtoolError(f"{path}: {key} is empty", f"name a path, or leave {key} out")
         if key in TABLE_KEYS and not isinstance(value, dict):
             raise HubtoolError(f"{path}: [{key}] must be a table")
         if key in LIST_KEYS:
@@ -113,6 +116,11 @@ def _validate(data: dict[str, Any], path: Path) -> dict[str, Any]:
             value = [str(base / v) if (base / v).exists() else v for v in value]
         if key == "source" and (base / value).exists() and not Path(value).is_absolute():
             value = str(base / value)
+        if key == "spec":
+            try:
+                value = check_options(value, SPEC_KEYS, what="[spec] key")
+            except HubtoolError as exc:
+                raise HubtoolError(f"{path}: {exc.message}", exc.hint) from None
         if key == "card":
             bad = sorted(set(value) - CARD_KEYS)
             if bad:

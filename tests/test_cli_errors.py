@@ -179,3 +179,16 @@ def test_unknown_format_and_method(capsys, tmp_path, tiny_models):
 def test_record_missing_for_later_stage():
     with pytest.raises(Exception, match="no finished run"):
         record.load("/nonexistent-run")
+
+
+def test_publish_empty_run_dir_is_refused(capsys, tmp_path, monkeypatch):
+    """`-o "$RUN"` with RUN unset (flag or hubtool.toml) never means the current folder."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["publish", "acme/tiny-chat", "--repo-id", "acme/x", "--dry-run", str(tmp_path / "dry")]
+    code, err = run_cli(capsys, *argv, "-o", "")
+    assert_one_line_error(code, err, "-o/--output is empty")
+    assert err.count("\n") == 1
+    (tmp_path / "hubtool.toml").write_text('run_dir = ""\n')
+    code, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, f"{tmp_path / 'hubtool.toml'}: run_dir is empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hubtool.toml"]

@@ -38,21 +38,21 @@ def run_cli(capsys, *argv):
     return exc.value.code, capsys.readouterr().err
 
 
-def one_line(code, err, *needles, exit_code=2, strict=False, after_work=False) -> str:
-    """Assert stderr holds exactly one non-empty line, an error naming ``needles``; return it.
+def one_line(code, err, *needles, exit_code=2, after_work=False) -> str:
+    """Assert stderr is exactly one line, an error naming ``needles`` (no blank line, no log); return it.
 
-    ``strict``: stderr is that line and nothing else (no blank line before it). ``after_work``: the error
-    comes after a stage ran, so its logs and progress may precede the line (which is then the last one).
+    ``after_work``: the error comes after a stage ran, so its logs and progress may precede the line (which
+    is then the last one).
     """
     assert code == exit_code, err
     assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    lines = err.splitlines()
     if after_work:
-        lines = lines[-1:]
+        lines = [ln for ln in lines if ln.strip()][-1:]
         assert sum(ln.startswith("error: ") for ln in err.splitlines()) == 1, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    if strict:
-        assert err == lines[0] + "\n", repr(err)
+    else:
+        assert err.endswith("\n"), repr(err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), repr(err)
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
@@ -289,9 +289,25 @@ def test_malformed_run_json(capsys, tmp_path, command, how, needle):
     path.write_text(json.dumps(_break(json.loads(path.read_text()), how)))
     before = listing(run)
     code, err = run_cli(capsys, command, run)
-    line = one_line(code, err, f"{path} is not a valid run record: {needle}", "run the stage that wrote it")
-    if command == "card":  # no progress display: the line is all there is
-        assert err == line + "\n"
+    one_line(code, err, f"{path} is not a valid run record: {needle}", "run the stage that wrote it")
+    assert listing(run) == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["eval", "--tasks", "nosuch"], "unknown task 'nosuch'"),
+        (["eval", "--tasks", "ppl", "--device", "banana"], "--device 'banana' is not a device"),
+        (["compare", "--device", "banana"], "--device 'banana' is not a device"),
+    ],
+)
+def test_eval_and_compare_refuse_before_any_work(capsys, tmp_path, argv, needle):
+    """Checked first (the device too, even where every answer may be cached): the line and nothing else."""
+    run = tmp_path / "run"
+    fake_run.make_run(run)
+    before = listing(run)
+    code, err = run_cli(capsys, argv[0], run, *argv[1:])
+    one_line(code, err, needle)
     assert listing(run) == before
 
 
@@ -372,7 +388,7 @@ def test_os_error_of_a_command_is_one_line(capsys, tmp_path, monkeypatch, fault)
 
         monkeypatch.setattr(os, "replace", replace)
     code, err = run_cli(capsys, "card", run)
-    line = one_line(code, err, "error: hubtool card failed: ", str(card), strict=True)
+    line = one_line(code, err, "error: hubtool card failed: ", str(card))
     assert {"EISDIR": "give a file path", "EROFS": "writable file system", "ENOSPC": "free some space"}[
         fault
     ] in line

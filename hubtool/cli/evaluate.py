@@ -17,15 +17,20 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ..source import check_device
 from ..stages.compare import StageProgress
 from .common import console, err_console
 
 
 @contextmanager
 def _progress_bars():
-    """A rich progress display (bar, count, elapsed, ETA per model x task) and the callback feeding it."""
+    """A rich progress display (bar, count, elapsed, ETA per model x task) and the callback feeding it.
+
+    The display starts with the first event: an error before it leaves stderr to its one line (rich's
+    ``Progress.stop()`` prints a blank line even when nothing was drawn).
+    """
     bars: dict[tuple[str, str], int] = {}
-    with Progress(
+    bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -34,18 +39,22 @@ def _progress_bars():
         TimeRemainingColumn(),
         console=err_console,
         transient=False,
-    ) as bar:
+    )
 
-        def update(ev: StageProgress) -> None:
-            key = (ev.model, ev.task)
-            desc = f"{ev.model} · {ev.task}" + (
-                f" ({ev.status})" if ev.status in ("loading", "cached") else ""
-            )
-            if key not in bars:
-                bars[key] = bar.add_task(desc, total=max(ev.total, 1))
-            bar.update(bars[key], description=desc, completed=ev.done, total=max(ev.total, 1))
+    def update(ev: StageProgress) -> None:
+        if not bars:
+            bar.start()
+        key = (ev.model, ev.task)
+        desc = f"{ev.model} · {ev.task}" + (f" ({ev.status})" if ev.status in ("loading", "cached") else "")
+        if key not in bars:
+            bars[key] = bar.add_task(desc, total=max(ev.total, 1))
+        bar.update(bars[key], description=desc, completed=ev.done, total=max(ev.total, 1))
 
+    try:
         yield update
+    finally:
+        if bars:
+            bar.stop()
 
 
 def compare_cmd(
@@ -59,6 +68,8 @@ def compare_cmd(
 ) -> None:
     """Answer the same prompts greedily with the 16-bit model and each int4 variant (stored in run.json)."""
     from ..stages.compare import run_compare
+
+    check_device(device)  # before anything: a run whose answers are all cached never loads a model
 
     with _progress_bars() as update:
         comps = run_compare(
@@ -110,6 +121,8 @@ def eval_cmd(
     from .. import record
     from ..stages.evaltable import eval_table
     from ..stages.evaluate import run_eval
+
+    check_device(device)  # before anything: a run whose samples are all cached never loads a model
 
     with _progress_bars() as update:
         run_eval(

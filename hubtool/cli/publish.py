@@ -14,7 +14,9 @@ from rich.table import Table
 
 from ..config import load_config, merged
 from ..errors import HubtoolError
+from ..rundir import output_path
 from .common import console
+from .quantize import run_with_progress, takes_options
 
 CONFIG_HELP = "hubtool.toml with the defaults (default: ./hubtool.toml if present)."
 
@@ -84,12 +86,13 @@ def upload_cmd(
     _show(result, run_dir, dry_run)
 
 
+@takes_options(publish=True, before="overwrite")
 def publish_cmd(
     source: str = typer.Argument(
         None, help="Hub id, model folder, .gguf file or pypi:<model> (default: hubtool.toml's source)."
     ),
     repo_id: str = typer.Option(None, "--repo-id", help="Target repo, ORG/NAME."),
-    run_dir: Path = typer.Option(None, "-o", "--run-dir", help="Run folder (default: runs/<repo name>)."),
+    run_dir: str = typer.Option(None, "-o", "--run-dir", help="Run folder (default: runs/<repo name>)."),
     endpoint: str = typer.Option(None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)."),
     private: bool = typer.Option(None, "--private/--public", help="Create the repo private."),
     tag: str = typer.Option(None, help="Tag for this release (default: the hubtool version)."),
@@ -100,61 +103,24 @@ def publish_cmd(
     ),
     template: Path = typer.Option(None, help="Your own Jinja card template (rendered sandboxed)."),
     default_format: str = typer.Option(None, help="Format that goes to main (default: auto_round)."),
-    calib: list[str] = typer.Option(None, help="Calibration set (repeat: one int4 variant per set)."),
     prompts: Path = typer.Option(None, help="prompts.yaml for the INT4 vs 16-bit comparison."),
     tasks: str = typer.Option(None, help="Comma-separated eval tasks (none: no evaluation)."),
     limit: int = typer.Option(None, help="Samples per eval task."),
-    method: str = typer.Option(None, help="signround, opt-rtn or rtn."),
-    recipe: str = typer.Option(None, help="SignRound recipe: best, default or light."),
-    iters: int = typer.Option(None, help="Override the recipe's iterations per block."),
-    nsamples: int = typer.Option(None, help="Override the number of calibration samples."),
-    seqlen: int = typer.Option(None, help="Override the calibration sequence length."),
-    group_size: int = typer.Option(None, help="Group size: 32, 64 or 128."),
-    bits: int = typer.Option(None, help="Weight bits (4)."),
-    sym: bool = typer.Option(None, "--sym/--asym", help="Symmetric (default) or asymmetric int4."),
-    batch_size: int = typer.Option(None, help="Override the tuning batch size."),
-    lr: float = typer.Option(None, help="Override the SignSGD learning rate."),
-    revision: str = typer.Option(None, help="Hub revision of SOURCE."),
-    dtype: str = typer.Option(None, help="16-bit dtype to load the source in."),
-    skip: str = typer.Option(None, help="Regex of linear names to keep 16-bit."),
-    quantize_vision: bool = typer.Option(None, "--quantize-vision", help="Also quantize the vision tower."),
-    trust_remote_code: bool = typer.Option(
-        None, "--trust-remote-code", help="Allow the model's own code to run."
-    ),
-    formats: str = typer.Option(None, help="Comma-separated formats to export."),
-    seed: int = typer.Option(None, help="Random seed."),
-    device: str = typer.Option(None, help="Device to tune on (cpu, cuda)."),
     overwrite: bool = typer.Option(False, help="Redo every stage even if RUN_DIR already holds its results."),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    **options: Any,
 ) -> None:
     """quantize -> compare -> eval -> card -> upload, in one command (driven by hubtool.toml if present)."""
     from ..pipeline import publish
 
-    spec = {
-        "method": method,
-        "recipe": recipe,
-        "iters": iters,
-        "nsamples": nsamples,
-        "seqlen": seqlen,
-        "group_size": group_size,
-        "formats": formats.split(",") if formats else None,
-        "seed": seed,
-        "device": device,
-        "bits": bits,
-        "sym": sym,
-        "batch_size": batch_size,
-        "lr": lr,
-        "revision": revision,
-        "dtype": dtype,
-        "skip": skip,
-        "quantize_vision": quantize_vision,
-        "trust_remote_code": trust_remote_code,
-    }
+    # ``options``: the `hubtool quantize` options publish shares (QuantizeOptions declares them): the
+    # calibration sets, and a spec that overrides hubtool.toml's [spec] key by key
+    calib = options.pop("calib", None)
     cfg = merged(
         _config(config),
         source=source,
         repo_id=repo_id,
-        run_dir=str(run_dir) if run_dir else None,
+        run_dir=str(output_path(run_dir)) if run_dir is not None else None,
         endpoint=endpoint,
         private=private,
         tag=tag,
@@ -164,7 +130,7 @@ def publish_cmd(
         prompts=str(prompts) if prompts else None,
         tasks=[t for t in tasks.split(",") if t.strip()] if tasks else None,
         limit=limit,
-        spec=spec,
+        spec=options,
     )
     repo = _need(cfg, "repo_id", "--repo-id")
     result = publish(
@@ -184,17 +150,9 @@ def publish_cmd(
         extras=cfg.get("card") or None,
         default_format=cfg.get("default_format"),
         overwrite=overwrite,
-        quantize_fn=_quantize_with_progress(),
+        quantize_fn=run_with_progress,
     )
     _show(result, Path(cfg["run_dir"]) if cfg.get("run_dir") else Path("runs") / repo.split("/")[-1], dry_run)
-
-
-def _quantize_with_progress():
-    try:
-        from .quantize import run_with_progress
-    except ImportError:  # the quantize command is not in this build
-        return None
-    return run_with_progress
 
 
 def _need(cfg: dict[str, Any], key: str, flag: str) -> str:

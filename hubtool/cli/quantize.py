@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
+from dataclasses import MISSING
 from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -11,73 +15,75 @@ from rich.table import Table
 
 from ..quant.driver import ProgressEvent
 from ..rundir import output_path
-from ..stages.quantize import FORMATS, QuantizeOptions, run_quantize
+from ..stages.quantize import QuantizeOptions, check_options, option_fields, option_types, run_quantize
 from .common import console, err_console, human_bytes
 
 
-def quantize(
-    source: str = typer.Argument(
-        ..., help="Hub id (org/name), local model folder, .gguf file, or pypi:<model>."
-    ),
-    output: str = typer.Option(..., "-o", "--output", help="Run folder to create (RUN_DIR)."),
-    revision: str = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    bits: int = typer.Option(4, help="Weight bits (4)."),
-    group_size: int = typer.Option(128, help="Group size: 32, 64 or 128."),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (default) or asymmetric int4."),
-    method: str = typer.Option("signround", help="signround, opt-rtn or rtn."),
-    recipe: str = typer.Option("default", help="SignRound recipe: best, default or light."),
-    iters: int = typer.Option(None, help="Override the recipe's iterations per block."),
-    nsamples: int = typer.Option(None, help="Override the number of calibration samples."),
-    seqlen: int = typer.Option(None, help="Override the calibration sequence length."),
-    batch_size: int = typer.Option(None, help="Override the tuning batch size."),
-    lr: float = typer.Option(None, help="Override the SignSGD learning rate."),
-    seed: int = typer.Option(None, help="Random seed (same seed, same bytes)."),
-    calib: list[str] = typer.Option(None, help="Calibration set (repeat for one int4 variant per set)."),
-    formats: str = typer.Option(",".join(FORMATS), help="Comma-separated formats to export."),
-    dtype: str = typer.Option("bfloat16", help="16-bit dtype to load the source in."),
-    device: str = typer.Option("cpu", help="Device to tune on (cpu, cuda, cuda:1)."),
-    device_map: str = typer.Option(None, help="Spread a large block over GPUs (e.g. 'cuda:0,cuda:1')."),
-    trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run."),
-    quantize_vision: bool = typer.Option(False, help="Also quantize the vision tower's blocks."),
-    skip: str = typer.Option(None, help="Regex of linear names to keep 16-bit."),
-    overwrite: bool = typer.Option(
-        False, help="Redo a run: replace what hubtool wrote in RUN_DIR (never a folder it did not make)."
-    ),
-    resume: bool = typer.Option(
-        False, help="Continue an interrupted run from its last finished block (same inputs only)."
-    ),
-) -> None:
+def option_parameters(*, publish: bool = False) -> list[inspect.Parameter]:
+    """The Typer parameters declared by QuantizeOptions' fields (flags, help, defaults, in field order).
+
+    ``publish``: only the options `hubtool publish` shares, each defaulting to None (hubtool.toml fills it).
+    A path is taken as a string (``Path("")`` would be the current directory) and a ``sep`` list as one
+    value; the command turns them into fields with ``check_options``.
+    """
+    params = []
+    types = option_types()
+    for f in option_fields():
+        if publish and not f.metadata["publish"]:
+            continue
+        if publish or f.default is not MISSING:
+            default = None if publish else f.default
+        elif f.default_factory is not MISSING:
+            default = f.metadata["sep"].join(f.default_factory()) if f.metadata["sep"] else None
+        else:
+            default = ...  # required
+        if f.metadata["argument"]:
+            info = typer.Argument(default, help=f.metadata["help"])
+        else:
+            info = typer.Option(default, *f.metadata["flags"], help=f.metadata["help"])
+        kind = inspect.Parameter.KEYWORD_ONLY
+        params.append(inspect.Parameter(f.name, kind, default=info, annotation=_cli_type(f, types[f.name])))
+    return params
+
+
+def _cli_type(f, hint):
+    """The type Typer parses an option as: ``X`` for ``X | None``, ``str`` for a path or a ``sep`` list."""
+    if f.metadata["sep"] or hint is Path:
+        return str
+    if get_origin(hint) in (Union, UnionType):
+        return next(t for t in get_args(hint) if t is not type(None))
+    return hint
+
+
+def takes_options(*, publish: bool = False, before: str | None = None):
+    """Give a command the QuantizeOptions parameters (``option_parameters``) in place of its ``**options``.
+
+    They go before the parameter named ``before`` (default: last). Typer reads ``__signature__``.
+    """
+
+    def wrap(func):
+        sig = inspect.signature(func)
+        kind = inspect.Parameter.KEYWORD_ONLY
+        own = [p.replace(kind=kind) for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        at = next((k for k, p in enumerate(own) if p.name == before), len(own))
+        func.__signature__ = sig.replace(parameters=own[:at] + option_parameters(publish=publish) + own[at:])
+        return func
+
+    return wrap
+
+
+@takes_options()
+def quantize(**values: Any) -> None:
     """Quantize SOURCE to int4 and export it into RUN_DIR/formats/<format>/."""
-    run_dir = output_path(output)  # before Path(): Path("") would be the current directory
-    opts = QuantizeOptions(
-        source=source,
-        run_dir=run_dir,
-        revision=revision,
-        bits=bits,
-        group_size=group_size,
-        sym=sym,
-        method=method,
-        recipe=recipe,
-        iters=iters,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        calib=list(calib or []),
-        formats=formats,
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        trust_remote_code=trust_remote_code,
-        quantize_vision=quantize_vision,
-        skip=skip,
-        overwrite=overwrite,
-        resume=resume,
-        command=["hubtool", *sys.argv[1:]],
-    )
+    opts = cli_options(values, command=["hubtool", *sys.argv[1:]])
     record = run_with_progress(opts)
-    print_summary(record, run_dir)
+    print_summary(record, opts.run_dir)
+
+
+def cli_options(values: dict[str, Any], command: list[str]) -> QuantizeOptions:
+    """The QuantizeOptions of `hubtool quantize`'s parsed parameters (``option_parameters``)."""
+    values = {**values, "run_dir": output_path(values["run_dir"])}  # Path("") would be the current folder
+    return QuantizeOptions(**check_options(values), command=command)
 
 
 def run_with_progress(opts: QuantizeOptions):
@@ -112,7 +118,8 @@ def run_with_progress(opts: QuantizeOptions):
     try:
         return run_quantize(opts, progress=on_event)
     finally:
-        bar.stop()
+        if task is not None:  # Progress.stop() prints a blank line even when nothing was drawn
+            bar.stop()
 
 
 def print_summary(record, run_dir: Path) -> None:

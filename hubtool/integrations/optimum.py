@@ -11,10 +11,11 @@ when a module in the ``optimum.commands.register`` namespace re-exports it.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from argparse import ArgumentParser
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import torch
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
@@ -22,9 +23,16 @@ from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
 from ..errors import HubtoolError
-from ..formats.table import FORMATS
+from ..stages.quantize import check_options, option_fields, option_types, switch_flags, value_flag
 
 log = logging.getLogger(__name__)
+
+# HubtoolQuantizer.quantize takes `hubtool quantize`'s options as keyword arguments (QuantizeOptions
+# fields), from_pretrained the LOAD_OPTIONS; no run folder is written, so RUN_FOLDER_OPTIONS do not apply.
+LOAD_OPTIONS = ("revision", "dtype", "trust_remote_code")
+RUN_FOLDER_OPTIONS = ("source", "run_dir", "overwrite", "resume")
+QUANTIZE_OPTIONS = tuple(f.name for f in option_fields() if f.name not in LOAD_OPTIONS + RUN_FOLDER_OPTIONS)
+DEFAULTS = {"method": "rtn", "formats": ["hubtool"]}  # where the quantizer's defaults differ from the CLI's
 
 
 class HubtoolQuantizer(OptimumQuantizer):
@@ -64,37 +72,46 @@ class HubtoolQuantizer(OptimumQuantizer):
         save_dir: str | Path,
         file_prefix: str | None = None,
         *,
-        bits: int = 4,
-        group_size: int = 128,
-        sym: bool = True,
-        method: str = "rtn",
-        formats: tuple[str, ...] | list[str] | str = ("hubtool",),
-        recipe: str = "default",
-        iters: int | None = None,
-        nsamples: int | None = None,
-        seqlen: int | None = None,
-        batch_size: int | None = None,
-        lr: float | None = None,
-        calib: str | None = None,
-        quantize_vision: bool = False,
-        skip: str | None = None,
-        device: str = "cpu",
         max_shard_size: int | str | None = None,
+        **options: Any,
     ) -> dict[str, Path]:
-        """Quantize and export; return {format: folder}. One format goes to ``save_dir``, several to ``save_dir/<fmt>``."""
+        """Quantize and export; return {format: folder}. One format goes to ``save_dir``, several to ``save_dir/<fmt>``.
+
+        ``options`` are `hubtool quantize`'s (``QUANTIZE_OPTIONS``, e.g. ``method``, ``group_size``,
+        ``calib``), checked against QuantizeOptions' fields; an unknown keyword or a value of the wrong
+        type is refused. Defaults are `hubtool quantize`'s, except ``DEFAULTS`` (RTN, the hubtool format).
+        """
         from ..core.spec import QuantSpec
         from ..formats.export import DEFAULT_MAX_SHARD_SIZE, export_format
         from ..quant.layers import plan_layers
         from ..quant.spec import check_method, make_recipe
-        from ..stages.quantize import parse_formats, quantize_variant
+        from ..stages.quantize import QuantizeOptions, check_options, parse_formats, quantize_variant
 
         if file_prefix:
             log.debug("file_prefix %r is ignored: hubtool writes standard model repos", file_prefix)
-        spec = QuantSpec(bits=bits, group_size=group_size, sym=sym)
-        method = check_method(method)
-        fmts = parse_formats(formats)
-        rec = make_recipe(recipe, iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr)
-        plan = plan_layers(self.model, spec, quantize_vision=quantize_vision, skip=skip)
+        opts = QuantizeOptions(
+            source=getattr(self.source, "name", ""),
+            run_dir=Path(save_dir),
+            **{**DEFAULTS, **check_options(options, QUANTIZE_OPTIONS, what="keyword argument")},
+        )
+        if len(opts.calib) > 1:
+            raise HubtoolError(
+                f"{len(opts.calib)} calibration sets given; the quantizer makes one int4 variant",
+                "pass one calib (`hubtool quantize` makes one variant per set)",
+            )
+        spec = QuantSpec(bits=opts.bits, group_size=opts.group_size, sym=opts.sym)
+        method = check_method(opts.method)
+        fmts = parse_formats(opts.formats)
+        recipe = make_recipe(
+            opts.recipe,
+            iters=opts.iters,
+            nsamples=opts.nsamples,
+            seqlen=opts.seqlen,
+            batch_size=opts.batch_size,
+            lr=opts.lr,
+            seed=opts.seed,
+        )
+        plan = plan_layers(self.model, spec, quantize_vision=opts.quantize_vision, skip=opts.skip)
         is_vlm = bool(
             getattr(self.source, "is_vlm", False) or getattr(self.model.config, "vision_config", None)
         )
@@ -104,12 +121,13 @@ class HubtoolQuantizer(OptimumQuantizer):
             plan,
             spec,
             method,
-            rec,
-            calib,
-            source_name=getattr(self.source, "name", ""),
+            recipe,
+            opts.calib[0] if opts.calib else None,
+            source_name=opts.source,
             is_vlm=is_vlm,
-            quantize_vision=quantize_vision,
-            device=device,
+            quantize_vision=opts.quantize_vision,
+            device=opts.device,
+            device_map=opts.device_map,
         )
         result, meta = q.result, q.meta
         save_dir = Path(save_dir)
@@ -137,37 +155,39 @@ class HubtoolQuantizeCommand(BaseOptimumCLICommand):
 
     @staticmethod
     def parse_args(parser: ArgumentParser) -> None:
-        """Declare the options (a subset of `hubtool quantize`'s)."""
+        """Declare `hubtool quantize`'s options, from QuantizeOptions' fields (no run folder: -o is the output)."""
         parser.add_argument("source", help="Hub id, local model folder or .gguf file")
         parser.add_argument("-o", "--output", required=True, help="output folder")
-        parser.add_argument("--method", default="rtn", help="rtn, opt-rtn or signround")
-        parser.add_argument("--group-size", type=int, default=128)
-        parser.add_argument("--asym", action="store_true", help="asymmetric (default symmetric)")
-        parser.add_argument("--formats", default="hubtool", help="comma-separated: " + ",".join(FORMATS))
-        parser.add_argument("--recipe", default="default")
-        parser.add_argument("--calib", default=None, help="calibration set (default: builtin)")
-        parser.add_argument("--revision", default=None)
-        parser.add_argument("--dtype", default="bfloat16")
-        parser.add_argument("--trust-remote-code", action="store_true")
+        types = option_types()
+        for f in option_fields():
+            if f.name not in QUANTIZE_OPTIONS + LOAD_OPTIONS:
+                continue
+            text = f.metadata["help"] + (f" (default: {DEFAULTS[f.name]})" if f.name in DEFAULTS else "")
+            if types[f.name] is bool:
+                on, off = switch_flags(f)
+                parser.add_argument(
+                    on, dest=f.name, action="store_const", const=True, default=None, help=text
+                )
+                parser.add_argument(
+                    off, dest=f.name, action="store_const", const=False, help=argparse.SUPPRESS
+                )
+            elif get_origin(types[f.name]) is list and not f.metadata["sep"]:
+                parser.add_argument(value_flag(f), dest=f.name, action="append", help=text)
+            else:
+                kind = next((t for t in get_args(types[f.name]) if t is not type(None)), types[f.name])
+                kind = kind if kind in (int, float) else str
+                parser.add_argument(value_flag(f), dest=f.name, type=kind, help=text)
 
     def run(self) -> None:
         """Run the quantization; a HubtoolError ends with its one line and exit code 2."""
         import sys
 
-        a = self.args
+        a = vars(self.args)
         try:
-            q = HubtoolQuantizer.from_pretrained(
-                a.source, revision=a.revision, dtype=a.dtype, trust_remote_code=a.trust_remote_code
-            )
-            written = q.quantize(
-                a.output,
-                method=a.method,
-                group_size=a.group_size,
-                sym=not a.asym,
-                formats=a.formats,
-                recipe=a.recipe,
-                calib=a.calib,
-            )
+            values = check_options({k: a.get(k) for k in QUANTIZE_OPTIONS + LOAD_OPTIONS})
+            load = {k: values.pop(k) for k in LOAD_OPTIONS if k in values}
+            q = HubtoolQuantizer.from_pretrained(a["source"], **load)
+            written = q.quantize(a["output"], **values)
         except HubtoolError as exc:
             sys.stderr.write(exc.line() + "\n")
             raise SystemExit(exc.exit_code) from None

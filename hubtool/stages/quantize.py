@@ -15,10 +15,12 @@ import platform
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -40,86 +42,210 @@ INCOMPLETE = rundir.INCOMPLETE
 WORK_DIR = rundir.WORK_DIR
 
 
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    flags: tuple[str, ...] = (),
+    factory: Any = MISSING,
+    argument: bool = False,
+    spec: bool = True,
+    argv: bool = True,
+    publish: bool = True,
+    sep: str | None = None,
+) -> Any:
+    """A QuantizeOptions field that declares an option once: the CLI, hubtool.toml and run.json derive from it.
+
+    ``help``: the help text. ``flags``: the CLI's names (default ``--name-with-dashes``; a switch may name
+    both sides, ``--sym/--asym``); ``argument``: positional instead. ``spec``: a key of hubtool.toml's
+    ``[spec]`` table and of `hubtool publish`'s spec. ``argv``: part of the command that reproduces a run.
+    ``publish``: `hubtool publish` takes the same flag (else it declares its own, e.g. ``-o/--run-dir``).
+    ``sep``: a list given as one value joined by ``sep`` (``--formats a,b``), not as a repeated flag.
+    """
+    meta = {
+        "help": help,
+        "flags": flags,
+        "argument": argument,
+        "spec": spec,
+        "argv": argv,
+        "publish": publish,
+        "sep": sep,
+    }
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
 @dataclass
 class QuantizeOptions:
-    """Everything `hubtool quantize` takes (the CLI, hubtool.toml and the Optimum quantizer build this)."""
+    """Everything `hubtool quantize` takes; each option is declared here once (see ``option``).
 
-    source: str
-    run_dir: Path
-    revision: str | None = None
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    method: str = "signround"
-    recipe: str = "default"
-    iters: int | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    seed: int | None = None
-    calib: list[str] = field(default_factory=list)
-    formats: list[str] = field(default_factory=lambda: list(FORMATS))
-    dtype: str = "bfloat16"
-    device: str = "cpu"
-    device_map: str | None = None
-    trust_remote_code: bool = False
-    quantize_vision: bool = False
-    skip: str | None = None
-    overwrite: bool = False
-    resume: bool = False
-    command: list[str] = field(default_factory=list)
+    From these fields come `hubtool quantize`'s and `hubtool publish`'s flags (``cli.quantize``), the keys
+    of hubtool.toml's ``[spec]`` (``SPEC_KEYS``), the command recorded in run.json (``quantize_command``)
+    and the keyword arguments of the Optimum quantizer: a new option is one new field.
+    """
+
+    source: str = option(
+        argument=True,
+        spec=False,
+        publish=False,
+        help="Hub id (org/name), local model folder, .gguf file, or pypi:<model>.",
+    )
+    run_dir: Path = option(
+        flags=("-o", "--output"), spec=False, publish=False, help="Run folder to create (RUN_DIR)."
+    )
+    revision: str | None = option(None, help="Hub revision (branch, tag or commit).")
+    bits: int = option(4, help="Weight bits (4).")
+    group_size: int = option(128, help="Group size: 32, 64 or 128.")
+    sym: bool = option(True, flags=("--sym/--asym",), help="Symmetric (default) or asymmetric int4.")
+    method: str = option("signround", help="signround, opt-rtn or rtn.")
+    recipe: str = option("default", help="SignRound recipe: best, default or light.")
+    iters: int | None = option(None, help="Override the recipe's iterations per block.")
+    nsamples: int | None = option(None, help="Override the number of calibration samples.")
+    seqlen: int | None = option(None, help="Override the calibration sequence length.")
+    batch_size: int | None = option(None, help="Override the tuning batch size.")
+    lr: float | None = option(None, help="Override the SignSGD learning rate.")
+    seed: int | None = option(None, help="Random seed (same seed, same bytes).")
+    # hubtool.toml names the calibration sets at its top level (``calibrations``), not in [spec]
+    calib: list[str] = option(
+        factory=list, spec=False, help="Calibration set (repeat for one int4 variant per set)."
+    )
+    formats: list[str] = option(
+        factory=lambda: list(FORMATS), sep=",", help="Comma-separated formats to export."
+    )
+    dtype: str = option("bfloat16", help="16-bit dtype to load the source in.")
+    device: str = option("cpu", help="Device to tune on (cpu, cuda, cuda:1).")
+    # where blocks are placed changes no byte of the result: not part of the reproducing command
+    device_map: str | None = option(
+        None, argv=False, help="Spread a large block over GPUs (e.g. 'cuda:0,cuda:1')."
+    )
+    trust_remote_code: bool = option(False, help="Allow the model's own Python code to run.")
+    quantize_vision: bool = option(False, help="Also quantize the vision tower's blocks.")
+    skip: str | None = option(None, help="Regex of linear names to keep 16-bit.")
+    overwrite: bool = option(
+        False,
+        spec=False,
+        argv=False,
+        publish=False,  # publish's --overwrite redoes every stage: it declares its own
+        help="Redo a run: replace what hubtool wrote in RUN_DIR (never a folder it did not make).",
+    )
+    resume: bool = option(
+        False,
+        spec=False,
+        argv=False,
+        help="Continue an interrupted run from its last finished block (same inputs only).",
+    )
+    command: list[str] = field(default_factory=list)  # not an option: the argv run.json records
+
+
+def option_fields() -> tuple[Field, ...]:
+    """The QuantizeOptions fields that are options (every field but ``command``), in declaration order."""
+    return tuple(f for f in fields(QuantizeOptions) if "help" in f.metadata)
+
+
+SPEC_KEYS = frozenset(f.name for f in option_fields() if f.metadata["spec"])  # hubtool.toml's [spec]
+
+
+@cache
+def option_types() -> dict[str, Any]:
+    """Each option's type, resolved (``int | None``, ``list[str]``, ``Path``...)."""
+    hints = get_type_hints(QuantizeOptions)
+    return {f.name: hints[f.name] for f in option_fields()}
+
+
+def switch_flags(f: Field) -> tuple[str, str]:
+    """The (on, off) flags of a bool option: ``--sym/--asym`` as declared, else ``--x/--no-x``."""
+    decl = f.metadata["flags"][0] if f.metadata["flags"] else "--" + f.name.replace("_", "-")
+    on, _, off = decl.partition("/")
+    return on, off or "--no-" + on[2:]
+
+
+def value_flag(f: Field) -> str:
+    """The flag that takes an option's value: its first declared one, else ``--name-with-dashes``."""
+    return f.metadata["flags"][0] if f.metadata["flags"] else "--" + f.name.replace("_", "-")
+
+
+def check_options(
+    values: Mapping[str, Any], allowed: Iterable[str] | None = None, what: str = "quantize option"
+) -> dict[str, Any]:
+    """``values`` as QuantizeOptions fields, None dropped; a name not ``allowed`` or a value of the wrong type is refused.
+
+    Names may use '-' for '_'. One string is a list of one (``calib``) or split at the field's ``sep``
+    (``formats``). ``allowed`` defaults to every option.
+    """
+    known = {f.name: f for f in option_fields()}
+    names = set(known) if allowed is None else set(allowed)
+    types = option_types()
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise HubtoolError(f"unknown {what} {key!r}", "known: " + ", ".join(sorted(names)))
+        if value is None:
+            continue
+        out[name] = _checked(known[name], types[name], value, what)
+    return out
+
+
+def _checked(f: Field, hint: Any, value: Any, what: str) -> Any:
+    """``value`` for the option ``f`` of type ``hint`` (a string made a list for a list option), or refused."""
+    kinds = {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path"}
+    base = next((t for t in get_args(hint) if t is not type(None)), hint) if get_args(hint) else hint
+    if get_origin(hint) is list:
+        if isinstance(value, str):
+            value = value.split(f.metadata["sep"]) if f.metadata["sep"] else [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise HubtoolError(f"{what} {f.name} must be a list of strings, not {value!r}")
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        Path: isinstance(value, (str, os.PathLike)),
+    }[base]
+    if not ok:
+        raise HubtoolError(f"{what} {f.name} must be {kinds[base]}, not {value!r}")
+    return value
 
 
 def quantize_command(opts: Any) -> list[str]:
-    """The ``hubtool quantize`` argv that reproduces ``opts`` (a QuantizeOptions); defaults are left out."""
+    """The ``hubtool quantize`` argv that reproduces ``opts`` (a QuantizeOptions); defaults are left out.
+
+    After SOURCE and ``-o RUN_DIR`` come the options that take a value, then the switches turned off
+    (``--asym``), the lists (``--calib`` repeated, ``--formats a,b``) and the switches turned on, each
+    group in declaration order (the order run.json has always recorded).
+    """
     defaults = QuantizeOptions(source="", run_dir=Path("."))
-    argv = ["hubtool", "quantize", str(opts.source), "-o", str(opts.run_dir)]
-    flags = {
-        "revision": "--revision",
-        "bits": "--bits",
-        "group_size": "--group-size",
-        "method": "--method",
-        "recipe": "--recipe",
-        "iters": "--iters",
-        "nsamples": "--nsamples",
-        "seqlen": "--seqlen",
-        "batch_size": "--batch-size",
-        "lr": "--lr",
-        "seed": "--seed",
-        "dtype": "--dtype",
-        "device": "--device",
-        "skip": "--skip",
-    }
-    for name, flag in flags.items():
-        value = getattr(opts, name)
-        if value is not None and value != getattr(defaults, name):
-            argv += [flag, str(value)]
-    if not opts.sym:
-        argv.append("--asym")
-    for c in opts.calib:
-        argv += ["--calib", str(c)]
-    if list(opts.formats) != list(defaults.formats):
-        argv += ["--formats", ",".join(opts.formats)]
-    for name in ("trust_remote_code", "quantize_vision"):
-        if getattr(opts, name):
-            argv.append("--" + name.replace("_", "-"))
-    return argv
+    types = option_types()
+    groups: dict[int, list[str]] = {0: [], 1: [], 2: [], 3: []}
+    for f in option_fields():
+        if f.metadata["argument"] or f.name == "run_dir" or not f.metadata["argv"]:
+            continue
+        value, default = getattr(opts, f.name), getattr(defaults, f.name)
+        value = list(value) if isinstance(value, tuple) else value
+        if value is None or value == default:
+            continue
+        if types[f.name] is bool:
+            on, off = switch_flags(f)
+            groups[3 if value else 1].append(on if value else off)
+        elif get_origin(types[f.name]) is list:
+            if f.metadata["sep"]:
+                joined = value if isinstance(value, str) else f.metadata["sep"].join(value)
+                groups[2] += [value_flag(f), joined]
+            else:
+                for item in [value] if isinstance(value, str) else value:
+                    groups[2] += [value_flag(f), str(item)]
+        else:
+            groups[0] += [value_flag(f), str(value)]
+    head = ["hubtool", "quantize", str(opts.source), "-o", str(opts.run_dir)]
+    return head + groups[0] + groups[1] + groups[2] + groups[3]
 
 
 def quantize_options(source: str, run_dir: Path, spec: dict[str, Any] | None = None, **more: Any) -> Any:
-    """A QuantizeOptions from a spec dict (hubtool.toml's [spec] or CLI flags); unknown keys are refused."""
-    names = {f.name for f in fields(QuantizeOptions)}
-    spec = {k.replace("-", "_"): v for k, v in (spec or {}).items() if v is not None}
-    spec.update({k: v for k, v in more.items() if v is not None})
-    bad = sorted(set(spec) - names)
-    if bad:
-        raise HubtoolError(f"unknown quantize option {bad[0]!r}", "known: " + ", ".join(sorted(names)))
-    if isinstance(spec.get("calib"), str):
-        spec["calib"] = [spec["calib"]]
-    opts = QuantizeOptions(source=source, run_dir=Path(run_dir), **spec)
-    if not opts.command:
-        opts.command = quantize_command(opts)
+    """A QuantizeOptions from a spec dict (hubtool.toml's [spec] or CLI flags) and ``more``; unknown keys are refused."""
+    allowed = [f.name for f in option_fields() if f.name not in ("source", "run_dir")]
+    values = {**check_options(spec or {}, allowed), **check_options(more, allowed)}
+    opts = QuantizeOptions(source=source, run_dir=Path(run_dir), **values)
+    opts.command = quantize_command(opts)
     return opts
 
 
