@@ -4,6 +4,10 @@ Every check that needs no model runs before the model loads, and the run folder 
 model, its layer plan and every calibration set have loaded (``rundir`` holds the folder's rules).
 ``run.json`` appears only when the stage has finished; while it runs, the folder holds an ``.incomplete``
 marker instead.
+
+``QuantizeOptions`` declares each option once (``option``: type, default, help, flags, roles); the CLI's
+flags, hubtool.toml's ``[spec]`` keys (``SPEC_KEYS``, ``check_options``), the reproducing command
+(``quantize_command``) and the Optimum quantizer's keywords all derive from its fields.
 """
 
 from __future__ import annotations
