@@ -391,7 +391,69 @@ def preflight(opts: Any, method: str) -> SourceInfo:
             check_source(calib)
     info = locate(opts.source, opts.revision, opts.trust_remote_code)
     check_source_files(info, opts.trust_remote_code)
+    check_memory(info, opts, method)
     return info
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still use: MemAvailable, capped by a cgroup (v1 or v2) limit; None if unknown."""
+    out: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                out.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            cap, used = Path(limit).read_text().strip(), int(Path(usage).read_text())
+        except (OSError, ValueError):
+            continue
+        if cap.isdigit() and int(cap) < 1 << 60:  # "max" or a huge number: no limit
+            out.append(max(int(cap) - used, 0))
+    return min(out) if out else None
+
+
+def check_memory(info: SourceInfo, opts: Any, method: str) -> None:
+    """Refuse, before any work, a run whose 16-bit weights and calibration activations cannot fit in memory.
+
+    The estimate counts the source's parameters (safetensors headers) at the load dtype, and for the
+    calibrated methods three activation buffers of nsamples x seqlen x hidden (the runner's inputs, outputs
+    and 16-bit reference). GGUF sources are not estimated (their size at 16 bits is known only once read).
+    """
+    if info.kind == "gguf":
+        return
+    from safetensors import safe_open
+
+    folder = local_dir(info)
+    params = 0
+    for f in _model_files(folder):
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                n = 1
+                for d in handle.get_slice(key).get_shape():
+                    n *= d
+                params += n
+    width = parse_dtype(opts.dtype).itemsize
+    need = params * width
+    if method != "rtn":
+        from .quant.spec import make_recipe
+
+        recipe = make_recipe(opts.recipe, nsamples=opts.nsamples, seqlen=opts.seqlen)
+        config = read_config(folder)
+        hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size") or 0
+        need += 3 * recipe.nsamples * recipe.seqlen * int(hidden) * width
+    free = available_memory()
+    if free is not None and need > free:
+        raise HubtoolError(
+            f"quantizing {info.name} needs about {need / 2**30:.1f} GiB of memory "
+            f"({params / 1e9:.2f} B parameters at {opts.dtype}, plus calibration activations), "
+            f"but only {free / 2**30:.1f} GiB is available",
+            "use a machine with more memory, or lower --nsamples/--seqlen",
+        )
 
 
 def _download(repo_id: str, revision: str | None, trust_remote_code: bool) -> tuple[Path, str]:
