@@ -57,11 +57,11 @@ WHOLE_BELOW = 16 << 20
 
 
 # -- the path itself -------------------------------------------------------------------------------
-def output_path(value: str | os.PathLike | None) -> Path:
+def output_path(value: str | os.PathLike | None, flag: str = "-o/--output") -> Path:
     """RUN_DIR from an -o value, refusing an empty one (`-o "$OUT"` with OUT unset must not mean ".")."""
     if value is None or not str(value).strip():
         raise HubtoolError(
-            "-o/--output is empty (an unset shell variable?)",
+            f"{flag} is empty (an unset shell variable?)",
             "name the run folder, e.g. -o runs/my-model-int4",
         )
     return Path(value)

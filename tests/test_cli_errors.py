@@ -186,7 +186,7 @@ def test_publish_empty_run_dir_is_refused(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["publish", "acme/tiny-chat", "--repo-id", "acme/x", "--dry-run", str(tmp_path / "dry")]
     code, err = run_cli(capsys, *argv, "-o", "")
-    assert_one_line_error(code, err, "-o/--output is empty")
+    assert_one_line_error(code, err, "-o/--run-dir is empty")
     assert err.count("\n") == 1
     (tmp_path / "hubtool.toml").write_text('run_dir = ""\n')
     code, err = run_cli(capsys, *argv)

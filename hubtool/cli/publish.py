@@ -120,7 +120,7 @@ def publish_cmd(
         _config(config),
         source=source,
         repo_id=repo_id,
-        run_dir=str(output_path(run_dir)) if run_dir is not None else None,
+        run_dir=str(output_path(run_dir, "-o/--run-dir")) if run_dir is not None else None,
         endpoint=endpoint,
         private=private,
         tag=tag,
