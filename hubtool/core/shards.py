@@ -1,0 +1,253 @@
+"""Safetensors checkpoints one tensor at a time: read a (sharded) folder, write a file streamed.
+
+``ShardReader`` opens ``model.safetensors`` or ``model.safetensors.index.json`` and its shards and hands
+out one tensor at a time. ``write_safetensors_streamed`` writes a file byte-identical to
+``safetensors.torch.save_file`` while holding only one tensor's data at a time; the tensor order and the
+header's layout are learned from the installed safetensors (a save of one-element stand-ins), not assumed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import struct
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from hubtool.core.fsio import atomic_write
+from hubtool.errors import HubtoolError
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_METADATA = "__metadata__"
+_TENSOR_FIELDS = {"dtype", "shape", "data_offsets"}
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    """The bytes of a tensor's data (numel * element size); works on meta tensors too."""
+    return t.numel() * t.element_size()
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    """Safetensors' dtype names -> torch dtypes, learned by saving a one-element tensor of each."""
+    table: dict[str, torch.dtype] = {}
+    for dtype in sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str):
+        try:
+            with warnings.catch_warnings():  # torch warns about its experimental and deprecated dtypes
+                warnings.simplefilter("ignore")
+                header = _read_header(save({"x": torch.zeros(1, dtype=dtype, device="cpu")}))
+        except Exception:  # a dtype torch cannot make or safetensors cannot store
+            continue
+        table.setdefault(header["x"]["dtype"], dtype)
+    return table
+
+
+def _read_header(data: bytes) -> dict[str, Any]:
+    """The JSON header of serialized safetensors bytes (key order kept)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n].decode("utf-8"))
+
+
+def _dump_header(header: dict[str, Any]) -> bytes:
+    """Header JSON as safetensors writes it: compact, UTF-8, padded with spaces to a multiple of 8."""
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+class ShardReader:
+    """The tensors of a safetensors checkpoint folder (single file or index + shards), read one at a time."""
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        """Open ``folder`` (or a single ``.safetensors`` file); shards are opened when first needed."""
+        self.folder = Path(folder)
+        self._handles: dict[Path, Any] = {}
+        self._files: dict[str, Path] = self._map_keys()
+
+    def _map_keys(self) -> dict[str, Path]:
+        """Tensor name -> the file holding it, from the index or the one file's header."""
+        path = self.folder
+        if path.is_file() and path.name.endswith(".safetensors"):
+            self.folder = path.parent
+            return self._file_keys(path)
+        if not path.is_dir():
+            raise HubtoolError(f"no checkpoint folder at {path}", "give the folder holding *.safetensors")
+        index = path / INDEX_FILE
+        if index.is_file():
+            return self._index_keys(index)
+        single = path / SINGLE_FILE
+        if single.is_file():
+            return self._file_keys(single)
+        found = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+        if len(found) == 1:
+            return self._file_keys(found[0])
+        what = (
+            "no *.safetensors file" if not found else f"{len(found)} *.safetensors files and no {INDEX_FILE}"
+        )
+        raise HubtoolError(
+            f"{path} has {what}", f"a checkpoint is {SINGLE_FILE} or {INDEX_FILE} with its shards"
+        )
+
+    def _file_keys(self, file: Path) -> dict[str, Path]:
+        """Every tensor of one file."""
+        return dict.fromkeys(self._handle(file).keys(), file)
+
+    def _index_keys(self, index: Path) -> dict[str, Path]:
+        """Every tensor the index names, with its shard (checked to lie inside the folder)."""
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise HubtoolError(f"cannot read {index}: {exc}", "the index needs a weight_map") from exc
+        root = self.folder.resolve()
+        out = {}
+        for key, name in weight_map.items():
+            file = self.folder / name
+            if root not in file.resolve().parents:
+                raise HubtoolError(f"{index} names a shard outside its folder: {name!r}")
+            out[key] = file
+        return out
+
+    def _handle(self, file: Path) -> Any:
+        """The open safe_open handle of ``file`` (opened once, kept until close)."""
+        handle = self._handles.get(file)
+        if handle is None:
+            if not file.is_file():
+                raise HubtoolError(f"missing shard {file}", "download the checkpoint again")
+            log.debug("opening %s", file)
+            handle = safe_open(str(file), framework="pt", device="cpu")
+            self._handles[file] = handle
+        return handle
+
+    def _file_of(self, key: str) -> Path:
+        """The file holding ``key`` (KeyError naming the key when it has none)."""
+        try:
+            return self._files[key]
+        except KeyError:
+            raise KeyError(f"no tensor {key!r} in {self.folder}") from None
+
+    def keys(self) -> list[str]:
+        """Every tensor name, in the index's (or the file's) order."""
+        return list(self._files)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether the checkpoint has a tensor of that name."""
+        return key in self._files
+
+    def __len__(self) -> int:
+        """The number of tensors."""
+        return len(self._files)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape, from the header (no data read)."""
+        return tuple(self._handle(self._file_of(key)).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        """A tensor's dtype, from the header (no data read)."""
+        name = self._handle(self._file_of(key)).get_slice(key).get_dtype()
+        try:
+            return _torch_dtypes()[name]
+        except KeyError:
+            raise HubtoolError(f"{key!r} has dtype {name}, which torch cannot hold") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        """A tensor's data as a CPU tensor owning its memory."""
+        t = self._handle(self._file_of(key)).get_tensor(key)
+        storage = t.untyped_storage()
+        if t.storage_offset() or storage.nbytes() != tensor_nbytes(t) or not t.is_contiguous():
+            t = t.clone()  # a view into a larger (e.g. mapped) buffer: copy out just this tensor
+        return t
+
+    def close(self) -> None:
+        """Close every open file."""
+        for handle in self._handles.values():
+            exit_ = getattr(handle, "__exit__", None)
+            if exit_ is not None:
+                exit_(None, None, None)
+        self._handles.clear()
+
+    def __enter__(self) -> ShardReader:
+        """Use as a context manager; files close on exit."""
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close every open file."""
+        self.close()
+
+
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """A one-element CPU tensor of ``t``'s dtype and rank (one element, so no two share a data offset)."""
+    return torch.zeros((1,) * t.dim(), dtype=t.dtype, device="cpu")
+
+
+def _layout(entries: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[list[str], bytes]:
+    """The data order and the header (length prefix included) safetensors would write for ``entries``."""
+    data = save({k: _stand_in(t) for k, t in entries.items()}, metadata=metadata)
+    (n,) = struct.unpack("<Q", data[:8])
+    probe = _read_header(data)
+    if _dump_header(probe) != data[8 : 8 + n]:
+        raise RuntimeError("cannot reproduce the installed safetensors' header layout")
+    order = sorted((k for k in probe if k != _METADATA), key=lambda k: probe[k]["data_offsets"][0])
+    offsets, offset = {}, 0
+    for key in order:
+        offsets[key] = [offset, offset + tensor_nbytes(entries[key])]
+        offset = offsets[key][1]
+    header: dict[str, Any] = {}
+    for key, info in probe.items():  # the probe's key order, each tensor's fields in the probe's order
+        if key == _METADATA:
+            # safetensors keeps metadata in a hash map, so its order varies from save to save: sort it
+            header[key] = {k: info[k] for k in sorted(info)}
+        elif set(info) != _TENSOR_FIELDS:
+            raise RuntimeError(
+                f"safetensors writes the fields {sorted(info)} for a tensor, not {sorted(_TENSOR_FIELDS)}"
+            )
+        else:
+            header[key] = {**info, "shape": list(entries[key].shape), "data_offsets": offsets[key]}
+    raw = _dump_header(header)
+    return order, struct.pack("<Q", len(raw)) + raw
+
+
+def _tensor_bytes(name: str, t: object, entry: torch.Tensor) -> Any:
+    """``t``'s data as a flat uint8 array (no copy when it is a contiguous CPU tensor), checked against ``entry``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"produce({name!r}) returned {type(t).__name__}, not a tensor")
+    if t.shape != entry.shape or t.dtype != entry.dtype:
+        raise ValueError(
+            f"produce({name!r}) returned {t.dtype} {tuple(t.shape)}, expected {entry.dtype} {tuple(entry.shape)}"
+        )
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def write_safetensors_streamed(
+    entries: dict[str, torch.Tensor],
+    produce: Callable[[str], torch.Tensor],
+    path: Path,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``save_file({k: produce(k)}, path, metadata)``'s bytes, holding one produced tensor at a time."""
+    order, header = _layout(entries, metadata)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for name in order:
+                data = _tensor_bytes(name, produce(name), entries[name])
+                f.write(data)
+                del data  # drop the tensor before asking for the next
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(Path(path), write)
+    log.debug("wrote %s (%d tensors)", path, len(order))
