@@ -336,6 +336,7 @@ def _renamer(model: Any, expected: dict[str, Any]):
         name, pattern = rename_source_key(key, renamings, converters, prefix, expected)
         return name, pattern is not None
 
+    rename.conversions = conversions  # type: ignore[attr-defined]  # each one's was_used() says if it matched
     return rename, True
 
 
@@ -391,7 +392,9 @@ def preflight(opts: Any, method: str) -> SourceInfo:
             check_source(calib)
     info = locate(opts.source, opts.revision, opts.trust_remote_code)
     check_source_files(info, opts.trust_remote_code)
-    check_memory(info, opts, method)
+    formats = opts.formats if isinstance(opts.formats, list | tuple) else str(opts.formats).split(",")
+    variants = max(1, len(opts.calib)) if method != "rtn" else 1
+    check_memory(info, opts, method, len([f for f in formats if f.strip()]) * variants)
     return info
 
 
@@ -417,42 +420,109 @@ def available_memory() -> int | None:
     return min(out) if out else None
 
 
-def check_memory(info: SourceInfo, opts: Any, method: str) -> None:
-    """Refuse, before any work, a run whose 16-bit weights and calibration activations cannot fit in memory.
+# What a streamed run holds besides the tensors counted: the interpreter, torch and transformers.
+BASE_BYTES = 600 * 2**20
+# A block being tuned holds its 16-bit weights, their fp32 copies and the tuning state: about this many
+# times its 16-bit size (RTN: the weights and their codes).
+BLOCK_FACTOR = {"rtn": 2, "opt-rtn": 5, "signround": 7}
 
-    The estimate counts the source's parameters (safetensors headers) at the load dtype, and for the
-    calibrated methods three activation buffers of nsamples x seqlen x hidden (the runner's inputs, outputs
-    and 16-bit reference). GGUF sources are not estimated (their size at 16 bits is known only once read).
-    """
-    if info.kind == "gguf":
-        return
+
+@dataclass
+class Estimate:
+    """What a quantize run needs: peak memory and free disk, in bytes, and what they are made of."""
+
+    memory: int
+    disk: int
+    params: int
+    block_params: int  # the largest decoder block's parameters
+    other_params: int  # the largest tensor outside the blocks (an embedding)
+
+
+def _tensor_sizes(folder: Path) -> dict[str, int]:
+    """Elements of each tensor of a safetensors checkpoint, from the headers alone."""
     from safetensors import safe_open
 
-    folder = local_dir(info)
-    params = 0
+    out = {}
     for f in _model_files(folder):
         with safe_open(str(f), framework="pt") as handle:
             for key in handle.keys():
                 n = 1
                 for d in handle.get_slice(key).get_shape():
                     n *= d
-                params += n
+                out[key] = n
+    return out
+
+
+def estimate(info: SourceInfo, opts: Any, method: str, formats: int = 1) -> Estimate | None:
+    """Peak memory and disk a streamed quantize run needs, from the shard headers and the calibration size.
+
+    Memory: the largest block at ``BLOCK_FACTOR`` times its 16-bit size, the largest tensor outside the
+    blocks (read when it runs), three activation buffers of nsamples x seqlen x hidden for the calibrated
+    methods, and ``BASE_BYTES``. Disk: the codes of the work directory (half a byte per quantized weight)
+    and each export (int4 for the blocks' linears, 16-bit for the rest). None for a GGUF source (its
+    16-bit size is known only once converted).
+    """
+    if info.kind == "gguf":
+        return None
+    folder = local_dir(info)
+    sizes = _tensor_sizes(folder)
     width = parse_dtype(opts.dtype).itemsize
-    need = params * width
+    blocks: dict[str, int] = {}
+    other = 0
+    for key, n in sizes.items():
+        m = re.match(r"^(.*?\.\d+)\.", key)
+        if m:
+            blocks[m.group(1)] = blocks.get(m.group(1), 0) + n
+        else:
+            other = max(other, n)
+    params = sum(sizes.values())
+    in_blocks = sum(blocks.values())
+    block = max(blocks.values(), default=0)
+    memory = BASE_BYTES + block * width * BLOCK_FACTOR.get(method, 7) + other * width
     if method != "rtn":
         from .quant.spec import make_recipe
 
         recipe = make_recipe(opts.recipe, nsamples=opts.nsamples, seqlen=opts.seqlen)
         config = read_config(folder)
         hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size") or 0
-        need += 3 * recipe.nsamples * recipe.seqlen * int(hidden) * width
+        memory += 3 * recipe.nsamples * recipe.seqlen * int(hidden) * width
+    export = in_blocks * 0.53 + (params - in_blocks) * width  # int4 + fp16 scales per group of 128
+    disk = int(in_blocks * 0.52 + formats * export)
+    return Estimate(int(memory), disk, params, block, other)
+
+
+def free_disk(path: Path) -> int | None:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent); None if unknown."""
+    import shutil
+
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def check_memory(info: SourceInfo, opts: Any, method: str, formats: int = 1) -> None:
+    """Refuse, before any work, a run that cannot fit in memory or on disk (see :func:`estimate`)."""
+    est = estimate(info, opts, method, formats)
+    if est is None:
+        return
     free = available_memory()
-    if free is not None and need > free:
+    if free is not None and est.memory > free:
         raise HubtoolError(
-            f"quantizing {info.name} needs about {need / 2**30:.1f} GiB of memory "
-            f"({params / 1e9:.2f} B parameters at {opts.dtype}, plus calibration activations), "
-            f"but only {free / 2**30:.1f} GiB is available",
-            "use a machine with more memory, or lower --nsamples/--seqlen",
+            f"quantizing {info.name} needs about {est.memory / 2**30:.1f} GiB of memory "
+            f"(its largest block of {est.block_params / 1e6:.0f} M parameters while tuned, its largest other "
+            f"tensor, the calibration activations), but only {free / 2**30:.1f} GiB is available",
+            "lower --nsamples/--seqlen, use --method rtn, or use a machine with more memory",
+        )
+    disk = free_disk(Path(getattr(opts, "run_dir", None) or "."))
+    if disk is not None and est.disk > disk:
+        raise HubtoolError(
+            f"quantizing {info.name} writes about {est.disk / 1e9:.1f} GB (work files and {formats} export(s)), "
+            f"but only {disk / 1e9:.1f} GB is free where the run folder goes",
+            f"free {(est.disk - disk) / 1e9:.1f} GB more, choose another -o, or fewer --formats",
         )
 
 
@@ -556,28 +626,81 @@ def load_source(
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    stream: bool = False,
 ) -> LoadedModel:
-    """Load the 16-bit model and its tokenizer/processor described by ``info`` (from ``locate``)."""
+    """Load the 16-bit model and its tokenizer/processor described by ``info`` (from ``locate``).
+
+    With ``stream`` the model is a meta-device skeleton whose weights stay in the safetensors shards and
+    are read module by module when used (``quant.lazy``); a checkpoint whose tensors transformers merges
+    or splits while loading is loaded whole instead.
+    """
     from transformers import AutoConfig
 
     check_device(device)
     if info.kind == "gguf":
-        return _load_gguf(info, dtype, device)
+        return _load_gguf(info, dtype, device, stream)
     folder = local_dir(info)
     _check_config_dict(read_config(folder), trust_remote_code, info.name)
     _check_weights(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    cls = auto_model_class(config)
-    try:
-        model = cls.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-    except ValueError as exc:
-        raise HubtoolError(f"cannot load {info.name}: {exc}".splitlines()[0]) from None
+    model = load_skeleton(folder, config, dtype, trust_remote_code) if stream else None
+    if model is None:
+        try:
+            model = auto_model_class(config).from_pretrained(
+                folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+        except ValueError as exc:
+            raise HubtoolError(f"cannot load {info.name}: {exc}".splitlines()[0]) from None
     processor = load_processor(folder, info, config, trust_remote_code)
     return _loaded(
         model, processor, config, info, dtype, device, folder, info.license or _license(folder, info)
     )
+
+
+def load_skeleton(folder: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
+    """The model built on the meta device (buffers real) and served from ``folder``'s safetensors by
+    ``quant.lazy.LazyWeights``; None when its checkpoint cannot be served tensor by tensor."""
+    from accelerate import init_empty_weights
+    from transformers import GenerationConfig
+
+    from .core.shards import ShardReader
+    from .quant.lazy import LazyWeights, attach
+
+    with init_empty_weights(include_buffers=False):
+        model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as from_pretrained does once loaded (the meta init leaves them apart)
+    reader = ShardReader(folder)
+    expected = dict(model.state_dict())
+    rename, _ = _renamer(model, expected)
+    names: dict[str, str] = {}
+    for key in reader.keys():
+        name, by_converter = rename(key)
+        if by_converter:
+            log.info("loading %s whole: transformers merges or splits its tensor %s", folder, key)
+            return None
+        if name in expected:
+            names[name] = key
+    # as from_pretrained leaves it: the conversions that matched, which saving reverts (key names, order)
+    model._weight_conversions = [c for c in getattr(rename, "conversions", []) if c.was_used()]
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target not in names and source in names:
+            names[target] = names[source]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in params if n not in names]
+    if missing:
+        log.info("loading %s whole: its weights lack %s", folder, missing[0])
+        return None
+    for name, buf in model.named_buffers():  # persistent buffers stored with the weights: read now
+        if name in names:
+            owner, _, attr = name.rpartition(".")
+            mod = model.get_submodule(owner)
+            mod._buffers[attr] = reader.get(names[name]).to(buf.dtype)
+    if model.can_generate() and (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    attach(model, LazyWeights(model, lambda n: reader.get(names[n]), [n for n in names if n in params]))
+    model.eval()
+    log.info("streaming %s: %d tensors read from its shards when used", folder, len(names))
+    return model
 
 
 def _loaded(
@@ -596,7 +719,7 @@ def _loaded(
     return LoadedModel(model=model, processor=processor, info=info, local_dir=folder)
 
 
-def _load_gguf(info: SourceInfo, dtype: torch.dtype, device: str) -> LoadedModel:
+def _load_gguf(info: SourceInfo, dtype: torch.dtype, device: str, stream: bool = False) -> LoadedModel:
     """Dequantize a GGUF into a 16-bit model, through hubtool's cache of converted GGUFs (see ``cache``)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -620,7 +743,9 @@ def _load_gguf(info: SourceInfo, dtype: torch.dtype, device: str) -> LoadedModel
         cached, meta = hit
         log.info("reading the converted GGUF from %s", cached)
         config = AutoConfig.from_pretrained(cached)
-        model = auto_model_class(config).from_pretrained(cached, dtype=dtype, use_safetensors=True)
+        model = load_skeleton(cached, config, dtype) if stream else None
+        if model is None:
+            model = auto_model_class(config).from_pretrained(cached, dtype=dtype, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(cached)
     license = info.license or meta.get("general.license")
     return _loaded(model, tok, config, info, dtype, device, local_dir(info), license)

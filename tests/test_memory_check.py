@@ -1,4 +1,4 @@
-"""Not enough memory for the 16-bit weights and the calibration activations: one line before any work."""
+"""Not enough memory or disk for a streamed run: one line before any work, from the shard headers (issue 18 item 7)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,41 @@ import math
 import pytest
 
 from hubtool import source
+from hubtool.pipeline import QuantizeOptions
 from tests.test_one_line_errors import one_line, run_cli
 
 
-def _need(model_dir) -> int:
-    """The 16-bit model's bytes as its safetensors headers count them (what the check must at least ask)."""
+def _sizes(model_dir) -> tuple[int, int, int]:
+    """(largest decoder block, largest tensor outside the blocks, all) in elements, read independently."""
     from safetensors import safe_open
 
+    blocks: dict[str, int] = {}
+    other = total = 0
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        return sum(2 * math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        for k in f.keys():
+            n = math.prod(f.get_slice(k).get_shape())
+            total += n
+            if ".layers." in k:
+                layer = k.split(".layers.")[1].split(".")[0]
+                blocks[layer] = blocks.get(layer, 0) + n
+            else:
+                other = max(other, n)
+    return max(blocks.values()), other, total
+
+
+@pytest.mark.parametrize("method", ["rtn", "opt-rtn", "signround"])
+def test_estimate_counts_the_largest_block_not_the_model(tiny_models, tmp_path, method):
+    model = tiny_models("llama")
+    block, other, total = _sizes(model)
+    opts = QuantizeOptions(
+        source=str(model), run_dir=str(tmp_path / "r"), method=method, nsamples=4, seqlen=64
+    )
+    est = source.estimate(source.locate(str(model)), opts, method)
+    acts = 0 if method == "rtn" else 3 * 4 * 64 * 128 * 2  # 3 buffers x nsamples x seqlen x hidden x bf16
+    assert est.block_params == block and est.other_params == other and est.params == total
+    want = source.BASE_BYTES + 2 * block * source.BLOCK_FACTOR[method] + 2 * other + acts
+    assert est.memory == want
+    assert est.memory - source.BASE_BYTES < 2 * total  # below the 16-bit model: the point of streaming
 
 
 @pytest.mark.parametrize("method", ["rtn", "signround"])
@@ -23,25 +49,34 @@ def test_too_little_memory_is_refused_before_the_run_folder(
     capsys, tmp_path, tiny_models, monkeypatch, method
 ):
     model = tiny_models("llama")
-    weights = _need(model)
-    monkeypatch.setattr(source, "available_memory", lambda: weights - 1)  # one byte short of the weights
+    opts = QuantizeOptions(source=str(model), run_dir=str(tmp_path / "r"), method=method, iters=1)
+    need = source.estimate(source.locate(str(model)), opts, method).memory
+    monkeypatch.setattr(source, "available_memory", lambda: need - 1)
     run = tmp_path / "run"
     code, err = run_cli(capsys, "quantize", str(model), "-o", str(run), "--method", method, "--iters", "1")
     line = one_line(code, err, "needs about", "GiB of memory", "is available")
     assert "--nsamples" in line
     assert not run.exists()
-
-
-def test_activations_count_for_calibrated_methods(capsys, tmp_path, tiny_models, monkeypatch):
-    model = tiny_models("llama")
-    weights = _need(model)
-    acts = 3 * 4 * 64 * 128 * 2  # 3 buffers x nsamples x seqlen x hidden x bf16
-    monkeypatch.setattr(source, "available_memory", lambda: weights + acts - 1)
-    args = ["--nsamples", "4", "--seqlen", "64", "--iters", "1", "--batch-size", "2"]
-    code, err = run_cli(
-        capsys, "quantize", str(model), "-o", str(tmp_path / "a"), "--method", "opt-rtn", *args
-    )
-    one_line(code, err, "needs about")
-    monkeypatch.setattr(source, "available_memory", lambda: weights + acts)  # just enough: it runs
-    code, err = run_cli(capsys, "quantize", str(model), "-o", str(tmp_path / "b"), "--method", "rtn")
+    monkeypatch.setattr(source, "available_memory", lambda: need)  # just enough: it runs
+    code, err = run_cli(capsys, "quantize", str(model), "-o", str(run), "--method", "rtn")
     assert code == 0, err
+
+
+def test_too_little_disk_is_refused_before_the_run_folder(capsys, tmp_path, tiny_models, monkeypatch):
+    model = tiny_models("llama")
+    block, other, total = _sizes(model)
+    opts = QuantizeOptions(source=str(model), run_dir=str(tmp_path / "r"), method="rtn")
+    one = source.estimate(source.locate(str(model)), opts, "rtn", formats=1).disk
+    three = source.estimate(source.locate(str(model)), opts, "rtn", formats=3).disk
+    assert three > one > 0
+    monkeypatch.setattr(source, "free_disk", lambda path: three - 1)
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, "quantize", str(model), "-o", str(run), "--method", "rtn")
+    one_line(code, err, "GB is free where the run folder goes", "choose another -o")
+    assert not run.exists()
+    code, err = run_cli(
+        capsys, "quantize", str(model), "-o", str(run), "--method", "rtn", "--formats", "hubtool"
+    )
+    assert code == 0, err
+    written = sum(p.stat().st_size for p in (run / "formats").rglob("*.safetensors"))
+    assert written <= one  # the estimate covers what one export really writes

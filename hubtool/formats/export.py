@@ -11,7 +11,11 @@ each format are in ``formats.table``):
   the recipe; it loads through ``hubtool.runtime.hf_quantizer`` after ``import hubtool``.
 
 A format folder is assembled in a hidden sibling folder and renamed into place, so a crash never leaves
-a complete-looking folder behind.
+a complete-looking folder behind. It is written shard by shard and tensor by tensor
+(``core.shards.write_safetensors_streamed``): each int4 tensor is packed from the codes (which may be
+read from a work directory, block by block) when its turn comes, each 16-bit tensor is taken from the
+model, or read from the source checkpoint when the model is a streamed skeleton (``quant.lazy``); at
+most one tensor is in memory at a time.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +39,10 @@ from ..__about__ import __version__
 from ..core import packing
 from ..core.fsio import fsync_dir, fsync_file, replace_dir
 from ..core.intweight import IntWeight
+from ..core.shards import write_safetensors_streamed
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
+from ..quant.lazy import lazy_weights
 from .table import FORMATS
 
 log = logging.getLogger(__name__)
@@ -51,7 +57,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 def export_format(
     model: nn.Module,
     processor: Any,
-    weights: dict[str, IntWeight],
+    weights: Mapping[str, IntWeight],
     spec: QuantSpec,
     fmt: str,
     out_dir: Path,
@@ -68,7 +74,7 @@ def export_format(
     """
     if fmt not in FORMATS:
         raise HubtoolError(f"unknown format {fmt!r}", "use one of " + ", ".join(FORMATS))
-    _check_weights(model, weights, spec)
+    _check_names(model, weights)
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     state_dict = None
@@ -76,7 +82,7 @@ def export_format(
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(out_dir)
         tmp.mkdir()
-        state_dict = build_state_dict(model, weights, with_g_idx=FORMATS[fmt].with_g_idx)
+        state_dict = CheckpointPlan(model, weights, spec, with_g_idx=FORMATS[fmt].with_g_idx)
         qconfig = quantization_config(model, weights, spec, fmt, meta)
         _write_repo(tmp, model, processor, state_dict, qconfig, fmt, max_shard_size)
         fsync_dir(tmp)
@@ -91,39 +97,117 @@ def export_format(
 
 
 # -- tensors ---------------------------------------------------------------------------------------
-def _check_weights(model: nn.Module, weights: dict[str, IntWeight], spec: QuantSpec) -> None:
-    """Every entry must name an nn.Linear of the model with the same shape and the spec's group size."""
+def _check_names(model: nn.Module, weights: Mapping[str, IntWeight]) -> None:
+    """Every entry must name an nn.Linear of the model (shapes are checked as each one is packed)."""
     if not weights:
         raise ValueError("export_format needs at least one quantized linear")
-    for name, iw in weights.items():
+    for name in weights:
         try:
             mod = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{name} is not a module of {type(model).__name__}") from None
         if not isinstance(mod, nn.Linear):
             raise ValueError(f"{name} is a {type(mod).__name__}, not an nn.Linear")
-        if tuple(iw.shape) != tuple(mod.weight.shape):
-            raise ValueError(f"{name}: IntWeight {tuple(iw.shape)} != weight {tuple(mod.weight.shape)}")
-        if iw.group_size != spec.group_size or iw.bits != spec.bits:
-            raise ValueError(f"{name}: IntWeight g{iw.group_size}/{iw.bits}b does not match the spec")
+
+
+def _check_weight(name: str, iw: IntWeight, shape: tuple[int, ...], spec: QuantSpec) -> None:
+    """An IntWeight must have its linear's shape and the spec's group size and bits."""
+    if tuple(iw.shape) != tuple(shape):
+        raise ValueError(f"{name}: IntWeight {tuple(iw.shape)} != weight {tuple(shape)}")
+    if iw.group_size != spec.group_size or iw.bits != spec.bits:
+        raise ValueError(f"{name}: IntWeight g{iw.group_size}/{iw.bits}b does not match the spec")
+
+
+class CheckpointPlan(Mapping[str, torch.Tensor]):
+    """The checkpoint's tensors, made one at a time: GPTQ tensors for ``weights``, the model's own for the rest.
+
+    Keys follow what ``save_pretrained`` writes (tied duplicates dropped, legacy key layouts restored).
+    :attr:`entries` gives every tensor's shape and dtype (on the meta device) without making any;
+    ``plan[key]`` makes one (on the CPU, contiguous): packed from its codes, taken from the model, or
+    read from the source checkpoint for a streamed model.
+    """
+
+    def __init__(
+        self, model: nn.Module, weights: Mapping[str, IntWeight], spec: QuantSpec, *, with_g_idx: bool
+    ):
+        self.model, self.weights, self.spec, self.with_g_idx = model, weights, spec, with_g_idx
+        sd = dict(model.state_dict())
+        for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
+            sd.pop(key, None)
+        shapes = {name: tuple(sd.pop(f"{name}.weight").shape) for name in weights}
+        sd = _drop_tied(model, sd)
+        origin: dict[int, tuple[str, str, str]] = {id(t): ("model", k, k) for k, t in sd.items()}
+        for name, shape in shapes.items():
+            for key, t in _packed_shapes(name, shape, spec, with_g_idx).items():
+                sd[key] = t
+                origin[id(t)] = ("codes", name, key)
+        self._shapes = shapes
+        sd = _revert_key_layout(model, sd)
+        self._origin = {k: (*origin[id(t)], t) for k, t in sd.items() if id(t) in origin}
+        lost = [k for k in sd if k not in self._origin]
+        if lost:  # a conversion made new tensors: only a model in memory can give them
+            if any(t.is_meta for t in sd.values()):
+                raise HubtoolError(
+                    f"cannot write {type(model).__name__} from a streamed model: saving converts {lost[0]}",
+                    "report this architecture to hubtool",
+                )
+            self._origin.update({k: ("tensor", k, k, sd[k]) for k in lost})
+        self.entries = {k: t if t.is_meta else torch.empty_like(t, device="meta") for k, t in sd.items()}
+        self._packed: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        kind, name, own_key, t = self._origin[key]  # own_key: the key before the layout was reverted
+        if kind == "codes":
+            return self._pack(name)[own_key]
+        if t.is_meta:
+            lazy = lazy_weights(self.model)
+            if lazy is None:
+                raise ValueError(f"{key} has no data (a meta tensor of a model that is not streamed)")
+            return lazy.tensor(name, t)
+        return t.detach().to("cpu").contiguous()
+
+    def _pack(self, name: str) -> dict[str, torch.Tensor]:
+        """The GPTQ tensors of linear ``name`` (the last one packed is kept: its tensors are asked in turn)."""
+        if self._packed is None or self._packed[0] != name:
+            self._packed = None
+            iw = self.weights[name]
+            _check_weight(name, iw, self._shapes[name], self.spec)
+            tensors = packing.pack(iw).as_dict(name, with_g_idx=self.with_g_idx)
+            self._packed = (name, {k: v.contiguous() for k, v in tensors.items()})
+        return self._packed[1]
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _packed_shapes(
+    name: str, shape: tuple[int, ...], spec: QuantSpec, with_g_idx: bool
+) -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of a (N, K) linear as meta tensors (their shapes and dtypes, no data)."""
+    n, k = shape
+    g = spec.group_size
+    iw = IntWeight(
+        torch.empty(n, k, dtype=torch.uint8, device="meta"),
+        torch.empty(n, k // g, dtype=torch.float32, device="meta"),
+        torch.empty(n, k // g, dtype=torch.uint8, device="meta"),
+        g,
+        spec.bits,
+    )
+    return {key: t.to("meta") for key, t in packing.pack(iw).as_dict(name, with_g_idx=with_g_idx).items()}
 
 
 def build_state_dict(
-    model: nn.Module, weights: dict[str, IntWeight], *, with_g_idx: bool
+    model: nn.Module, weights: Mapping[str, IntWeight], *, with_g_idx: bool, spec: QuantSpec | None = None
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors: GPTQ tensors for ``weights``, the model's own for the rest (CPU, untied).
-
-    Keys follow what ``save_pretrained`` writes (tied duplicates dropped, legacy key layouts restored).
-    """
-    sd = dict(model.state_dict())
-    for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
-        sd.pop(key, None)
-    for name, iw in weights.items():
-        sd.pop(f"{name}.weight")
-        sd.update(packing.pack(iw).as_dict(name, with_g_idx=with_g_idx))
-    sd = _drop_tied(model, sd)
-    sd = _revert_key_layout(model, sd)
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    """The checkpoint's tensors, all in memory (see :class:`CheckpointPlan`; small models and tests)."""
+    if spec is None:
+        iw = next(iter(weights.values()))
+        spec = QuantSpec(iw.bits, iw.group_size, True)
+    plan = CheckpointPlan(model, weights, spec, with_g_idx=with_g_idx)
+    return {k: plan[k] for k in plan}
 
 
 def _drop_tied(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -333,7 +417,7 @@ def _write_repo(
     tmp: Path,
     model: nn.Module,
     processor: Any,
-    state_dict: dict[str, torch.Tensor],
+    state_dict: CheckpointPlan,
     qconfig: dict[str, Any],
     fmt: str,
     max_shard_size: int | str,
@@ -363,17 +447,24 @@ def _write_repo(
 
 
 def write_safetensors(
-    state_dict: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str
+    state_dict: Mapping[str, torch.Tensor], folder: Path, max_shard_size: int | str
 ) -> list[str]:
-    """Write ``model.safetensors`` or shards + ``model.safetensors.index.json``; return the file names."""
+    """Write ``model.safetensors`` or shards + ``model.safetensors.index.json``; return the file names.
+
+    ``state_dict`` may make its tensors when asked (a :class:`CheckpointPlan`): they are asked for one at
+    a time, shard by shard, and written straight to the file.
+    """
     from huggingface_hub import split_torch_state_dict_into_shards
 
+    entries = getattr(state_dict, "entries", None) or {
+        k: torch.empty_like(t, device="meta") for k, t in state_dict.items()
+    }
     split = split_torch_state_dict_into_shards(
-        state_dict, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        entries, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
     names = []
     for filename, keys in split.filename_to_tensors.items():
-        _save_safetensors({k: state_dict[k] for k in keys}, folder / filename)
+        _save_safetensors({k: entries[k] for k in keys}, state_dict.__getitem__, folder / filename)
         names.append(filename)
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
@@ -382,22 +473,13 @@ def write_safetensors(
     return names
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, with its I/O errors turned back into OSError (so disk-full is recognisable)."""
+def _save_safetensors(
+    tensors: dict[str, torch.Tensor], produce: Callable[[str], torch.Tensor], path: Path
+) -> None:
+    """One safetensors file, tensor by tensor (``produce`` makes each), read back to check it."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    try:
-        save_file(tensors, str(path), metadata=SAFETENSORS_METADATA)
-    except OSError:
-        raise
-    except Exception as exc:  # safetensors reports I/O failures as SafetensorError
-        text = str(exc)
-        if "code: 28" in text or "StorageFull" in text or "No space left" in text:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
-        if "code: 122" in text or "QuotaExceeded" in text:
-            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(path)) from exc
-        raise
+    write_safetensors_streamed(tensors, produce, path, metadata=SAFETENSORS_METADATA)
     with safe_open(str(path), framework="pt") as f:  # read the header back: a short file fails here
         if len(list(f.keys())) != len(tensors):
             raise OSError(errno.EIO, "safetensors file reads back incomplete", str(path))
@@ -432,7 +514,8 @@ def _export_bytes(
 ) -> int:
     """Bytes of tensors an export writes: its state dict's if built, else estimated from the shapes."""
     if state_dict:
-        return sum(t.numel() * t.element_size() for t in state_dict.values())
+        entries = getattr(state_dict, "entries", state_dict)
+        return sum(t.numel() * t.element_size() for t in entries.values())
     total, seen = 0, set()
     for name, t in model.state_dict().items():
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))

@@ -123,7 +123,7 @@ def capture(
     cap = Capture(calls=[[] for _ in blocks])
     hidden: list[torch.Tensor] = []
     state = {"probe": True}
-    dev = next(model.parameters()).device
+    dev = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     originals = []
 
     def make_stub(j: int, forward):

@@ -9,6 +9,7 @@ are left untouched.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ from torch import nn
 from ..core.intweight import IntWeight
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
+from ..record import BlockLoss
 from .blockquant import quantize_block
 from .layers import QuantPlan
+from .lazy import held
 from .result import ProgressEvent, ProgressFn, QuantResult
 from .rtn import quantize_rtn
 from .runner import BlockRunner
@@ -49,7 +52,10 @@ def quantize_model(
     ``resume`` continues from.
     """
     if check_method(method) == "rtn":
-        return _rtn(model, plan, spec, progress)
+        work = None
+        if work_dir:
+            work = WorkDir(Path(work_dir), spec, fingerprint(model, plan, spec, method, None, None))
+        return _rtn(model, plan, spec, progress, work, resume)
     if calib is None or len(calib) == 0:
         raise HubtoolError(f"--method {method} needs calibration data", "pass --calib or use --method rtn")
     recipe = recipe or Recipe()
@@ -69,11 +75,30 @@ def quantize_model(
     return runner.run(per_block, work, resume)
 
 
-def _rtn(model: nn.Module, plan: QuantPlan, spec: QuantSpec, progress: ProgressFn | None) -> QuantResult:
+def _rtn(
+    model: nn.Module,
+    plan: QuantPlan,
+    spec: QuantSpec,
+    progress: ProgressFn | None,
+    work: WorkDir | None = None,
+    resume: bool = False,
+) -> QuantResult:
+    """Round each planned linear alone, block by block (a streamed model reads one block at a time);
+    with ``work`` the codes go to the work directory instead of memory."""
     weights: dict[str, IntWeight] = {}
+    done = work.start(resume) if work else 0
     for i, block in enumerate(plan.blocks):
-        for name in block.full_names():
-            weights[name] = quantize_rtn(model.get_submodule(name).weight.detach(), spec)
+        if i >= done:
+            with held(model, model.get_submodule(block.name)):
+                codes = {
+                    n: quantize_rtn(model.get_submodule(n).weight.detach(), spec) for n in block.full_names()
+                }
+            if work:
+                work.save_block(i, BlockLoss(block.name, math.nan, math.nan), codes)
+                work.commit(i + 1)
+            else:
+                weights.update(codes)
+            del codes
         if progress:
             progress(ProgressEvent(i, len(plan.blocks), block.name, done=True))
-    return QuantResult(weights=weights)
+    return QuantResult(weights=work.codes() if work else weights)

@@ -43,6 +43,7 @@ from .attention import cpu_tuning_attention
 from .capture import Capture, capture
 from .fused import cpu_fused_ops
 from .layers import BlockPlan, QuantPlan
+from .lazy import held
 from .qlinear import running_codes
 from .result import ProgressEvent, ProgressFn, QuantResult
 from .workdir import WorkDir
@@ -207,6 +208,7 @@ class BlockRunner:
         self.device = self.devices[0] if self.devices else torch.device(device)
         self.progress = progress
         self.weights: dict[str, PackedWeight | IntWeight] = {}  # finished linears, 4-bit codes packed
+        self.saved: list[str] = []  # finished linears whose codes live in the work directory only
         self.losses: list[BlockLoss] = []
         self.weight_grad: set[str] = set()
         mask = (
@@ -234,8 +236,8 @@ class BlockRunner:
         done = work.start(resume) if work else 0
         total = len(self.plan.blocks)
         for i in range(done):
-            loss, weights = work.load_block(i)
-            self.weights.update({n: _packed(w) for n, w in weights.items()})
+            loss, names = work.block_info(i)
+            self.saved.extend(names)
             self.losses.append(loss)
             self.emit(
                 ProgressEvent(
@@ -259,10 +261,12 @@ class BlockRunner:
                 acts = result.outputs
                 self._finish(i, result, work)
                 del result  # its codes are kept packed now
+        kinds = ",".join(sorted(self.weight_grad)) or None
+        if work:  # the codes stay on disk; the exports read them block by block
+            return QuantResult(weights=work.codes(), block_losses=self.losses, weight_grad=kinds)
         weights = {}
         for n in list(self.weights):  # unpacked one by one, so the codes are never held twice
             weights[n] = _unpacked(self.weights.pop(n))
-        kinds = ",".join(sorted(self.weight_grad)) or None
         return QuantResult(weights=weights, block_losses=self.losses, weight_grad=kinds)
 
     def _chain_inputs(
@@ -274,9 +278,11 @@ class BlockRunner:
         if not at_start:
             return cap, Acts(*work.load_inputs(first))
         acts = Acts(hidden, hidden)
-        earlier = self._earlier_weights(chain[0])
+        earlier = self._earlier_weights(chain[0], work)
         if earlier:  # the quantized path enters this chain through the blocks already quantized
-            with running_codes(self.model, earlier):
+            # (a streamed model holds those blocks meanwhile: their norms and biases run as they are)
+            before = [self.model.get_submodule(b.name) for b in self.plan.blocks[: chain[0]]]
+            with held(self.model, *before), running_codes(self.model, earlier):
                 acts.q = capture(self.model, blocks[:1], self.calib, self.batch_size, keep_hidden=True)[1]
         return cap, acts
 
@@ -284,8 +290,10 @@ class BlockRunner:
         """Keep block i's codes, save them (and the next block's inputs) and report the block done."""
         name = self.plan.blocks[i].name
         codes = {f"{name}.{n}": _on_cpu(w) for n, w in result.codes.items()}
-        for n, w in codes.items():
-            self.weights[n] = _packed(w)
+        if work:
+            self.saved.extend(codes)
+        else:
+            self.weights.update({n: _packed(w) for n, w in codes.items()})
         self.losses.append(result.loss)
         self.weight_grad |= result.weight_grad
         if work:
@@ -321,15 +329,22 @@ class BlockRunner:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _earlier_weights(self, first: int) -> dict[str, IntWeight]:
-        names = {n for b in self.plan.blocks[:first] for n in b.full_names()}
-        return {n: _unpacked(w) for n, w in self.weights.items() if n in names}
+    def _earlier_weights(self, first: int, work: WorkDir | None) -> dict[str, IntWeight]:
+        names = [n for b in self.plan.blocks[:first] for n in b.full_names()]
+        if work:
+            codes = work.codes()
+            return {n: codes[n] for n in names if n in self.saved}
+        return {n: _unpacked(self.weights[n]) for n in names if n in self.weights}
 
     @contextlib.contextmanager
     def _on_device(self, block: nn.Module) -> Iterator[None]:
         """While in this context the block is on the device (or spread over --device-map), its parameters
         frozen, with the CPU's tuning attention and fused ops; after it, back home and its memory freed."""
-        with cpu_tuning_attention(block, self.device), cpu_fused_ops(block, self.device):
+        with (
+            held(self.model, block),
+            cpu_tuning_attention(block, self.device),
+            cpu_fused_ops(block, self.device),
+        ):
             undo_placement = self._place(block)
             frozen = [(p, p.requires_grad) for p in block.parameters()]
             for p, _ in frozen:

@@ -1,9 +1,12 @@
 """The work directory of a block-by-block run: finished blocks and the next block's inputs, for ``--resume``.
 
-Layout: ``block-NNNNN.safetensors`` (one finished block's codes, its losses in the metadata),
+Layout: ``block-NNNNN.safetensors`` (one finished block's codes, 4-bit codes two per byte, its losses
+in the metadata),
 ``inputs.safetensors`` (the next block's inputs on the 16-bit and the quantized path) and
 ``state.json`` (the run's :func:`fingerprint` and how many blocks are done: the commit point of a block).
 Every file is written atomically. A run resumes only a directory made with the same fingerprint.
+The codes of a run stay here until its exports are written: :meth:`WorkDir.codes` reads them back one
+block at a time, so a model's codes are never all in memory.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 from ..core.fsio import atomic_save_tensors, atomic_write_text
-from ..core.intweight import IntWeight
+from ..core.intweight import IntWeight, PackedWeight
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
 from ..record import BlockLoss
@@ -39,11 +43,12 @@ def fingerprint(
             w = model.get_submodule(n).weight
             shapes.update(f"{n}:{tuple(w.shape)}:{w.dtype};".encode())
     return {
+        "layout": 2,  # codes packed two per byte
         "method": method,
         "spec": asdict(spec),
-        "recipe": {k: v for k, v in asdict(recipe).items() if k != "name"},
-        "calibration": asdict(calib.info),
-        "samples": [len(calib), int(calib.samples[0]["input_ids"].shape[-1])],
+        "recipe": {k: v for k, v in asdict(recipe).items() if k != "name"} if recipe else None,
+        "calibration": asdict(calib.info) if calib is not None else None,
+        "samples": [len(calib), int(calib.samples[0]["input_ids"].shape[-1])] if calib is not None else None,
         "blocks": shapes.hexdigest(),
     }
 
@@ -84,33 +89,51 @@ class WorkDir:
         """Store block i's codes and losses."""
         tensors = {}
         for name, w in weights.items():
-            tensors[f"{name}::q"] = w.q
+            if PackedWeight.fits(w):
+                tensors[f"{name}::nibbles"] = PackedWeight.pack(w).nibbles
+            else:
+                tensors[f"{name}::q"] = w.q
             tensors[f"{name}::scale"] = w.scale
             tensors[f"{name}::zero"] = w.zero
         meta = {"block": loss.block, "rtn": repr(loss.rtn), "tuned": repr(loss.tuned)}
-        meta["names"] = json.dumps(sorted(weights))
+        meta["names"] = json.dumps(list(weights))
         atomic_save_tensors(tensors, self.path / f"block-{i:05d}.safetensors", meta)
+
+    def _block_file(self, i: int) -> Path:
+        path = self.path / f"block-{i:05d}.safetensors"
+        if not path.is_file():
+            raise HubtoolError(f"cannot resume: {path.name} is missing from {self.path}", "start over")
+        return path
+
+    def block_info(self, i: int) -> tuple[BlockLoss, list[str]]:
+        """Block i's losses and the names of its linears (no codes read)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._block_file(i)), framework="pt") as f:
+            meta = f.metadata()
+        loss = BlockLoss(meta["block"], float(meta["rtn"]), float(meta["tuned"]))
+        return loss, json.loads(meta["names"])
 
     def load_block(self, i: int) -> tuple[BlockLoss, dict[str, IntWeight]]:
         """Block i's losses and codes."""
         from safetensors import safe_open
 
-        path = self.path / f"block-{i:05d}.safetensors"
-        if not path.is_file():
-            raise HubtoolError(f"cannot resume: {path.name} is missing from {self.path}", "start over")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            weights = {
-                n: IntWeight(
-                    f.get_tensor(f"{n}::q"),
-                    f.get_tensor(f"{n}::scale"),
-                    f.get_tensor(f"{n}::zero"),
-                    self.spec.group_size,
-                    self.spec.bits,
-                )
-                for n in json.loads(meta["names"])
-            }
-        return BlockLoss(meta["block"], float(meta["rtn"]), float(meta["tuned"])), weights
+        loss, names = self.block_info(i)
+        weights = {}
+        with safe_open(str(self._block_file(i)), framework="pt") as f:
+            keys = set(f.keys())
+            for n in names:
+                scale, zero = f.get_tensor(f"{n}::scale"), f.get_tensor(f"{n}::zero")
+                g, bits = self.spec.group_size, self.spec.bits
+                if f"{n}::nibbles" in keys:
+                    weights[n] = PackedWeight(f.get_tensor(f"{n}::nibbles"), scale, zero, g).unpack()
+                else:
+                    weights[n] = IntWeight(f.get_tensor(f"{n}::q"), scale, zero, g, bits)
+        return loss, weights
+
+    def codes(self) -> StoredCodes:
+        """The codes of every finished block, read from here when asked for (see :class:`StoredCodes`)."""
+        return StoredCodes(self)
 
     def save_inputs(self, i: int, fp: torch.Tensor, q: torch.Tensor) -> None:
         """The 16-bit and quantized-path inputs of block i."""
@@ -131,3 +154,37 @@ class WorkDir:
     def commit(self, done: int) -> None:
         """Record that ``done`` blocks are finished (the commit point of a block)."""
         atomic_write_text(self.path / self.STATE, json.dumps({"fingerprint": self.fingerprint, "done": done}))
+
+
+class StoredCodes(Mapping[str, IntWeight]):
+    """The finished linears of a work directory (full name -> IntWeight), read one block at a time.
+
+    Names come in the order the blocks were quantized; the last block read is cached, so walking the
+    names in order reads each block file once.
+    """
+
+    def __init__(self, work: WorkDir):
+        self._work = work
+        self._where: dict[str, int] = {}
+        state = (
+            json.loads((work.path / WorkDir.STATE).read_text())
+            if (work.path / WorkDir.STATE).is_file()
+            else {}
+        )
+        for i in range(int(state.get("done", 0))):
+            for n in work.block_info(i)[1]:
+                self._where[n] = i
+        self._cached: tuple[int, dict[str, IntWeight]] | None = None
+
+    def __getitem__(self, name: str) -> IntWeight:
+        i = self._where[name]
+        if self._cached is None or self._cached[0] != i:
+            self._cached = None  # the previous block is freed before the next is read
+            self._cached = (i, self._work.load_block(i)[1])
+        return self._cached[1][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)

@@ -389,7 +389,9 @@ def _run(
     opts, info, spec, method, formats, dtype, recipe, run_dir: Path, t0: float, progress, state, inputs
 ) -> rec.RunRecord:
     t_load = time.perf_counter()
-    loaded = load_source(info, dtype=dtype, device="cpu", trust_remote_code=opts.trust_remote_code)
+    loaded = load_source(
+        info, dtype=dtype, device="cpu", trust_remote_code=opts.trust_remote_code, stream=True
+    )
     timings = {"load": time.perf_counter() - t_load}
     model = loaded.model
     plan = plan_layers(model, spec, quantize_vision=opts.quantize_vision, skip=opts.skip)
@@ -535,8 +537,9 @@ def quantize_variant(
     )
     # The plan's order, as an uninterrupted run makes it: blocks reloaded by --resume come back sorted by
     # name, and the exports list the modules in this order (same bytes either way).
-    order = {n: k for k, n in enumerate(plan.linear_names())}
-    result.weights = dict(sorted(result.weights.items(), key=lambda kv: order.get(kv[0], len(order))))
+    if isinstance(result.weights, dict):  # codes on disk (a work directory) come in the plan's order already
+        order = {n: k for k, n in enumerate(plan.linear_names())}
+        result.weights = dict(sorted(result.weights.items(), key=lambda kv: order.get(kv[0], len(order))))
     info = getattr(calib, "info", None)
     recipe_dict = asdict(recipe) if method != "rtn" else None
     if recipe_dict is not None and result.weight_grad:

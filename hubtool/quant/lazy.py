@@ -1,0 +1,167 @@
+"""A model whose weights stay on disk: a meta-device skeleton that reads each module's tensors when it runs.
+
+:class:`LazyWeights` serves the parameters of a skeleton (built on the meta device, buffers real) from the
+source checkpoint, one module at a time:
+
+* every module that owns parameters reads them just before its forward and gives them back (to the meta
+  device) just after, so that a whole forward holds one module's weights at a time;
+* :meth:`LazyWeights.held` keeps a module's weights (a decoder block being tuned) while a context lasts;
+  its forward then reads nothing;
+* :meth:`LazyWeights.tensor` reads one tensor by its name in the model, for exports.
+
+Tensors are cast to the skeleton's dtype exactly as ``from_pretrained`` casts them, so a module read here
+holds the same bytes as the model loaded whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class LazyWeights:
+    """The parameters of a meta-device ``model``, read on demand through ``read(name) -> tensor``."""
+
+    def __init__(self, model: nn.Module, read: Callable[[str], torch.Tensor], names: Iterable[str]):
+        self.model = model
+        self._read = read
+        self.names = set(names)  # the parameters the checkpoint provides (by name in the model)
+        self._prefix = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+        self._aliases: dict[int, list[tuple[nn.Module, str]]] = {}  # tied parameters stay tied
+        for m in model.modules():
+            for attr, p in m._parameters.items():
+                if p is not None:
+                    self._aliases.setdefault(id(p), []).append((m, attr))
+        self._held: dict[nn.Module, int] = {}
+        self._hooks: list[Any] = []
+        self.reads = 0  # tensors read so far (for tests and logs)
+
+    # -- single tensors ------------------------------------------------------------------------
+    def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The tensor ``name`` of the model, read from the checkpoint, with ``like``'s dtype and shape."""
+        t = self._read(name)
+        self.reads += 1
+        if tuple(t.shape) != tuple(like.shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(like.shape)}")
+        return t.to(like.dtype) if t.dtype != like.dtype and like.is_floating_point() else t
+
+    # -- modules ---------------------------------------------------------------------------------
+    def _params(self, module: nn.Module, recurse: bool) -> Iterator[tuple[nn.Module, str, str]]:
+        """(owner, attribute, full name) of each parameter of ``module`` the checkpoint provides."""
+        mods = module.named_modules(remove_duplicate=False) if recurse else [("", module)]
+        for _, m in mods:
+            prefix = self._prefix.get(m)
+            if prefix is None:  # a module swapped in after the skeleton was built (e.g. a wrapper)
+                continue
+            for attr in list(m._parameters):
+                full = f"{prefix}.{attr}" if prefix else attr
+                if full in self.names:
+                    yield m, attr, full
+
+    def load(self, module: nn.Module, recurse: bool = True) -> int:
+        """Read ``module``'s parameters that are still on the meta device; returns how many were read."""
+        n = 0
+        for m, attr, full in self._params(module, recurse):
+            p = m._parameters[attr]
+            if p is None or p.device.type != "meta":
+                continue
+            self._replace(p, nn.Parameter(self.tensor(full, p), requires_grad=p.requires_grad))
+            n += 1
+        return n
+
+    def _replace(self, old: nn.Parameter, new: nn.Parameter) -> None:
+        """Put ``new`` wherever ``old`` is (every module it is tied into)."""
+        places = self._aliases.pop(id(old))
+        for m, attr in places:
+            m._parameters[attr] = new
+        self._aliases[id(new)] = places
+
+    def release(self, module: nn.Module, recurse: bool = True) -> None:
+        """Give ``module``'s parameters back to the meta device (their memory is freed)."""
+        for m, attr, _ in self._params(module, recurse):
+            p = m._parameters[attr]
+            if p is not None and p.device.type != "meta":
+                empty = torch.empty(p.shape, dtype=p.dtype, device="meta")
+                self._replace(p, nn.Parameter(empty, requires_grad=p.requires_grad))
+
+    @contextlib.contextmanager
+    def held(self, *modules: nn.Module) -> Iterator[None]:
+        """While in this context ``modules`` keep their weights (read once); after it, they are released."""
+        for m in modules:
+            if not self._held.get(m):
+                self.load(m)
+            self._held[m] = self._held.get(m, 0) + 1
+        try:
+            yield
+        finally:
+            for m in modules:
+                self._held[m] -= 1
+                if not self._held[m]:
+                    del self._held[m]
+                    self.release(m)
+
+    def is_held(self, module: nn.Module) -> bool:
+        """Whether ``module`` or a module around it is held."""
+        name = self._prefix.get(module)
+        for h in self._held:
+            p = self._prefix.get(h)
+            if h is module or p == "" or (name is not None and p is not None and name.startswith(p + ".")):
+                return True
+        return False
+
+    # -- forward hooks -----------------------------------------------------------------------------
+    def install(self) -> None:
+        """Hook every module that owns parameters: read them before its forward, release them after."""
+        if self._hooks:
+            return
+        for m in self.model.modules():
+            if any(True for _ in self._params(m, recurse=False)):
+                self._hooks.append(m.register_forward_pre_hook(self._before))
+                self._hooks.append(m.register_forward_hook(self._after))
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _before(self, module: nn.Module, args: Any) -> None:
+        module._hubtool_lazy_read = self.load(module, recurse=False) > 0  # type: ignore[attr-defined]
+
+    def _after(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module.__dict__.pop("_hubtool_lazy_read", False) and not self.is_held(module):
+            self.release(module, recurse=False)
+
+
+def is_lazy(model: nn.Module) -> bool:
+    """Whether ``model`` is a skeleton served by :class:`LazyWeights` (see ``lazy_weights``)."""
+    return lazy_weights(model) is not None
+
+
+def lazy_weights(model: nn.Module) -> LazyWeights | None:
+    """The :class:`LazyWeights` serving ``model``, if any."""
+    return model.__dict__.get("_hubtool_lazy")
+
+
+def attach(model: nn.Module, lazy: LazyWeights) -> None:
+    """Make ``lazy`` the one serving ``model`` and install its hooks."""
+    model.__dict__["_hubtool_lazy"] = lazy
+    lazy.install()
+
+
+@contextlib.contextmanager
+def held(model: nn.Module, *modules: nn.Module) -> Iterator[None]:
+    """``LazyWeights.held`` when ``model`` is lazy; nothing otherwise."""
+    lazy = lazy_weights(model)
+    if lazy is None:
+        yield
+        return
+    with lazy.held(*modules):
+        yield
