@@ -398,8 +398,30 @@ def preflight(opts: Any, method: str) -> SourceInfo:
     return info
 
 
+def _cgroup_files() -> list[tuple[str, str]]:
+    """(limit file, usage file) of this process's memory cgroups, v2 and v1, its own group first."""
+    own: list[tuple[str, str]] = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        path = path.strip("/")
+        if controllers == "" and path:
+            own.append((f"/sys/fs/cgroup/{path}/memory.max", f"/sys/fs/cgroup/{path}/memory.current"))
+        elif "memory" in controllers.split(",") and path:
+            base = f"/sys/fs/cgroup/memory/{path}"
+            own.append((f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes"))
+    return own + [
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # v2, the root as mounted
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ]
+
+
 def available_memory() -> int | None:
-    """Bytes this process can still use: MemAvailable, capped by a cgroup (v1 or v2) limit; None if unknown."""
+    """Bytes this process can still use: MemAvailable, capped by its cgroup's (v1 or v2) limit less what the
+    group uses (its inactive page cache counted as free); None if unknown."""
     out: list[int] = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -407,17 +429,25 @@ def available_memory() -> int | None:
                 out.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    for limit, usage in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # v2
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
-    ):
+    for limit, usage in _cgroup_files():
         try:
             cap, used = Path(limit).read_text().strip(), int(Path(usage).read_text())
         except (OSError, ValueError):
             continue
         if cap.isdigit() and int(cap) < 1 << 60:  # "max" or a huge number: no limit
-            out.append(max(int(cap) - used, 0))
+            out.append(max(int(cap) - used + _inactive_file(Path(limit).parent), 0))
     return min(out) if out else None
+
+
+def _inactive_file(group: Path) -> int:
+    """Page cache a cgroup can drop at once (counted in its usage, yet available): inactive file pages."""
+    try:
+        stat = dict(line.split(" ", 1) for line in (group / "memory.stat").read_text().splitlines())
+        return int(
+            stat.get("total_inactive_file") or stat.get("inactive_file") or 0
+        )  # v1 (with children), v2
+    except (OSError, ValueError):
+        return 0
 
 
 # What a streamed run holds besides the tensors counted: the interpreter, torch and transformers.

@@ -2,7 +2,9 @@
 
 Parts (``--only`` picks some): ``rtn`` (issue 2: a real PyPI model, bf16 vs RTN int4 perplexity on held-out
 text, quantization wall time and peak RSS, on-disk size, CPU decode tokens/s), ``kernels`` (int4 matmul
-kernels vs bf16/fp32 matmul and torch's built-in), ``signround`` (SignRound vs auto-round on the same model).
+kernels vs bf16/fp32 matmul and torch's built-in), ``signround`` (SignRound vs auto-round on the same model),
+``scale`` (issue 18: quantize, load and decode the Llama-3.2-3B shape, and Llama-3.1-8B with ``--big``; see
+``scripts/bench_scale.py``).
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def print_rtn(r: dict) -> None:
 def main() -> int:
     """Run the chosen benchmark parts and print (and optionally write) their results."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", default="rtn,kernels,signround", help="comma-separated parts")
+    ap.add_argument("--only", default="rtn,kernels,signround,scale", help="comma-separated parts")
+    ap.add_argument("--big", action="store_true", help="scale: also the Llama-3.1-8B shape")
     ap.add_argument("--json", type=Path, help="write all results here")
     ap.add_argument("--ppl-chunks", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -153,6 +156,14 @@ def main() -> int:
                 [sys.executable, str(ROOT / "scripts" / "bench_signround.py"), "--json", str(out)], check=True
             )
             results["signround"] = json.loads(out.read_text())
+        if "scale" in parts:
+            out = work / "scale.json"
+            big = ["--big"] if args.big else []
+            subprocess.run(
+                [sys.executable, str(ROOT / "scripts" / "bench_scale.py"), "--json", str(out), *big],
+                check=True,
+            )
+            results["scale"] = json.loads(out.read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

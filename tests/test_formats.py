@@ -321,24 +321,29 @@ def test_layer_whose_width_is_not_a_multiple_of_the_group_size_stays_16bit(tmp_p
 
 # -- failures --------------------------------------------------------------------------------------
 def _fail_on_save(monkeypatch, exc: BaseException) -> None:
-    import safetensors.torch
+    """The export's file writer fails after the header and one tensor are in the file (a partial file)."""
+    from hubtool.formats import export
 
-    real = safetensors.torch.save_file
+    real = export.write_safetensors_streamed
 
-    def save_file(tensors, filename, metadata=None):
-        real(dict(list(tensors.items())[:1]), filename, metadata=metadata)  # a partial file, then failure
-        raise exc
+    def write(entries, produce, path, metadata=None):
+        made: list[str] = []
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+        def failing(name):
+            if made:
+                raise exc
+            made.append(name)
+            return produce(name)
+
+        real(entries, failing, path, metadata=metadata)
+
+    monkeypatch.setattr(export, "write_safetensors_streamed", write)
 
 
 @pytest.mark.parametrize(
     "exc",
-    [
-        OSError(errno.ENOSPC, "No space left on device"),
-        RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
-    ],
-    ids=["oserror", "safetensors-error"],
+    [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded")],
+    ids=["enospc", "quota"],
 )
 def test_disk_full_is_one_line_and_leaves_nothing_complete_looking(tiny_models, tmp_path, monkeypatch, exc):
     """ENOSPC while writing -> HubtoolError (disk full); no temp folder; an older export stays intact."""

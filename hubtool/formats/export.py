@@ -516,13 +516,12 @@ def _export_bytes(
     if state_dict:
         entries = getattr(state_dict, "entries", state_dict)
         return sum(t.numel() * t.element_size() for t in entries.values())
-    total, seen = 0, set()
-    for name, t in model.state_dict().items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if name.removesuffix(".weight") in weights or key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
+    saved = set(model.state_dict())
+    total = 0
+    tensors = [*model.named_parameters(), *model.named_buffers()]  # tied parameters come once
+    for name, t in tensors:
+        if name in saved and name.removesuffix(".weight") not in weights:
+            total += t.numel() * t.element_size()
     for name, w in weights.items():
         n, k = model.get_submodule(name).weight.shape
         groups = k // w.group_size
