@@ -15,12 +15,12 @@ import os
 import struct
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 
 from hubtool.core.fsio import atomic_write
@@ -101,7 +101,7 @@ class ShardReader:
 
     def _file_keys(self, file: Path) -> dict[str, Path]:
         """Every tensor of one file."""
-        return dict.fromkeys(self._handle(file).keys(), file)
+        return dict.fromkeys(self._handle(file).header, file)
 
     def _index_keys(self, index: Path) -> dict[str, Path]:
         """Every tensor the index names, with its shard (checked to lie inside the folder)."""
@@ -119,13 +119,21 @@ class ShardReader:
         return out
 
     def _handle(self, file: Path) -> Any:
-        """The open safe_open handle of ``file`` (opened once, kept until close)."""
+        """The open file and parsed header of ``file`` (read once, kept until close)."""
         handle = self._handles.get(file)
         if handle is None:
             if not file.is_file():
                 raise HubtoolError(f"missing shard {file}", "download the checkpoint again")
             log.debug("opening %s", file)
-            handle = safe_open(str(file), framework="pt", device="cpu")
+            f = open(file, "rb")  # noqa: SIM115  # kept open until close()
+            try:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n).decode("utf-8"))
+            except (OSError, ValueError, struct.error) as exc:
+                f.close()
+                raise HubtoolError(f"{file} is not a safetensors file ({exc})", "download it again") from None
+            header.pop(_METADATA, None)
+            handle = _Shard(f, 8 + n, header)
             self._handles[file] = handle
         return handle
 
@@ -150,30 +158,49 @@ class ShardReader:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """A tensor's shape, from the header (no data read)."""
-        return tuple(self._handle(self._file_of(key)).get_slice(key).get_shape())
+        return tuple(self._entry(key)["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
         """A tensor's dtype, from the header (no data read)."""
-        name = self._handle(self._file_of(key)).get_slice(key).get_dtype()
+        name = self._entry(key)["dtype"]
         try:
             return _torch_dtypes()[name]
         except KeyError:
             raise HubtoolError(f"{key!r} has dtype {name}, which torch cannot hold") from None
 
+    def _entry(self, key: str) -> dict[str, Any]:
+        file = self._file_of(key)
+        try:
+            return self._handle(file).header[key]
+        except KeyError:
+            raise HubtoolError(f"{file} lacks {key!r}, which its index names", "download it again") from None
+
     def get(self, key: str) -> torch.Tensor:
-        """A tensor's data as a CPU tensor owning its memory."""
-        t = self._handle(self._file_of(key)).get_tensor(key)
-        storage = t.untyped_storage()
-        if t.storage_offset() or storage.nbytes() != tensor_nbytes(t) or not t.is_contiguous():
-            t = t.clone()  # a view into a larger (e.g. mapped) buffer: copy out just this tensor
-        return t
+        """A tensor's data as a CPU tensor owning its memory, read with plain file reads (no mapping: the
+        process holds this tensor's bytes and nothing else of the file)."""
+        shard = self._handle(self._file_of(key))
+        entry, dtype = self._entry(key), self.dtype(key)
+        start, end = entry["data_offsets"]
+        out = torch.empty(tuple(entry["shape"]), dtype=dtype)
+        if end - start != tensor_nbytes(out):
+            raise HubtoolError(
+                f"{key!r} in {shard.file.name} has {end - start} bytes for its shape", "download it again"
+            )
+        if end > start:
+            view = (
+                memoryview(out.view(-1).view(torch.uint8).numpy())
+                if out.dim()
+                else memoryview(out.reshape(1).view(torch.uint8).numpy())
+            )
+            got = os.preadv(shard.file.fileno(), [view], shard.data_start + start)
+            if got != end - start:
+                raise HubtoolError(f"{shard.file.name} ends inside {key!r}", "download it again")
+        return out
 
     def close(self) -> None:
         """Close every open file."""
         for handle in self._handles.values():
-            exit_ = getattr(handle, "__exit__", None)
-            if exit_ is not None:
-                exit_(None, None, None)
+            handle.file.close()
         self._handles.clear()
 
     def __enter__(self) -> ShardReader:
@@ -185,6 +212,15 @@ class ShardReader:
     ) -> None:
         """Close every open file."""
         self.close()
+
+
+@dataclass
+class _Shard:
+    """One open shard: its file, where its data starts, its header (tensor name -> dtype, shape, offsets)."""
+
+    file: Any
+    data_start: int
+    header: dict[str, Any]
 
 
 def _stand_in(t: torch.Tensor) -> torch.Tensor:

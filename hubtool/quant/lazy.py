@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.memory import mmap_large_allocations
+
 log = logging.getLogger(__name__)
 
 
@@ -154,6 +156,7 @@ def attach(model: nn.Module, lazy: LazyWeights) -> None:
     """Make ``lazy`` the one serving ``model`` and install its hooks."""
     model.__dict__["_hubtool_lazy"] = lazy
     lazy.install()
+    mmap_large_allocations()  # the CLI sets it at start already; a library caller gets it here
 
 
 @contextlib.contextmanager
