@@ -452,9 +452,10 @@ def _inactive_file(group: Path) -> int:
 
 # Headroom a streamed run needs beyond the tensors counted (packing and rounding buffers, the allocator's
 # slack). The interpreter, torch and transformers are not counted: they are loaded already when the check
-# runs, so available_memory() has them taken off. Measured: RTN of a 1.77 GB Llama shape peaks 0.50 GiB
-# above the interpreter's baseline, this headroom plus its largest block and embedding (tests/test_memory_limit.py).
-BASE_BYTES = 256 * 2**20
+# runs, so available_memory() has them taken off. Measured: RTN of the 1.77 GB Llama shape of
+# tests/test_memory_limit.py peaks 0.61 GiB above the interpreter's baseline; this headroom plus its
+# largest block and its embedding make 0.64 GiB.
+BASE_BYTES = 384 * 2**20
 # A block being tuned holds its 16-bit weights, their fp32 copies and the tuning state: about this many
 # times its 16-bit size (RTN: the weights and their codes).
 BLOCK_FACTOR = {"rtn": 2, "opt-rtn": 5, "signround": 7}
@@ -660,12 +661,17 @@ def load_source(
     device: str = "cpu",
     trust_remote_code: bool = False,
     stream: bool = False,
+    offload: Path | None = None,
 ) -> LoadedModel:
     """Load the 16-bit model and its tokenizer/processor described by ``info`` (from ``locate``).
 
     With ``stream`` the model is a meta-device skeleton whose weights stay in the safetensors shards and
     are read module by module when used (``quant.lazy``); a checkpoint whose tensors transformers merges
     or splits while loading is loaded whole instead.
+
+    With ``offload`` (a folder), a model whose 16-bit weights do not fit in the device's free memory is
+    spread by accelerate (``device_map="auto"``): what does not fit on the device goes to the CPU, then to
+    disk under ``offload``; it runs the same, slower.
     """
     from transformers import AutoConfig
 
@@ -677,17 +683,53 @@ def load_source(
     _check_weights(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = load_skeleton(folder, config, dtype, trust_remote_code) if stream else None
+    placement = _offload_kwargs(folder, dtype, device, offload) if model is None and offload else {}
     if model is None:
         try:
             model = auto_model_class(config).from_pretrained(
-                folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+                folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **placement
             )
         except ValueError as exc:
             raise HubtoolError(f"cannot load {info.name}: {exc}".splitlines()[0]) from None
+    if placement:
+        device = "cpu"  # accelerate placed it (and its hooks move the inputs): no .to() after
     processor = load_processor(folder, info, config, trust_remote_code)
     return _loaded(
         model, processor, config, info, dtype, device, folder, info.license or _license(folder, info)
     )
+
+
+# Memory left free for activations when a 16-bit model is placed with accelerate.
+OFFLOAD_HEADROOM = 1 << 30
+
+
+def _offload_kwargs(folder: Path, dtype: torch.dtype, device: str, offload: Path) -> dict[str, Any]:
+    """from_pretrained's placement arguments when the 16-bit weights do not fit on ``device``, else {}."""
+    need = sum(_tensor_sizes(folder).values()) * dtype.itemsize
+    dev = torch.device(device)
+    ram = available_memory()
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+        max_memory: dict[Any, int] = {dev.index or 0: max(free - OFFLOAD_HEADROOM, 0)}
+        if ram is not None:
+            max_memory["cpu"] = max(ram - OFFLOAD_HEADROOM, 0)
+    elif dev.type == "cpu" and ram is not None:
+        free = ram
+        max_memory = {"cpu": max(ram - OFFLOAD_HEADROOM, 0)}
+    else:
+        return {}
+    if need + OFFLOAD_HEADROOM <= free:
+        return {}
+    Path(offload).mkdir(parents=True, exist_ok=True)
+    log.info(
+        "the 16-bit model (%.1f GiB) does not fit in %s's free memory (%.1f GiB): accelerate places it, "
+        "offloading to %s",
+        need / 2**30,
+        device,
+        free / 2**30,
+        offload,
+    )
+    return {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(offload)}
 
 
 def load_skeleton(folder: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:

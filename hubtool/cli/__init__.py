@@ -16,7 +16,6 @@ import typer
 from typer._click.exceptions import ClickException
 
 from ..__about__ import __version__
-from ..core.memory import mmap_large_allocations
 from ..errors import HubtoolError
 from .common import (
     Interrupted,
@@ -73,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     SIGINT and SIGTERM print one line saying how to go on (e.g. the `--resume` command) and exit 128+signal.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    mmap_large_allocations()  # before any tensor: freed tensors go back to the system (see core.memory)
     handlers = install_signal_handlers()
     try:
         rv = app(args=args, standalone_mode=False, prog_name="hubtool")

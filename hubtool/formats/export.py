@@ -39,6 +39,7 @@ from ..__about__ import __version__
 from ..core import packing
 from ..core.fsio import fsync_dir, fsync_file, replace_dir
 from ..core.intweight import IntWeight
+from ..core.memory import trim
 from ..core.shards import write_safetensors_streamed
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
@@ -157,6 +158,7 @@ class CheckpointPlan(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         kind, name, own_key, t = self._origin[key]  # own_key: the key before the layout was reverted
+        trim()  # the tensor written before this one is freed: its memory goes back first
         if kind == "codes":
             return self._pack(name)[own_key]
         if t.is_meta:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.memory import mmap_large_allocations
+from ..core.memory import trim
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class LazyWeights:
                 if not self._held[m]:
                     del self._held[m]
                     self.release(m)
+            trim()  # a block's worth of freed memory goes back now, not at the end of the run
 
     def is_held(self, module: nn.Module) -> bool:
         """Whether ``module`` or a module around it is held."""
@@ -156,7 +157,6 @@ def attach(model: nn.Module, lazy: LazyWeights) -> None:
     """Make ``lazy`` the one serving ``model`` and install its hooks."""
     model.__dict__["_hubtool_lazy"] = lazy
     lazy.install()
-    mmap_large_allocations()  # the CLI sets it at start already; a library caller gets it here
 
 
 @contextlib.contextmanager

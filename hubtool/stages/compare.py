@@ -14,6 +14,8 @@ import gc
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +125,7 @@ class LoadedRef:
     is_vlm: bool
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    offload: Path | None = None  # where accelerate put what did not fit in memory (removed by unload)
 
     @property
     def tokenizer(self) -> Any:
@@ -148,16 +151,20 @@ def load_model(
 
     dtype = parse_dtype(rec.source.dtype or "bfloat16")
     t0 = time.perf_counter()
+    offload = None
     if ref.kind == "source":
         log.info("loading the 16-bit source %s (%s)", rec.source.name, rec.source.dtype)
         info = record.from_dict(record.SourceInfo, record.to_dict(rec.source))
-        loaded = load_source(info, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        offload = Path(tempfile.mkdtemp(prefix="hubtool-offload-"))  # used only if it does not fit
+        loaded = load_source(
+            info, dtype=dtype, device=device, trust_remote_code=trust_remote_code, offload=offload
+        )
         model, processor = loaded.model, loaded.processor
     else:
         log.info("loading int4 variant %s from %s", ref.label, ref.path)
         model, processor = load_int4(ref.path, device, dtype, trust_remote_code)
     model.eval()
-    return LoadedRef(ref, model, processor, rec.source.is_vlm, time.perf_counter() - t0)
+    return LoadedRef(ref, model, processor, rec.source.is_vlm, time.perf_counter() - t0, offload=offload)
 
 
 def unload(lm: LoadedRef | None) -> None:
@@ -166,6 +173,8 @@ def unload(lm: LoadedRef | None) -> None:
         return
     lm.model = None
     gc.collect()
+    if lm.offload is not None:
+        shutil.rmtree(lm.offload, ignore_errors=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
