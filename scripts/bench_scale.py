@@ -105,13 +105,17 @@ def shaped(preset: str, cache: Path) -> Path:
     return out
 
 
-def bench_shape(preset: str, cache: Path, work: Path, new_tokens: int) -> dict:
-    """Every figure of the scale part on one shape."""
+METHODS = {"rtn": ["--method", "rtn"], "opt-rtn": OPT_RTN, "signround-smoke": SIGNROUND}
+
+
+def bench_shape(preset: str, cache: Path, work: Path, new_tokens: int, methods: list[str]) -> dict:
+    """Every figure of the scale part on one shape (quantize with each of ``methods``; rtn always)."""
     model = shaped(preset, cache)
     size16 = _dir_bytes(model)
     base = _child(BASELINE)["peak_rss"]
     out: dict = {"shape": preset, "bf16_bytes": size16, "baseline_rss": base, "quantize": {}}
-    for name, args in (("rtn", ["--method", "rtn"]), ("opt-rtn", OPT_RTN), ("signround-smoke", SIGNROUND)):
+    for name in ["rtn"] + [m for m in methods if m != "rtn"]:
+        args = METHODS[name]
         run = work / name
         r = _child(QUANTIZE, "quantize", str(model), "-o", str(run), "--formats", "hubtool", *args)
         above = r["peak_rss"] - base
@@ -167,13 +171,14 @@ def print_scale(r: dict) -> None:
     )
 
 
-def run(big: bool, cache: Path, new_tokens: int = 64) -> dict:
+def run(big: bool, cache: Path, new_tokens: int = 64, methods: list[str] | None = None) -> dict:
     """The scale part: the 3B shape, and the 8B shape with ``big``."""
+    methods = methods or list(METHODS)
     results = {}
     for preset in ["llama-3.2-3b"] + (["llama-3.1-8b"] if big else []):
         work = Path(tempfile.mkdtemp(prefix="hubtool-scale-"))
         try:
-            results[preset] = bench_shape(preset, cache, work, new_tokens)
+            results[preset] = bench_shape(preset, cache, work, new_tokens, methods)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print_scale(results[preset])
@@ -186,9 +191,14 @@ def main() -> int:
     ap.add_argument("--big", action="store_true", help="also the Llama-3.1-8B shape (16 GB on disk)")
     ap.add_argument("--cache", type=Path, default=CACHE, help="where the shaped models are kept")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--methods", default=",".join(METHODS), help="quantize methods to time (rtn always)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    results = run(args.big, args.cache, args.new_tokens)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}: use {', '.join(METHODS)}")
+    results = run(args.big, args.cache, args.new_tokens, methods)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

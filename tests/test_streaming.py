@@ -119,3 +119,27 @@ def test_streamed_export_is_byte_identical(tiny_models, tmp_path, arch, method, 
         digests.append(_digests(out))
     assert len([n for n in digests[0] if n.endswith(".safetensors")]) > 3  # sharded
     assert digests[0] == digests[1]
+
+
+def test_a_source_that_does_not_fit_is_placed_with_offload(tiny_models, tmp_path, monkeypatch):
+    """compare/eval's 16-bit reference: when the weights exceed free memory, accelerate spreads them over
+    the CPU and disk (device_map="auto"), and the logits stay those of the model loaded whole."""
+    from hubtool import source
+
+    folder = tiny_models("llama")
+    ids = torch.randint(0, 500, (1, 10))
+    whole = _load(folder, stream=False).model
+    size = sum(p.numel() * 2 for p in whole.parameters())
+    # free memory: the headroom plus a third of the weights, so that the rest must go to disk
+    monkeypatch.setattr(source, "available_memory", lambda: source.OFFLOAD_HEADROOM + size // 3)
+    offload = tmp_path / "offload"
+    placed = load_source(locate(str(folder)), dtype=torch.bfloat16, offload=offload).model
+    where = set(placed.hf_device_map.values())
+    assert "disk" in where and any(p.is_meta for p in placed.parameters())
+    # (transformers reads disk-offloaded safetensors weights from the source files: nothing is copied)
+    with torch.no_grad():
+        assert torch.equal(placed(input_ids=ids).logits, whole(input_ids=ids).logits)
+    monkeypatch.setattr(source, "available_memory", lambda: source.OFFLOAD_HEADROOM + 2 * size)
+    fits = load_source(locate(str(folder)), dtype=torch.bfloat16, offload=tmp_path / "unused").model
+    assert not hasattr(fits, "hf_device_map") or set(fits.hf_device_map.values()) <= {"cpu", 0}
+    assert not (tmp_path / "unused").exists()
