@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,17 @@ def load_converted(sha256: str, dtype: str) -> tuple[Path, dict[str, Any]] | Non
     return (d, meta) if meta.get("sha256") == sha256 else None
 
 
-def store_converted(model: Any, tokenizer: Any, sha256: str, dtype: str, meta: dict[str, Any]) -> Path | None:
-    """Save a model loaded from a GGUF (and its tokenizer) as a safetensors folder; None if it cannot."""
+def store_converted(
+    save: Callable[[Path], None], sha256: str, dtype: str, meta: dict[str, Any]
+) -> Path | None:
+    """Save a converted GGUF as a safetensors folder (``save(folder)`` writes the model and tokenizer files);
+    None if it cannot (then nothing is left behind)."""
     final = gguf_dir(sha256, dtype)
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        tmp.mkdir(parents=True)
+        save(tmp)
         (tmp / GGUF_META_FILE).write_text(json.dumps({**meta, "sha256": sha256}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

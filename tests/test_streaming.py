@@ -143,3 +143,27 @@ def test_a_source_that_does_not_fit_is_placed_with_offload(tiny_models, tmp_path
     fits = load_source(locate(str(folder)), dtype=torch.bfloat16, offload=tmp_path / "unused").model
     assert not hasattr(fits, "hf_device_map") or set(fits.hf_device_map.values()) <= {"cpu", 0}
     assert not (tmp_path / "unused").exists()
+
+
+def test_max_shard_size_shards_every_export(capsys, tiny_models, tmp_path):
+    import json
+
+    from tests.test_one_line_errors import one_line, run_cli
+
+    model = str(tiny_models("llama"))
+    run = tmp_path / "run"
+    code, err = run_cli(
+        capsys, "quantize", model, "-o", str(run), "--method", "rtn", "--max-shard-size", "100KB"
+    )
+    assert code == 0, err
+    for fmt in ("auto_round", "auto_gptq", "hubtool"):
+        folder = run / "formats" / fmt
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert len(shards) > 2
+        for shard in shards:  # a shard over the size holds one tensor larger than it
+            many = sum(1 for f in index["weight_map"].values() if f == shard) > 1
+            assert not many or (folder / shard).stat().st_size <= 100_000 + 8192, shard
+    code, err = run_cli(capsys, "quantize", model, "-o", str(tmp_path / "bad"), "--max-shard-size", "lots")
+    one_line(code, err, "--max-shard-size 'lots' is not a size")
+    assert not (tmp_path / "bad").exists()

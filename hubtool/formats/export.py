@@ -97,6 +97,21 @@ def export_format(
     log.info("wrote the %s export to %s", fmt, out_dir)
 
 
+def check_shard_size(value: int | str) -> int:
+    """The shard size in bytes ("5GB", "500MB", 1000000); one-line HubtoolError when it is not one."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        size = value if isinstance(value, int) else parse_size_to_int(str(value))
+    except (ValueError, TypeError):
+        size = 0
+    if size <= 0:
+        raise HubtoolError(
+            f"--max-shard-size {value!r} is not a size", "give e.g. 5GB, 500MB or a number of bytes"
+        )
+    return size
+
+
 # -- tensors ---------------------------------------------------------------------------------------
 def _check_names(model: nn.Module, weights: Mapping[str, IntWeight]) -> None:
     """Every entry must name an nn.Linear of the model (shapes are checked as each one is packed)."""

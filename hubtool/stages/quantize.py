@@ -34,7 +34,7 @@ from ..__about__ import __version__
 from ..core.spec import QuantSpec
 from ..envinfo import library_versions
 from ..errors import HubtoolError
-from ..formats.export import FORMATS, export_format
+from ..formats.export import DEFAULT_MAX_SHARD_SIZE, FORMATS, check_shard_size, export_format
 from ..quant.driver import ProgressFn, QuantResult, quantize_model
 from ..quant.layers import QuantPlan, plan_layers
 from ..quant.spec import Recipe, check_method, make_recipe
@@ -114,6 +114,9 @@ class QuantizeOptions:
     )
     formats: list[str] = option(
         factory=lambda: list(FORMATS), sep=",", help="Comma-separated formats to export."
+    )
+    max_shard_size: str = option(
+        DEFAULT_MAX_SHARD_SIZE, help="Largest safetensors shard of each export (e.g. 5GB, 500MB)."
     )
     dtype: str = option("bfloat16", help="16-bit dtype to load the source in.")
     device: str = option("cpu", help="Device to tune on (cpu, cuda, cuda:1).")
@@ -334,6 +337,7 @@ def run_quantize(opts: QuantizeOptions, progress: ProgressFn | None = None) -> r
     method = check_method(opts.method)
     formats = parse_formats(opts.formats)
     dtype = parse_dtype(opts.dtype)
+    check_shard_size(opts.max_shard_size)
     recipe = make_recipe(
         opts.recipe,
         iters=opts.iters,
@@ -608,7 +612,16 @@ def _quantize_variant(
     for fmt in formats:
         rel = format_dir(vname, fmt, single)
         out = run_dir / rel
-        export_format(loaded.model, loaded.processor, q.result.weights, spec, fmt, out, q.meta)
+        export_format(
+            loaded.model,
+            loaded.processor,
+            q.result.weights,
+            spec,
+            fmt,
+            out,
+            q.meta,
+            max_shard_size=opts.max_shard_size,
+        )
         config = json.loads((out / "config.json").read_text())
         qm = config.get("quantization_config", {}).get("quant_method", "")
         variant.formats.append(rec.FormatRecord(fmt, rel, qm, rec.file_records(out, run_dir)))
