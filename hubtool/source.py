@@ -453,8 +453,8 @@ def _inactive_file(group: Path) -> int:
 
 # Headroom a streamed run needs beyond the tensors counted (packing and rounding buffers, the allocator's
 # slack). The interpreter, torch and transformers are not counted: they are loaded already when the check
-# runs, so available_memory() has them taken off. Measured: RTN of the 1.77 GB Llama shape of
-# tests/test_memory_limit.py peaks 0.61 GiB above the interpreter's baseline; this headroom plus its
+# runs, so available_memory() has them taken off. Measured: RTN of a 1.77 GB Llama shape (20 blocks of
+# tests/test_memory_limit.py's width) peaks 0.61 GiB above the interpreter's baseline; this headroom plus its
 # largest block and its embedding make 0.64 GiB.
 BASE_BYTES = 384 * 2**20
 # A block being tuned holds its 16-bit weights, their fp32 copies and the tuning state: about this many

@@ -1,6 +1,6 @@
 """Quantizing under a real memory limit below the model's 16-bit size (issue 18 item 6).
 
-A Llama-shaped model of 1.77 GB in bf16 is quantized inside a cgroup v1 memory limit of 1200 MiB
+A Llama-shaped model of 1.47 GB in bf16 is quantized inside a cgroup v1 memory limit of 1200 MiB
 (no swap here; ``memory.memsw`` is capped too where it exists), and its exports are compared byte for
 byte with an unlimited run. A control shows the limit bites: loading the same model whole under it is
 killed. Needs root and a writable ``/sys/fs/cgroup/memory``; skipped with the reason otherwise.
@@ -19,8 +19,8 @@ import pytest
 
 CGROUP = Path("/sys/fs/cgroup/memory")
 LIMIT = 1200 * 2**20
-SHAPE = dict(  # 885 M parameters: 1.77 GB in bf16, blocks of 37.7 M, embedding and head of 65.5 M each
-    num_hidden_layers=20,
+SHAPE = dict(  # 734 M parameters: 1.47 GB in bf16, blocks of 37.7 M, embedding and head of 65.5 M each
+    num_hidden_layers=16,
     hidden_size=2048,
     intermediate_size=5632,
     num_attention_heads=16,
@@ -74,7 +74,7 @@ def shaped(tmp_path_factory) -> Path:
 
 def test_quantize_under_a_limit_below_the_16bit_size(shaped, tmp_path):
     size = sum(p.stat().st_size for p in shaped.glob("*.safetensors"))
-    assert size > 1.3 * LIMIT  # the 16-bit weights cannot all be in memory under the limit
+    assert size > 1.1 * LIMIT  # the 16-bit weights cannot all be in memory under the limit
     group = _cgroup("hubtool-limit", LIMIT)
     try:
         runs = {}
