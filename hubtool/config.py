@@ -21,6 +21,7 @@ Command-line flags override it. Every key is optional::
 
     [card]                                      # card extras: base_model, model_name, license, language,
     base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"   # tags, datasets, description, caveats, citation
+                                                # (base_model: a Hub id; --base-model overrides it)
     includes = ["header.md.j2"]                 # files the template may include (nothing else but
                                                 # hubtool's own partials/*.md.j2)
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HubtoolError
+from .stages.public import check_base_model
 from .stages.quantize import SPEC_KEYS, check_options
 
 CONFIG_NAME = "hubtool.toml"
@@ -129,6 +131,8 @@ def _validate(data: dict[str, Any], path: Path) -> dict[str, Any]:
                 )
             if "includes" in value:
                 value = {**value, "includes": _paths(value["includes"], base, f"{path}: [card] includes")}
+            if "base_model" in value:  # a Hub id, never a path: the card publishes it
+                check_base_model(value["base_model"], f"{path}: [card] base_model")
         out[key] = value
     return out
 

@@ -18,6 +18,7 @@ from .stages.card import check_template
 from .stages.compare import run_compare
 from .stages.evaluate import run_eval
 from .stages.hub import check_access, check_dry_run_dir, check_repo_id, upload
+from .stages.public import check_base_model
 from .stages.quantize import parse_formats, quantize_options, run_quantize
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ def publish(
     else:
         check_dry_run_dir(Path(dry_run), run_dir)
     check_template(template, (extras or {}).get("includes"))
+    if (extras or {}).get("base_model") is not None:  # the card's, checked before hours of quantizing
+        check_base_model(extras["base_model"], "base_model")
     if (run_dir / rec.RECORD_NAME).is_file() and not overwrite:
         record = rec.load(run_dir)
         check_reuse(record, run_dir, source, opts, given | ({"calib"} if opts.calib else set()))

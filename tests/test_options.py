@@ -37,6 +37,7 @@ PUBLISH_ONLY = {
     "prompts",
     "tasks",
     "limit",
+    "base_model",
     "config",
 }
 

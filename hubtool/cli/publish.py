@@ -15,26 +15,38 @@ from rich.table import Table
 from ..config import load_config, merged
 from ..errors import HubtoolError
 from ..rundir import output_path
+from ..stages.public import check_base_model
 from .common import console
 from .quantize import run_with_progress, takes_options
 
 CONFIG_HELP = "hubtool.toml with the defaults (default: ./hubtool.toml if present)."
+BASE_MODEL_HELP = (
+    "Hub id of the model this one quantizes: the card's base_model, and how it names a local SOURCE "
+    "(default: hubtool.toml's [card] base_model, else a Hub SOURCE's id, else the folder's name)."
+)
 
 
 def _config(path: Path | None) -> dict[str, Any]:
     return load_config(path)
 
 
+def _card_flags(base_model: str | None) -> dict[str, Any] | None:
+    """The card extras given as flags (they override hubtool.toml's [card]), checked before any work."""
+    return {"base_model": check_base_model(base_model)} if base_model is not None else None
+
+
 def card_cmd(
     run_dir: Path = typer.Argument(..., help="Run folder (holds run.json)."),
     template: Path = typer.Option(None, help="Your own Jinja template (rendered sandboxed)."),
     repo_id: str = typer.Option(None, "--repo-id", help="Repo id the usage snippets load (ORG/NAME)."),
+    base_model: str = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Render RUN_DIR/card/README.md (and its chart) from run.json."""
     from ..stages.card import write_card
 
-    cfg = merged(_config(config), template=str(template) if template else None, repo_id=repo_id)
+    card = _card_flags(base_model)
+    cfg = merged(_config(config), template=str(template) if template else None, repo_id=repo_id, card=card)
     path = write_card(
         run_dir,
         Path(cfg["template"]) if cfg.get("template") else None,
@@ -57,13 +69,16 @@ def upload_cmd(
     ),
     template: Path = typer.Option(None, help="Your own Jinja card template (rendered sandboxed)."),
     default_format: str = typer.Option(None, help="Format that goes to main (default: auto_round)."),
+    base_model: str = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Publish RUN_DIR: each format on its own branch and tag, the card and the default format on main."""
     from ..stages.hub import upload
 
+    card = _card_flags(base_model)
     cfg = merged(
         _config(config),
+        card=card,
         repo_id=repo_id,
         endpoint=endpoint,
         private=private,
@@ -107,12 +122,14 @@ def publish_cmd(
     tasks: str = typer.Option(None, help="Comma-separated eval tasks (none: no evaluation)."),
     limit: int = typer.Option(None, help="Samples per eval task."),
     overwrite: bool = typer.Option(False, help="Redo every stage even if RUN_DIR already holds its results."),
+    base_model: str = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
     **options: Any,
 ) -> None:
     """quantize -> compare -> eval -> card -> upload, in one command (driven by hubtool.toml if present)."""
     from ..pipeline import publish
 
+    card = _card_flags(base_model)
     # ``options``: the `hubtool quantize` options publish shares (QuantizeOptions declares them): the
     # calibration sets, and a spec that overrides hubtool.toml's [spec] key by key
     calib = options.pop("calib", None)
@@ -131,6 +148,7 @@ def publish_cmd(
         tasks=[t for t in tasks.split(",") if t.strip()] if tasks else None,
         limit=limit,
         spec=options,
+        card=card,
     )
     repo = _need(cfg, "repo_id", "--repo-id")
     result = publish(

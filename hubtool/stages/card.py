@@ -26,6 +26,8 @@ from ..formats.table import FORMATS
 from ..record import source_label
 from .card_template import check_template_file, render_template
 from .evaltable import EvalTable, eval_table
+from .public import base_model as public_base_model
+from .public import is_hub_id, public_path, public_record
 from .revisions import choose_default_format, plan_revisions
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,6 @@ AUTOROUND_BIBTEX = """@article{cheng2023optimize,
   journal={arXiv preprint arXiv:2309.05516},
   year={2023}
 }"""
-_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -192,11 +193,16 @@ def card_files(record: rec.RunRecord) -> list[rec.FileRecord]:
 
 
 def card_metadata(record: rec.RunRecord, extras: dict[str, Any] | None = None) -> Any:
-    """The card's YAML metadata as a ``huggingface_hub.ModelCardData``."""
+    """The card's YAML metadata as a ``huggingface_hub.ModelCardData``; it names no local path.
+
+    ``base_model``: the extras' (``--base-model``, hubtool.toml's ``[card] base_model``), else a Hub
+    source's id; a local source without one has none (its folder name is no Hub id).
+    """
     from huggingface_hub import EvalResult, ModelCardData
 
     extras = {**record.extras.get("card", {}), **(extras or {})}
-    base_model = extras.get("base_model") or (record.source.name if record.source.kind == "hub" else None)
+    base_model = public_base_model(record, extras)
+    record = public_record(record, extras)
     license_id, license_name = _license(extras.get("license") or record.source.license)
     pipeline_tag = "image-text-to-text" if record.source.is_vlm else "text-generation"
     formats = {f.name for v in record.variants for f in v.formats}
@@ -207,7 +213,7 @@ def card_metadata(record: rec.RunRecord, extras: dict[str, Any] | None = None) -
     datasets = [
         v.calibration.source
         for v in record.variants
-        if v.calibration and not v.calibration.builtin and _HUB_ID.match(v.calibration.source or "")
+        if v.calibration and not v.calibration.builtin and is_hub_id(v.calibration.source)
     ]
     datasets += [d for d in extras.get("datasets", []) if d not in datasets]
     model_name = extras.get("model_name") or _model_name(record, extras)
@@ -249,8 +255,14 @@ def card_context(
     repo_id: str | None = None,
     chart: str | None = None,
 ) -> dict[str, Any]:
-    """Everything a card template sees: plain data (dicts, lists, strings, numbers) derived from the record."""
+    """Everything a card template sees: plain data (dicts, lists, strings, numbers) derived from the record.
+
+    It is derived from ``public.public_record``: whatever a template prints, it prints no local path.
+    """
     extras = {**record.extras.get("card", {}), **(extras or {})}
+    record = public_record(record, extras)
+    if extras.get("includes"):
+        extras = {**extras, "includes": [public_path(str(p)) for p in extras["includes"]]}
     repo_id = (
         repo_id or extras.get("repo_id") or (record.publish.repo_id if record.publish else PLACEHOLDER_REPO)
     )
@@ -269,7 +281,7 @@ def card_context(
         "base_model": meta.base_model,
         "version": record.hubtool_version or __version__,
         "source": rec.to_dict(source),
-        "source_display": _source_display(record),
+        "source_display": _source_display(record, meta.base_model),
         "source_label": base_label,
         "is_vlm": source.is_vlm,
         "spec": dict(record.spec),
@@ -355,13 +367,16 @@ def _model_name(record: rec.RunRecord, extras: dict[str, Any]) -> str:
     return f"{stem}-int4"
 
 
-def _source_display(record: rec.RunRecord) -> str:
+def _source_display(record: rec.RunRecord, base_model: str | None) -> str:
+    """How the card names the source: a Hub source by its id, a local one by ``base_model`` or its name."""
     s = record.source
     if s.kind == "hub":
         return f"[{s.name}](https://huggingface.co/{s.name})" + (f" at `{s.commit}`" if s.commit else "")
+    link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else None
     if s.kind == "gguf":
-        return f"`{s.gguf_file or Path(s.name).name}`" + (f" (sha256 `{s.sha256}`)" if s.sha256 else "")
-    return f"`{Path(s.name).name}` (a local folder)"
+        gguf = f"`{s.gguf_file or Path(s.name).name}`" + (f" (sha256 `{s.sha256}`)" if s.sha256 else "")
+        return f"{gguf}, a GGUF build of {link}" if link else gguf
+    return link or f"`{Path(s.name).name}` (a local folder)"
 
 
 def _license(value: str | None) -> tuple[str | None, str | None]:

@@ -9,7 +9,8 @@ changed makes no commit and a re-run after an interrupted upload sends only what
 every ref is checked and every remote file's sha256 is compared with the record.
 
 The token (``token=``, else ``HF_TOKEN`` or the login cache) never reaches a log line, the card, the record
-or an error message.
+or an error message. A file that names one of the run's local paths is refused before the first remote
+write (``check_no_local_paths``); run.json, which keeps them, is never uploaded.
 """
 
 from __future__ import annotations
@@ -98,6 +99,40 @@ def check_local_files(plans: list[RevisionPlan]) -> None:
                 )
 
 
+# the files read whole to look for local paths (a safetensors file: its header); larger ones are not read
+MAX_SCANNED_BYTES = 256 << 20
+
+
+def check_no_local_paths(plans: list[RevisionPlan], record: rec.RunRecord, run_dir: Path) -> None:
+    """Refuse to publish a file that names one of the run's local paths (the source, the calibration file,
+    the run folder...): e.g. an export written before hubtool kept paths out of them."""
+    from .public import local_paths
+
+    run = Path(run_dir)
+    paths = local_paths(record) + sorted({str(run.absolute()), str(run.resolve())}, key=len, reverse=True)
+    needles = [(p, n) for p in paths if len(p) > 3 for n in {p.encode(), p.replace("/", "\\/").encode()}]
+    for plan in plans:
+        for path_in_repo, local, _ in plan.files:
+            data = _scanned_bytes(local)
+            hit = next((p for p, n in needles if n in data), None)
+            if hit is not None:
+                raise HubtoolError(
+                    f"{local} names the local path {hit}, which would be published "
+                    f"({plan.revision.revision}:{path_in_repo})",
+                    "re-run `hubtool quantize ... --overwrite` with this hubtool: its exports name no local path",
+                )
+
+
+def _scanned_bytes(path: Path) -> bytes:
+    """What ``check_no_local_paths`` reads of a file: a safetensors header, a file up to MAX_SCANNED_BYTES."""
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors":
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            return f.read(min(n, MAX_SCANNED_BYTES))
+        return f.read(MAX_SCANNED_BYTES) if path.stat().st_size <= MAX_SCANNED_BYTES else b""
+
+
 def describe_plan(plans: list[RevisionPlan], repo_id: str) -> list[str]:
     """One line per revision: revision, tag, format, variant, file count and size."""
     lines = []
@@ -139,6 +174,7 @@ def upload(
     extras = {**(extras or {}), **({"default_format": default_format} if default_format else {})}
     revisions = plan_revisions(record, default_format=default_format, tag=tag)
     check_local_files(build_plan(record, run_dir, revisions, card=False))
+    check_no_local_paths(build_plan(record, run_dir, revisions, card=False), record, run_dir)
     if dry_run is not None:
         return _dry_run(run_dir, repo_id, revisions, Path(dry_run), template, extras)
 

@@ -39,6 +39,7 @@ from ..quant.driver import ProgressFn, QuantResult, quantize_model
 from ..quant.layers import QuantPlan, plan_layers
 from ..quant.spec import Recipe, check_method, make_recipe
 from ..source import load_source, local_dir, parse_dtype, preflight
+from .public import public_calibration, public_path
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +545,7 @@ def quantize_variant(
     if isinstance(result.weights, dict):  # codes on disk (a work directory) come in the plan's order already
         order = {n: k for k, n in enumerate(plan.linear_names())}
         result.weights = dict(sorted(result.weights.items(), key=lambda kv: order.get(kv[0], len(order))))
-    info = getattr(calib, "info", None)
+    info = getattr(calib, "info", None)  # the record keeps its source; the exports name no local path
     recipe_dict = asdict(recipe) if method != "rtn" else None
     if recipe_dict is not None and result.weight_grad:
         recipe_dict["weight_grad"] = result.weight_grad
@@ -552,12 +553,12 @@ def quantize_variant(
         "variant": name,
         "method": method,
         "recipe": recipe_dict,
-        "calibration": asdict(info) if info else None,
+        "calibration": public_calibration(asdict(info)) if info else None,
         "hubtool_version": __version__,
         "block_lists": plan.block_lists,
         "quantized": sorted(result.weights),
         "skipped": [s.name for s in plan.skipped + result.skipped],
-        "source": source_name,
+        "source": public_path(source_name),
     }
     return QuantizedVariant(result, info, recipe_dict, meta)
 
