@@ -21,6 +21,7 @@ from hubtool.core import packing
 from hubtool.core.spec import QuantSpec
 from hubtool.errors import HubtoolError
 from hubtool.formats.export import FORMATS
+from hubtool.kernels import cpu
 from hubtool.runtime.int4linear import Int4Linear
 from hubtool.runtime.loader import load_processor, load_quantized
 from tests.test_formats import exported
@@ -356,3 +357,33 @@ def test_pickle_only_folder_is_refused(export_copy):
     with pytest.raises(HubtoolError) as info:
         load_quantized(export_copy)
     assert "pickle" in _one_line(info)
+
+
+@pytest.mark.skipif(not cpu.load(), reason="CPU kernel could not be built here")
+def test_a_loaded_model_holds_one_copy_of_its_int4_weights(tiny_models, tmp_path_factory, tmp_path):
+    """On the CPU every int4 layer keeps only the kernel's layout after loading; qweight is rebuilt bit for
+    bit wherever it is read (state_dict, save_pretrained, a dtype move), and the logits do not change."""
+    ex = exported("llama", tiny_models("llama"), tmp_path_factory.mktemp("exports"))
+    x = inputs_for(ex)
+    folder = ex.dirs["hubtool"]
+    on_disk = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    model = load_quantized(folder)
+    layers = int4_layers(model)
+    assert layers and all("qweight" not in m._buffers for m in layers.values())
+    state = model.state_dict()
+    for name in layers:
+        assert torch.equal(state[f"{name}.qweight"], on_disk[f"{name}.qweight"]), name
+    got = logits(model, x)
+    assert {m.last_backend for m in layers.values()} == {"hubtool"}
+    ref = logits(load_quantized(folder, backend="reference"), x)
+    assert (got - ref).abs().max().item() <= TORCH_REL * ref.abs().max().item()
+    model.save_pretrained(tmp_path / "resaved")
+    resaved = {
+        k: v for f in sorted((tmp_path / "resaved").glob("*.safetensors")) for k, v in load_file(f).items()
+    }
+    for name in layers:
+        for suffix in ("qweight", "qzeros", "scales"):
+            assert torch.equal(resaved[f"{name}.{suffix}"], on_disk[f"{name}.{suffix}"]), (name, suffix)
+    torch.nn.Module.float(model)  # a move (transformers refuses .float()): qweight is a buffer again
+    for name, m in layers.items():
+        assert torch.equal(m._buffers["qweight"], on_disk[f"{name}.qweight"]), name

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 
+import numpy as np
+import torch
+
 log = logging.getLogger(__name__)
+MADV_DONTNEED = 4  # Linux
 
 
 def trim() -> None:
@@ -22,3 +27,52 @@ def trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         log.debug("no malloc_trim here: freed tensors may stay in the heap")
+
+
+def _file_mapping(start: int, end: int) -> bool:
+    """Whether [start, end) lies inside one mapping of a file."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(a, 16) for a in parts[0].split("-"))
+            if lo <= start and end <= hi:
+                return parts[4] != "0"
+    return False
+
+
+def _only_file_pages(lo: int, hi: int, page: int) -> bool:
+    """Whether no page of [lo, hi) holds data of its own (written, hence copied, or swapped): the kernel's
+    page map flags each present page as file-backed or not (bit 61), a swapped one with bit 62."""
+    count = (hi - lo) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(lo // page * 8)
+        entries = np.frombuffer(f.read(count * 8), dtype=np.uint64)
+    present, swapped, file = (entries >> np.uint64(b) & np.uint64(1) for b in (63, 62, 61))
+    return len(entries) == count and not bool((swapped | (present & (file ^ np.uint64(1)))).any())
+
+
+def release_file_pages(t: torch.Tensor) -> int:
+    """Unmap from this process the whole pages under ``t`` where ``t`` lies in a file mapping whose pages
+    under it were never written (safetensors as transformers loads them); returns the bytes released.
+
+    The data stays readable (a later read faults it back in from the page cache), so this is for a tensor
+    whose file stays mapped for the other tensors of the same shard: the pages it touched then stop
+    counting in the process's resident memory. Any other tensor is left alone (0).
+    """
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or not t.numel():
+        return 0
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo, hi = -(-start // page) * page, end // page * page
+    try:
+        if hi <= lo or not _file_mapping(start, end) or not _only_file_pages(lo, hi, page):
+            return 0
+    except OSError:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED) != 0:
+        log.debug("madvise failed: errno %d", ctypes.get_errno())
+        return 0
+    return hi - lo

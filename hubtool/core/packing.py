@@ -68,11 +68,16 @@ def pack(w: IntWeight) -> GPTQTensors:
     n, k = w.shape
     if k % PACK or n % PACK:
         raise ValueError(f"a ({n}, {k}) weight cannot be packed: both sides must be multiples of {PACK}")
-    qweight = _pack_rows(w.q.t().contiguous())
+    qweight = pack_codes(w.q)
     zeros = (w.zero.to(torch.int32) - 1).clamp(min=0).t().contiguous()  # (K/G, N), GPTQ v1 stores zero-1
     qzeros = _pack_rows(zeros.t().contiguous()).t().contiguous()  # pack along N
     scales = w.scale.t().contiguous().to(torch.float16)
     return GPTQTensors(qweight=qweight, qzeros=qzeros, scales=scales)
+
+
+def pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """GPTQ v1 ``qweight`` int32 (K/8, N) of codes q (N, K) in [0, 15]."""
+    return _pack_rows(q.t().contiguous())
 
 
 def unpack(t: GPTQTensors) -> IntWeight:

@@ -21,6 +21,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..core import packing
 from ..core.intweight import IntWeight
+from ..core.memory import trim
 from ..errors import HubtoolError
 from ..formats.table import FORMATS, PACKING_AWQ, PACKING_V1, PACKING_V2, PACKINGS
 from .int4linear import Int4Linear, replace_linears
@@ -123,9 +124,11 @@ class HubtoolHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        """Convert gptq_v2 / AWQ layouts to GPTQ v1; the config then says v1, for a save_pretrained."""
+        """Convert gptq_v2 / AWQ layouts to GPTQ v1 (the config then says v1, for a save_pretrained); on the
+        CPU, repack every layer for the kernel now and keep that one copy (``Int4Linear.compact``)."""
         to_gptq_v1(model, self.quantization_config.packing_format)
         self.quantization_config.packing_format = PACKING_V1
+        compact_all(model)
         return model
 
     @property
@@ -192,6 +195,14 @@ def to_gptq_v1(model: nn.Module, packing_format: str) -> None:
         elif packing_format == PACKING_AWQ:
             _awq_to_v1(name, module)
         module.forget_prepared()
+
+
+def compact_all(model: nn.Module) -> int:
+    """``Int4Linear.compact`` on every layer the CPU kernel serves; returns how many."""
+    done = sum(m.compact() for m in model.modules() if isinstance(m, Int4Linear))
+    trim()
+    log.debug("%d int4 linears hold only the CPU kernel's layout", done)
+    return done
 
 
 def dequantize_int4(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -6,14 +6,18 @@ submodules for loading (``runtime.hf_quantizer``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..core import packing
+from ..core import memory, packing
 from ..core.intweight import IntWeight
-from .backends import select_backend
+from ..kernels import cpu
+from .backends import ENV_VAR, get_backend, select_backend
+
+KERNEL_KEY = ("hubtool", "cpu")  # the prepared entry of hubtool's CPU kernel
 
 
 class Int4Linear(nn.Module):
@@ -59,6 +63,7 @@ class Int4Linear(nn.Module):
         else:
             self.bias = None
         self._prepared: dict[tuple[str, str], object] = {}
+        self._compact: cpu.Packed | None = None  # set by compact(): qweight lives only in this layout
         self.last_backend: str | None = None
 
     # -- construction -------------------------------------------------------------------------------
@@ -105,9 +110,65 @@ class Int4Linear(nn.Module):
         """The dense (N, K) weight."""
         return packing.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx_or_none(), dtype=dtype)
 
+    # -- compact storage on the CPU -----------------------------------------------------------------
+    def compact(self) -> bool:
+        """Keep the weight only in the CPU kernel's layout: repack now, drop ``qweight``; False where the kernel would not serve this layer.
+
+        ``qweight`` is rebuilt, bit for bit, wherever it is read (``state_dict``, ``packed_tensors``,
+        another backend, a move to another device). The pages it occupied in a memory-mapped checkpoint
+        stop counting in the process's memory, so a loaded model holds one copy of its int4 weights.
+        """
+        if self._compact is not None:
+            return True
+        qweight = self._buffers.get("qweight")
+        if qweight is None or qweight.device.type != "cpu" or qweight.is_meta:
+            return False
+        if self.backend not in (None, "hubtool") or os.environ.get(ENV_VAR, "auto") not in (
+            "auto",
+            "hubtool",
+        ):
+            return False
+        probe = torch.empty(0, self.in_features, dtype=torch.bfloat16)
+        if not get_backend("hubtool").supports(self, probe):
+            return False
+        packed = self._prepared.get(KERNEL_KEY) or get_backend("hubtool").prepare(self, qweight.device)
+        self._prepared[KERNEL_KEY] = self._compact = packed
+        del self._buffers["qweight"]
+        memory.release_file_pages(qweight)
+        return True
+
+    def expand(self) -> None:
+        """Undo :meth:`compact`: ``qweight`` is a buffer again (rebuilt from the kernel's layout)."""
+        if self._compact is not None:
+            qweight = self._rebuilt_qweight()
+            self._compact = None
+            self._buffers["qweight"] = qweight
+
+    def _rebuilt_qweight(self) -> torch.Tensor:
+        return packing.pack_codes(cpu.unrepack(self._compact))
+
+    def __getattr__(self, name: str):
+        if name == "qweight" and self.__dict__.get("_compact") is not None:
+            return self._rebuilt_qweight()
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "qweight" and self.__dict__.get("_compact") is not None:
+            self._compact = None
+            self._prepared.clear()
+            self._buffers["qweight"] = value
+            return
+        super().__setattr__(name, value)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401 - torch hook
+        if self._compact is not None:
+            destination[prefix + "qweight"] = self._rebuilt_qweight()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     # -- compute ------------------------------------------------------------------------------------
     def forget_prepared(self) -> None:
         """Drop the kernel layouts and the g_idx check made from older tensors (after the tensors change)."""
+        self.expand()
         self._prepared.clear()
         self._trivial = None
 
@@ -116,7 +177,7 @@ class Int4Linear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._prepared.clear()
+        self.forget_prepared()
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

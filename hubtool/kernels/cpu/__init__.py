@@ -191,6 +191,16 @@ def repack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size:
     return Packed(packed.to(torch.uint8).contiguous(), scales, zeros, group_size, n)
 
 
+def unrepack(p: Packed) -> torch.Tensor:
+    """The codes q uint8 (N, K) of a packed weight: the inverse of :func:`repack` for them."""
+    nb, half, _ = p.packed.shape
+    byte, nib = _byte_map()
+    picked = p.packed.to(torch.int32).index_select(2, byte.reshape(128))  # (nb, K/2, 128)
+    v = (picked >> (4 * nib).reshape(128).to(torch.int32)) & 0xF
+    q = v.view(nb, half, 4, 16, 2).permute(0, 2, 3, 1, 4).reshape(nb * BLOCK_N, 2 * half)
+    return q[: p.n].to(torch.uint8).contiguous()
+
+
 def int4_mm(x: torch.Tensor, p: Packed, isa: int | None = None, act: str | None = None) -> torch.Tensor:
     """(M, K) activations times the packed weight -> (M, N) in x's dtype (the custom op)."""
     level = forced_isa() if isa is None else isa
