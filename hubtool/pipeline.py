@@ -1,4 +1,4 @@
-"""``hubtool publish``: the stages chained — quantize, compare, evaluate, card, upload.
+"""``hubtool publish``: the stages chained — quantize, compare, evaluate, verify, card, upload.
 
 Each stage reads and writes the run folder; a stage whose results ``run.json`` already holds is kept
 (a finished run is reused only when it was made with the options asked for). Everything that can fail
@@ -20,6 +20,7 @@ from .stages.evaluate import run_eval
 from .stages.hub import check_access, check_dry_run_dir, check_repo_id, upload
 from .stages.public import check_base_model
 from .stages.quantize import parse_formats, quantize_options, run_quantize
+from .stages.verify import run_verify
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def publish(
     default_format: str | None = None,
     overwrite: bool = False,
     quantize_fn: Callable[[Any], rec.RunRecord] | None = None,
+    skip_verify: bool = False,
 ) -> rec.PublishRecord:
     """quantize -> compare -> evaluate -> card -> upload; a stage whose results run.json already holds is kept.
 
@@ -136,6 +138,19 @@ def publish(
     if tasks and (not rec.load(run_dir).evals or overwrite):
         log.info("evaluating %s", ", ".join(tasks))
         run_eval(run_dir, tasks, limit=limit)
+    if not skip_verify:
+        record = rec.load(run_dir)
+        todo = sorted(
+            {
+                f.name
+                for v in record.variants
+                for f in v.formats
+                if not rec.verify_results(record, v.name, f.name)
+            }
+        )
+        if todo:
+            log.info("verifying %s with the libraries their users load them with", ", ".join(todo))
+            run_verify(run_dir, formats=todo)
     return upload(
         run_dir,
         repo_id,
@@ -147,4 +162,5 @@ def publish(
         template=template,
         extras=extras,
         default_format=default_format,
+        skip_verify=skip_verify,
     )

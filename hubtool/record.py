@@ -185,6 +185,49 @@ class PublishRecord:
 
 
 @dataclass
+class VerifyResult:
+    """One format loaded by one library its users load it with, and checked against hubtool's int4 reference.
+
+    ``failed_check`` names the first check that failed: "reference" (no int4 reference could be built),
+    "library" (the loading library is not installed), "load", "modules" (a layer the record quantized is
+    not int4 in the loaded model, or one it did not is), "logits" (top-1 or relative error out of bounds),
+    "generate". ``files`` fingerprints the format's recorded files: a result counts only for those files.
+    """
+
+    variant: str
+    format: str
+    library: str  # what loaded it: "auto-round", "gptqmodel", "transformers" (after import hubtool), "hubtool.load"
+    version: str  # that library's version
+    device: str
+    passed: bool
+    failed_check: str | None = None
+    detail: str | None = None  # one line: why it failed, or a note (e.g. a fallback)
+    reference: str | None = None  # the format the int4 reference's codes were read from
+    dtype: str | None = None  # the dtype the loaded model computed in (the reference used the same)
+    positions: int = 0  # next-token positions compared
+    top1_agreement: float | None = None  # share of positions whose top-1 token equals the reference's
+    decisive_top1: float | None = None  # the same over positions whose reference top-1 leads clearly
+    max_rel_error: float | None = None  # max |logit - reference| / max |reference logit|
+    rel_error_bound: float | None = None
+    int4_modules: int = 0  # int4 layers the loaded model holds
+    expected_modules: int = 0  # int4 layers the record lists
+    missing_modules: list[str] = field(default_factory=list)  # listed but left 16-bit (first few)
+    extra_modules: list[str] = field(default_factory=list)  # int4 but not listed (first few)
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    files: str = ""  # fingerprint of the format's recorded files (format_fingerprint)
+    at: str | None = None
+
+
+def format_fingerprint(fmt: FormatRecord) -> str:
+    """A digest of a format's recorded files (paths and sha256): a verify result holds for these files only."""
+    h = hashlib.sha256()
+    for f in sorted(fmt.files, key=lambda f: f.path):
+        h.update(f"{f.path}:{f.sha256}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
 class RunRecord:
     """Everything one run made and measured."""
 
@@ -204,6 +247,7 @@ class RunRecord:
     card: FileRecord | None = None
     card_assets: list[FileRecord] = field(default_factory=list)  # files the card shows (chart, images)
     publish: PublishRecord | None = None
+    verify: list[VerifyResult] = field(default_factory=list)  # `hubtool verify`: one per format and library
     extras: dict[str, Any] = field(default_factory=dict)
 
     def variant(self, name: str) -> VariantRecord:
@@ -214,6 +258,40 @@ class RunRecord:
         raise HubtoolError(
             f"run has no variant {name!r}", "variants: " + ", ".join(v.name for v in self.variants)
         )
+
+
+def verify_results(record: RunRecord, variant: str, fmt: str) -> list[VerifyResult]:
+    """The verify results that hold for one format of one variant as its files are recorded now."""
+    v = next((x for x in record.variants if x.name == variant), None)
+    f = next((x for x in v.formats if x.name == fmt), None) if v else None
+    if f is None:
+        return []
+    current = format_fingerprint(f)
+    return [r for r in record.verify if r.variant == variant and r.format == fmt and r.files == current]
+
+
+def verify_problem(record: RunRecord, variant: str, fmt: str) -> str | None:
+    """Why a format may not be uploaded unverified (None: every library that loads it passed)."""
+    results = verify_results(record, variant, fmt)
+    if not results:
+        stale = any(r.variant == variant and r.format == fmt for r in record.verify)
+        return "its files changed since it was verified" if stale else "it was never verified"
+    failed = next((r for r in results if not r.passed), None)
+    if failed is not None:
+        why = f" ({failed.detail})" if failed.detail else ""
+        return f"check {failed.failed_check!r} failed with {failed.library}{why}"
+    return None
+
+
+def verified_with(record: RunRecord, variant: str, fmt: str) -> str:
+    """The card's words: "verified with auto-round 0.16.1 on cpu", or "not verified"."""
+    results = verify_results(record, variant, fmt)
+    if not results or not all(r.passed for r in results):
+        return "not verified"
+    parts = [
+        f"{r.library} {r.version} on {r.device}" + (f" ({r.detail})" if r.detail else "") for r in results
+    ]
+    return "verified with " + "; ".join(parts)
 
 
 DTYPE_LABELS = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32"}

@@ -3,6 +3,7 @@
 Parts (``--only`` picks some): ``rtn`` (issue 2: a real PyPI model, bf16 vs RTN int4 perplexity on held-out
 text, quantization wall time and peak RSS, on-disk size, CPU decode tokens/s), ``kernels`` (int4 matmul
 kernels vs bf16/fp32 matmul and torch's built-in), ``signround`` (SignRound vs auto-round on the same model),
+``verify`` (issue 14: `hubtool verify` on the same model's RTN exports, seconds per format and library),
 ``scale`` (issue 18: quantize, load and decode the Llama-3.2-3B shape, and Llama-3.1-8B with ``--big``; see
 ``scripts/bench_scale.py``).
 """
@@ -129,10 +130,47 @@ def print_rtn(r: dict) -> None:
     print(line)
 
 
+def bench_verify(work: Path) -> dict:
+    """`hubtool verify` on a real model's RTN exports: seconds per format and library, and its figures."""
+    from hubtool.stages.verify import run_verify
+
+    run = work / "verify"
+    wall, _ = _hubtool("quantize", MODEL, "-o", str(run), "--method", "rtn", "--overwrite")
+    t0 = time.perf_counter()
+    results = run_verify(run)
+    total = time.perf_counter() - t0
+    rows = [
+        {
+            "format": r.format,
+            "library": f"{r.library} {r.version}",
+            "seconds": r.seconds,
+            "passed": r.passed,
+            "failed_check": r.failed_check,
+            "max_rel_error": r.max_rel_error,
+            "top1": r.top1_agreement,
+            "dtype": r.dtype,
+        }
+        for r in results
+    ]
+    return {"model": MODEL, "quantize_seconds": wall, "verify_seconds": total, "formats": rows}
+
+
+def print_verify(r: dict) -> None:
+    """Print the verify part: one line per format and library."""
+    print(f"\n== hubtool verify on {r['model']} (RTN exports; {r['verify_seconds']:.1f} s in all, "
+          "the int4 reference included) ==")  # fmt: skip
+    for row in r["formats"]:
+        err = f"{row['max_rel_error']:.2e}" if row["max_rel_error"] is not None else "-"
+        top1 = f"{row['top1']:.3f}" if row["top1"] is not None else "-"
+        state = "pass" if row["passed"] else f"FAIL {row['failed_check']}"
+        print(f"  {row['format']:<11} {row['library']:<24} {row['seconds']:6.1f} s  top-1 {top1}  "
+              f"max rel. error {err} ({row['dtype']})  {state}")  # fmt: skip
+
+
 def main() -> int:
     """Run the chosen benchmark parts and print (and optionally write) their results."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", default="rtn,kernels,signround,scale", help="comma-separated parts")
+    ap.add_argument("--only", default="rtn,kernels,verify,signround,scale", help="comma-separated parts")
     ap.add_argument("--big", action="store_true", help="scale: also the Llama-3.1-8B shape")
     ap.add_argument("--json", type=Path, help="write all results here")
     ap.add_argument("--ppl-chunks", type=int, default=16)
@@ -150,6 +188,9 @@ def main() -> int:
         if "rtn" in parts:
             results["rtn"] = bench_rtn(work, args.ppl_chunks, args.new_tokens)
             print_rtn(results["rtn"])
+        if "verify" in parts:
+            results["verify"] = bench_verify(work)
+            print_verify(results["verify"])
         if "signround" in parts:
             out = work / "signround.json"
             subprocess.run(

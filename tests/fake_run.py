@@ -34,8 +34,9 @@ def make_run(
     evals: bool = True,
     source_kind: str = "hub",
     weights_bytes: int = 40_000,
+    verified: bool = True,
 ) -> rec.RunRecord:
-    """Write a finished run into ``run_dir`` and return its record."""
+    """Write a finished run into ``run_dir`` and return its record (every format verified, unless not asked)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     names = ["int4"] if variants == 1 else [f"int4-calib{chr(97 + i)}" for i in range(variants)]
@@ -152,5 +153,24 @@ def make_run(
                     "heldout", "perplexity", "perplexity", m, ppl, None, 37, False, {"primary": True}
                 )
             )
+    if verified:
+        mark_verified(record)
     rec.save(record, run_dir)
     return record
+
+
+def mark_verified(record: rec.RunRecord) -> None:
+    """Give every format of ``record`` a passing verify result for its files as recorded now (not saved)."""
+    record.verify = [
+        rec.VerifyResult(
+            v.name,
+            f.name,
+            library=FORMATS[f.name].loads_with,
+            version="9.8.7",
+            device="cpu",
+            passed=True,
+            files=rec.format_fingerprint(f),
+        )
+        for v in record.variants
+        for f in v.formats
+    ]

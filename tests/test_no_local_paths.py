@@ -83,6 +83,7 @@ def made(tmp_path_factory, tiny_models):
         ["quantize", src, "-o", run_dir, *quantize],
         ["compare", run_dir, "--prompts", prompts],
         ["eval", run_dir, "--tasks", "ppl", "--limit", "2", "--seqlen", "32"],
+        ["verify", run_dir],
     ]
     root = logging.getLogger()
     handlers, level, sys_argv = root.handlers[:], root.level, sys.argv

@@ -39,6 +39,7 @@ PUBLISH_ONLY = {
     "limit",
     "base_model",
     "config",
+    "skip_verify",
 }
 
 

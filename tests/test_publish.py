@@ -21,7 +21,7 @@ from hubtool import record as rec
 from hubtool.errors import HubtoolError
 from hubtool.stages.hub import upload
 from hubtool.stages.revisions import default_tag
-from tests.fake_run import make_run
+from tests.fake_run import make_run, mark_verified
 from tests.hubserver import HubServer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # in the client
@@ -117,6 +117,7 @@ def test_changed_file_is_committed_again_and_tag_conflicts_are_refused(hub, run)
     cfg = run / fmt.path / "config.json"
     cfg.write_text(cfg.read_text().replace('"bits": 4', '"bits": 4, "note": "v2"'))
     fmt.files = rec.file_records(run / fmt.path, run)
+    mark_verified(record)  # and verified again
     rec.save(record, run)
     with pytest.raises(HubtoolError, match="tag v1-auto_gptq already points"):
         upload(run, REPO, endpoint=hub.url, tag="v1")

@@ -1,4 +1,4 @@
-"""`hubtool card`, `hubtool upload` and `hubtool publish`: the model card and the Hub.
+"""`hubtool card`, `hubtool verify`, `hubtool upload` and `hubtool publish`: the model card and the Hub.
 
 Options default to ./hubtool.toml (or ``--config PATH``); flags override it. The token comes from
 ``HF_TOKEN`` or the login cache, never from the command line (so it cannot land in run.json's command).
@@ -24,6 +24,8 @@ BASE_MODEL_HELP = (
     "Hub id of the model this one quantizes: the card's base_model, and how it names a local SOURCE "
     "(default: hubtool.toml's [card] base_model, else a Hub SOURCE's id, else the folder's name)."
 )
+
+SKIP_VERIFY_HELP = "Upload formats that failed `hubtool verify` or were never verified (the card says so)."
 
 
 def _config(path: Path | None) -> dict[str, Any]:
@@ -71,6 +73,7 @@ def upload_cmd(
     default_format: str = typer.Option(None, help="Format that goes to main (default: auto_round)."),
     base_model: str = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    skip_verify: bool = typer.Option(False, "--skip-verify", help=SKIP_VERIFY_HELP),
 ) -> None:
     """Publish RUN_DIR: each format on its own branch and tag, the card and the default format on main."""
     from ..stages.hub import upload
@@ -97,6 +100,7 @@ def upload_cmd(
         template=Path(cfg["template"]) if cfg.get("template") else None,
         extras=cfg.get("card") or None,
         default_format=cfg.get("default_format"),
+        skip_verify=skip_verify,
     )
     _show(result, run_dir, dry_run)
 
@@ -124,6 +128,7 @@ def publish_cmd(
     overwrite: bool = typer.Option(False, help="Redo every stage even if RUN_DIR already holds its results."),
     base_model: str = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    skip_verify: bool = typer.Option(False, "--skip-verify", help=SKIP_VERIFY_HELP),
     **options: Any,
 ) -> None:
     """quantize -> compare -> eval -> card -> upload, in one command (driven by hubtool.toml if present)."""
@@ -169,8 +174,40 @@ def publish_cmd(
         default_format=cfg.get("default_format"),
         overwrite=overwrite,
         quantize_fn=run_with_progress,
+        skip_verify=skip_verify,
     )
     _show(result, Path(cfg["run_dir"]) if cfg.get("run_dir") else Path("runs") / repo.split("/")[-1], dry_run)
+
+
+def verify_cmd(
+    run_dir: Path = typer.Argument(..., help="Run folder (holds run.json)."),
+    formats: str = typer.Option(None, "--formats", help="Comma-separated formats (default: every one)."),
+) -> None:
+    """Load each exported format with the library its users load it with and check it (results in run.json)."""
+    from ..stages.verify import run_verify
+
+    chosen = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
+    results = run_verify(run_dir, formats=chosen)
+    table = Table(title=f"verify {run_dir}")
+    for col in ("format", "variant", "library", "device", "top-1", "max rel. error", "int4 layers", "result"):
+        table.add_column(col)
+    for r in results:
+        err = f"{r.max_rel_error:.2e} (≤ {r.rel_error_bound:g})" if r.max_rel_error is not None else "-"
+        top1 = f"{r.top1_agreement:.3f}" if r.top1_agreement is not None else "-"
+        state = "pass" if r.passed else f"FAIL {r.failed_check}: {r.detail}"
+        table.add_row(
+            r.format, r.variant, f"{r.library} {r.version}", r.device, top1, err,
+            f"{r.int4_modules}/{r.expected_modules}", state,
+        )  # fmt: skip
+    console.print(table)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        first = failed[0]
+        raise HubtoolError(
+            f"verify failed: {first.format} ({first.variant}) with {first.library}: "
+            f"check {first.failed_check!r}: {first.detail}",
+            "`hubtool upload` refuses it; re-export it (hubtool quantize --overwrite) or pass --skip-verify",
+        )
 
 
 def _need(cfg: dict[str, Any], key: str, flag: str) -> str:
@@ -197,7 +234,8 @@ def _show(result, run_dir: Path, dry_run: Path | None) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add `card`, `upload` and `publish` to the app."""
+    """Add `card`, `verify`, `upload` and `publish` to the app."""
     app.command("card")(card_cmd)
+    app.command("verify")(verify_cmd)
     app.command("upload")(upload_cmd)
     app.command("publish")(publish_cmd)

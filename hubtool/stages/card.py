@@ -428,6 +428,7 @@ def _revisions(record: rec.RunRecord, extras: dict[str, Any]) -> list[dict[str, 
                 "main": r.revision == "main",
                 "install": info.card_install,
                 "import": info.card_import,
+                "verified": rec.verified_with(record, r.variant, r.format),
             }
         )
     return out

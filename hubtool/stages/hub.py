@@ -158,8 +158,12 @@ def upload(
     template: Path | None = None,
     extras: dict[str, Any] | None = None,
     default_format: str | None = None,
+    skip_verify: bool = False,
 ) -> rec.PublishRecord:
     """Publish RUN_DIR to ``repo_id`` (branches and tags per format, card on main), verify, record it.
+
+    A format without a passing `hubtool verify` result for its current files is refused (one line naming
+    the format and the failing check) unless ``skip_verify``; the card then says it was not verified.
 
     Every check comes before the first remote write: each local file against the record, the card
     (rendered as it will be published, so a broken or unsafe template stops here), the token and the
@@ -177,6 +181,8 @@ def upload(
     check_no_local_paths(build_plan(record, run_dir, revisions, card=False), record, run_dir)
     if dry_run is not None:
         return _dry_run(run_dir, repo_id, revisions, Path(dry_run), template, extras)
+    if not skip_verify:
+        check_verified(record, revisions)
 
     from .card import check_card, write_card
 
@@ -243,6 +249,18 @@ def upload(
     for line in describe_plan(plans, repo_id):
         log.info("published %s", line)
     return record.publish
+
+
+def check_verified(record: rec.RunRecord, revisions: list[rec.PublishedRevision]) -> None:
+    """Refuse to upload a format that failed `hubtool verify` or was never verified (one line, the first)."""
+    for r in revisions:
+        why = rec.verify_problem(record, r.variant, r.format)
+        if why:
+            raise HubtoolError(
+                f"not uploading format {r.format} ({r.variant}): {why}",
+                "run `hubtool verify RUN_DIR` and fix the export, or pass --skip-verify (the card then says "
+                "it was not verified)",
+            )
 
 
 def check_access(repo_id: str, *, endpoint: str | None = None, token: str | None = None) -> str:
