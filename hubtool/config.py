@@ -9,6 +9,7 @@ Command-line flags override it. Every key is optional::
     private = false
     tag = "v1.0.0"                              # default: the hubtool version (release.yml passes the release tag)
     default_format = "auto_round"               # the format that goes to main
+    layout = "revisions"                        # or "repos": a repo per format, grouped in a collection
     calibrations = ["builtin"]                  # one int4 variant per calibration set
     prompts = "prompts.yaml"
     tasks = ["ppl"]
@@ -34,10 +35,11 @@ from typing import Any
 from .errors import HubtoolError
 from .stages.public import check_base_model
 from .stages.quantize import SPEC_KEYS, check_options
+from .stages.revisions import check_layout
 
 CONFIG_NAME = "hubtool.toml"
 PATH_KEYS = {"run_dir", "prompts", "template"}
-STR_KEYS = {"source", "repo_id", "endpoint", "tag", "default_format"}
+STR_KEYS = {"source", "repo_id", "endpoint", "tag", "default_format", "layout"}
 LIST_KEYS = {"calibrations", "tasks"}
 TABLE_KEYS = {"spec", "card"}
 CARD_KEYS = {
@@ -108,6 +110,11 @@ def _validate(data: dict[str, Any], path: Path) -> dict[str, Any]:
                 value = [value]
             if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise HubtoolError(f"{path}: {key} must be a list of strings")
+        if key == "layout":
+            try:
+                check_layout(value)
+            except HubtoolError as exc:
+                raise HubtoolError(f"{path}: {exc.message.removeprefix('--')}", exc.hint) from None
         if key == "private" and not isinstance(value, bool):
             raise HubtoolError(f"{path}: private must be true or false")
         if key == "limit" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):

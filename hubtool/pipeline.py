@@ -20,6 +20,7 @@ from .stages.evaluate import run_eval
 from .stages.hub import check_access, check_dry_run_dir, check_repo_id, upload
 from .stages.public import check_base_model
 from .stages.quantize import parse_formats, quantize_options, run_quantize
+from .stages.revisions import check_layout
 from .stages.verify import run_verify
 
 log = logging.getLogger(__name__)
@@ -105,14 +106,16 @@ def publish(
     overwrite: bool = False,
     quantize_fn: Callable[[Any], rec.RunRecord] | None = None,
     skip_verify: bool = False,
+    layout: str | None = None,
 ) -> rec.PublishRecord:
     """quantize -> compare -> evaluate -> card -> upload; a stage whose results run.json already holds is kept.
 
     ``spec`` holds `hubtool quantize` options (QuantizeOptions fields); ``quantize_fn`` replaces
-    ``pipeline.run_quantize`` (the CLI passes one that draws a progress bar).
+    ``pipeline.run_quantize`` (the CLI passes one that draws a progress bar); ``layout``: as for ``upload``.
     """
     run_dir = Path(run_dir or Path("runs") / repo_id.split("/")[-1])
     check_repo_id(repo_id)
+    layout = check_layout(layout)
     given = {k.replace("-", "_") for k, v in (spec or {}).items() if v is not None}
     opts = quantize_options(
         source, run_dir, spec, calib=list(calibrations) if calibrations else None, overwrite=overwrite or None
@@ -163,4 +166,5 @@ def publish(
         extras=extras,
         default_format=default_format,
         skip_verify=skip_verify,
+        layout=layout,
     )

@@ -163,25 +163,28 @@ class TaskResult:
 
 @dataclass
 class PublishedRevision:
-    """One revision of the Hub repo: which format, which branch/tag, which commit."""
+    """One published revision: which format, which branch/tag, which commit (layout "repos": which repo)."""
 
     format: str
     variant: str
-    revision: str  # branch name ("main" for the default format)
+    revision: str  # branch name ("main" for the default format, and for every repo of the "repos" layout)
     tag: str | None = None
     commit: str | None = None
+    repo_id: str | None = None  # layout "repos": the format's own repo (None: the PublishRecord's repo_id)
 
 
 @dataclass
 class PublishRecord:
     """Where the run was published."""
 
-    repo_id: str
+    repo_id: str  # layout "repos": the set's name (--repo-id), each format's repo is named from it
     endpoint: str
     private: bool = False
     revisions: list[PublishedRevision] = field(default_factory=list)
     verified: bool = False
     at: str | None = None
+    layout: str = "revisions"  # "revisions": one repo, a revision per format; "repos": a repo per format
+    collection: str | None = None  # layout "repos": the slug of the collection that holds the repos
 
 
 @dataclass

@@ -3,8 +3,8 @@
 It speaks the part of the Hub's HTTP API that ``huggingface_hub.HfApi`` uses to publish and read a model
 repo with classic Git LFS (the client must run with ``HF_HUB_DISABLE_XET=1``): whoami, repo creation,
 YAML validation, preupload, the LFS batch API with self-authorizing upload links and a verify step, NDJSON
-commits (base64 and LFS files), branches, tags, refs, repo info, tree, commit lists, paths-info and
-``HEAD``/``GET`` on ``resolve``. Repos live in memory; commit ids are sha1s of the commit's content and
+commits (base64 and LFS files), branches, tags, refs, repo info, tree, commit lists, paths-info,
+``HEAD``/``GET`` on ``resolve`` and collections (create, get, add and delete an item). Repos live in memory; commit ids are sha1s of the commit's content and
 file ids are git blob ids (sha256 for LFS objects), as on the Hub.
 
 Faults can be injected per request (an HTTP status, or a connection dropped after part of the body).
@@ -129,6 +129,29 @@ class Repo:
 
 
 @dataclass
+class CollectionItem:
+    """One item of a collection: the Hub's object id, the repo id and its type."""
+
+    object_id: str
+    item_id: str
+    item_type: str
+    note: str | None = None
+
+
+@dataclass
+class Collection:
+    """A collection: slug (``namespace/title-slug-<24 hex>``), title, owner namespace and its items in order."""
+
+    slug: str
+    title: str
+    namespace: str
+    description: str | None = None
+    private: bool = False
+    items: list[CollectionItem] = field(default_factory=list)
+    updated: str = ""
+
+
+@dataclass
 class User:
     """A token's user and the organizations it can write to."""
 
@@ -155,6 +178,7 @@ class HubState:
         self.lock = threading.RLock()
         self.users: dict[str, User] = {}
         self.repos: dict[str, Repo] = {}
+        self.collections: dict[str, Collection] = {}  # slug -> collection
         self.blobs: dict[str, bytes] = {}  # git oid -> content (regular files and pointers)
         self.objects: dict[str, bytes] = {}  # sha256 -> LFS content
         self.faults: list[Fault] = []
@@ -197,6 +221,11 @@ class HubState:
         """How many logged requests match ``method`` and the regex ``pattern``."""
         with self.lock:
             return sum(1 for m, p, _ in self.requests if m == method and re.search(pattern, p))
+
+    def collection_items(self, slug: str) -> list[str]:
+        """The item ids of a collection, in order."""
+        with self.lock:
+            return [i.item_id for i in self.collections[slug].items]
 
     def file_bytes(self, repo_id: str, revision: str, path: str) -> bytes:
         """Content of a file at a revision."""
@@ -718,6 +747,128 @@ class Handler(BaseHTTPRequestHandler):
                 return
         self._send(200, {})
 
+    # -- collections -----------------------------------------------------------------------------
+    def _collection_json(self, c: Collection) -> dict:
+        return {
+            "slug": c.slug,
+            "title": c.title,
+            "description": c.description,
+            "owner": {
+                "name": c.namespace,
+                "type": "org" if c.namespace not in self._user_names() else "user",
+            },
+            "items": [
+                {
+                    "_id": i.object_id,
+                    "id": i.item_id,
+                    "type": i.item_type,
+                    "position": n,
+                    **({"note": {"text": i.note, "html": i.note}} if i.note else {}),
+                }
+                for n, i in enumerate(c.items)
+            ],
+            "lastUpdated": c.updated,
+            "position": 0,
+            "private": c.private,
+            "theme": "default",
+            "upvotes": 0,
+            "isUpvotedByUser": False,
+        }
+
+    def _user_names(self) -> set[str]:
+        return {u.name for u in self.state.users.values()}
+
+    def _collection(self, user, slug: str, write: bool = False) -> Collection | None:
+        c = self.state.collections.get(slug)
+        can_write = bool(user) and c is not None and (c.namespace == user.name or c.namespace in user.orgs)
+        if c is None or (c.private and not can_write):
+            self._error(404, "Collection not found")
+            return None
+        if write and not user:
+            self._error(401, "You must be authenticated to change a collection")
+            return None
+        if write and not can_write:
+            self._error(403, f"You don't have the rights to change the collection {slug}")
+            return None
+        return c
+
+    def r_collection_create(self, user) -> None:
+        """Create a collection in the caller's namespace or one of its orgs (409 with its slug if the title is
+        taken there)."""
+        payload = json.loads(self._read_body() or b"{}")
+        if not user:
+            self._error(401, "You must be authenticated to create a collection")
+            return
+        ns, title = payload.get("namespace") or user.name, str(payload["title"])
+        if ns != user.name and ns not in user.orgs:
+            self._error(403, f"You don't have the rights to create a collection under {ns!r}")
+            return
+        if not title.strip():
+            self._error(400, "title must not be empty")
+            return
+        with self.state.lock:
+            same = next(
+                (c for c in self.state.collections.values() if c.namespace == ns and c.title == title), None
+            )
+            if same is not None:
+                msg = "Collection already exists"
+                self._send(409, {"error": msg, "slug": same.slug}, {"X-Error-Message": msg})
+                return
+            words = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "collection"
+            slug = f"{ns}/{words}-{secrets.token_hex(12)}"
+            c = Collection(
+                slug, title, ns, payload.get("description"), bool(payload.get("private")), [], _now()
+            )
+            self.state.collections[slug] = c
+            body = self._collection_json(c)
+        self._send(200, body)
+
+    def r_collection(self, user, slug: str) -> None:
+        """A collection with every item."""
+        with self.state.lock:
+            c = self._collection(user, slug)
+            if c is None:
+                return
+            body = self._collection_json(c)
+        self._send(200, body)
+
+    def r_collection_add(self, user, slug: str) -> None:
+        """Add an item (404 if the repo does not exist or the caller cannot see it, 409 if it is in already)."""
+        payload = json.loads(self._read_body() or b"{}")
+        with self.state.lock:
+            c = self._collection(user, slug, write=True)
+            if c is None:
+                return
+            item_id, item_type = payload["item"]["id"], payload["item"]["type"]
+            if item_type == "model":
+                repo = self.state.repos.get(item_id)
+                visible = repo is not None and (
+                    not repo.private or (bool(user) and (repo.owner == user.name or repo.owner in user.orgs))
+                )
+                if not visible:
+                    self._error(404, f"Repository not found: {item_id}", "RepoNotFound")
+                    return
+            if any(i.item_id == item_id and i.item_type == item_type for i in c.items):
+                self._error(409, "Item already exists in the collection")
+                return
+            c.items.append(CollectionItem(secrets.token_hex(12), item_id, item_type, payload.get("note")))
+            c.updated = _now()
+            body = self._collection_json(c)
+        self._send(200, body)
+
+    def r_collection_delete_item(self, user, slug: str, object_id: str) -> None:
+        """Remove an item by its object id."""
+        with self.state.lock:
+            c = self._collection(user, slug, write=True)
+            if c is None:
+                return
+            kept = [i for i in c.items if i.object_id != object_id]
+            if len(kept) == len(c.items):
+                self._error(404, "Item not found")
+                return
+            c.items, c.updated = kept, _now()
+        self._send(200, {"success": True})
+
     def r_resolve(self, user, repo_id: str, revision: str, path: str) -> None:
         """HEAD/GET a file at a revision, with X-Repo-Commit, ETag and the LFS linked headers."""
         head = self.command == "HEAD"
@@ -802,6 +953,10 @@ ROUTES: list[tuple[str, str, str]] = [
     ("PUT", rf"/lfs-upload/{NAME}/([0-9a-f]{{64}})", "lfs_put"),
     ("POST", rf"/lfs-verify/{NAME}", "lfs_verify"),
     ("GET", rf"/{NAME}/resolve/{REV}/(.+)", "resolve"),
+    ("POST", r"/api/collections", "collection_create"),
+    ("GET", rf"/api/collections/{NAME}", "collection"),
+    ("POST", rf"/api/collections/{NAME}/items", "collection_add"),
+    ("DELETE", rf"/api/collections/{NAME}/items/([0-9a-f]+)", "collection_delete_item"),
 ]
 
 

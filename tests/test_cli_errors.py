@@ -192,3 +192,17 @@ def test_publish_empty_run_dir_is_refused(capsys, tmp_path, monkeypatch):
     code, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, f"{tmp_path / 'hubtool.toml'}: run_dir is empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hubtool.toml"]
+
+
+@pytest.mark.parametrize("command", ["upload", "publish"])
+def test_unknown_layout_is_refused_before_any_work(capsys, tmp_path, monkeypatch, command):
+    """`--layout` (flag or hubtool.toml) names revisions or repos; anything else is one line, nothing done."""
+    monkeypatch.chdir(tmp_path)
+    target = str(tmp_path / "run") if command == "upload" else "acme/tiny-chat"
+    argv = [command, target, "--repo-id", "acme/x", "--dry-run", str(tmp_path / "dry")]
+    code, err = run_cli(capsys, *argv, "--layout", "branches")
+    assert_one_line_error(code, err, "--layout 'branches' is not a layout", "revisions, repos")
+    (tmp_path / "hubtool.toml").write_text('layout = "repo"\n')
+    code, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, f"{tmp_path / 'hubtool.toml'}: layout 'repo' is not a layout")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hubtool.toml"]

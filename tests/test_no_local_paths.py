@@ -370,3 +370,24 @@ def test_upload_refuses_an_export_that_names_a_local_path(tmp_path):
         upload(run_dir, "acme/x", dry_run=tmp_path / "dry")
     assert info.value.message.startswith(f"{config} names the local path {src.parent / 'data'}")
     assert "--overwrite" in info.value.hint and not (tmp_path / "dry").exists()
+
+
+@pytest.mark.parametrize("kind", ["dir", "gguf", "hub"])
+def test_repos_layout_publishes_no_local_path(hub, tmp_path, kind):
+    """A repo per format (`--layout repos`): no file of any repo, no card (the whole record printed by a
+    template included) and no commit message names a local path."""
+    from hubtool.stages.hub import upload
+
+    src = tmp_path / f"{MARKER}-models" / ("tiny.Q4_1.gguf" if kind == "gguf" else "tiny-src")
+    run_dir = tmp_path / f"{MARKER}-runs" / "run"
+    _local_run(run_dir, src, kind)
+    template = tmp_path / f"{MARKER}-tpl" / "dump.md.j2"
+    template.parent.mkdir()
+    template.write_text(DUMP + '{% include "partials/revisions.md.j2" %}\n')
+    result = upload(run_dir, "acme/x", endpoint=hub.url, layout="repos", template=template)
+    repos = [r.repo_id for r in result.revisions]
+    assert sorted(hub.state.repos) == sorted(repos) and len(repos) == 4
+    paths = sorted({str(tmp_path), str(src), str(run_dir), MARKER, str(Path.home())})
+    for repo in repos:
+        assert_no_local_path(published(hub, repo), paths)
+        assert "## Siblings" in hub.state.file_bytes(repo, "main", "README.md").decode()

@@ -40,6 +40,7 @@ PUBLISH_ONLY = {
     "base_model",
     "config",
     "skip_verify",
+    "layout",
 }
 
 

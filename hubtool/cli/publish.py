@@ -16,6 +16,7 @@ from ..config import load_config, merged
 from ..errors import HubtoolError
 from ..rundir import output_path
 from ..stages.public import check_base_model
+from ..stages.revisions import check_layout
 from .common import console
 from .quantize import run_with_progress, takes_options
 
@@ -26,6 +27,10 @@ BASE_MODEL_HELP = (
 )
 
 SKIP_VERIFY_HELP = "Upload formats that failed `hubtool verify` or were never verified (the card says so)."
+LAYOUT_HELP = (
+    "revisions: one repo, each format on its own branch and tag (default). repos: a repo per format "
+    "(ORG/NAME-AutoRound, ORG/NAME-GPTQ, ...), each with its own card, grouped in one collection."
+)
 
 
 def _config(path: Path | None) -> dict[str, Any]:
@@ -74,6 +79,7 @@ def upload_cmd(
     base_model: str = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
     skip_verify: bool = typer.Option(False, "--skip-verify", help=SKIP_VERIFY_HELP),
+    layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
 ) -> None:
     """Publish RUN_DIR: each format on its own branch and tag, the card and the default format on main."""
     from ..stages.hub import upload
@@ -88,6 +94,7 @@ def upload_cmd(
         tag=tag,
         template=str(template) if template else None,
         default_format=default_format,
+        layout=check_layout(layout) if layout is not None else None,
     )
     repo = _need(cfg, "repo_id", "--repo-id")
     result = upload(
@@ -101,6 +108,7 @@ def upload_cmd(
         extras=cfg.get("card") or None,
         default_format=cfg.get("default_format"),
         skip_verify=skip_verify,
+        layout=cfg.get("layout"),
     )
     _show(result, run_dir, dry_run)
 
@@ -129,6 +137,7 @@ def publish_cmd(
     base_model: str = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
     skip_verify: bool = typer.Option(False, "--skip-verify", help=SKIP_VERIFY_HELP),
+    layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
     **options: Any,
 ) -> None:
     """quantize -> compare -> eval -> card -> upload, in one command (driven by hubtool.toml if present)."""
@@ -154,6 +163,7 @@ def publish_cmd(
         limit=limit,
         spec=options,
         card=card,
+        layout=check_layout(layout) if layout is not None else None,
     )
     repo = _need(cfg, "repo_id", "--repo-id")
     result = publish(
@@ -175,6 +185,7 @@ def publish_cmd(
         overwrite=overwrite,
         quantize_fn=run_with_progress,
         skip_verify=skip_verify,
+        layout=cfg.get("layout"),
     )
     _show(result, Path(cfg["run_dir"]) if cfg.get("run_dir") else Path("runs") / repo.split("/")[-1], dry_run)
 
@@ -218,15 +229,24 @@ def _need(cfg: dict[str, Any], key: str, flag: str) -> str:
 
 
 def _show(result, run_dir: Path, dry_run: Path | None) -> None:
+    repos = result.layout == "repos"
     table = Table(title=f"{result.repo_id}" + (" (dry run)" if dry_run else ""), show_lines=False)
-    for col in ("revision", "tag", "format", "variant", "commit"):
+    for col in ("repo" if repos else "revision", "tag", "format", "variant", "commit"):
         table.add_column(col)
     for r in result.revisions:
-        table.add_row(r.revision, r.tag or "-", r.format, r.variant, r.commit or "-")
+        table.add_row(r.repo_id if repos else r.revision, r.tag or "-", r.format, r.variant, r.commit or "-")
     console.print(table)
-    if dry_run:
+    if dry_run and repos:
+        console.print(f"dry run: repo trees, each with its card, in {dry_run}/<repo name>/")
+    elif dry_run:
         console.print(
             f"dry run: revision trees in {dry_run}/<revision>/, the card in {dry_run}/main/README.md"
+        )
+    elif repos:
+        state = "verified" if result.verified else "NOT verified"
+        cards = Path(run_dir) / "card" / "repos"
+        console.print(
+            f"{state}; collection: {result.collection}; cards: {cards}; endpoint: {result.endpoint}"
         )
     else:
         state = "verified" if result.verified else "NOT verified"

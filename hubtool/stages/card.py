@@ -7,6 +7,11 @@ with huggingface_hub's ``ModelCardData`` / ``EvalResult`` so that the Hub's pars
 ``write_card`` writes ``RUN_DIR/card/``: ``README.md``, the eval chart ``eval_chart.png`` and the prompt
 images the card shows, and records their hashes in ``run.json`` (``card`` and ``card_assets``); card extras
 and a user template's path are kept in ``run.json`` too, so a later re-render gives the same card.
+
+Published as a repo per format (layout "repos", read from the record's publish entry), each repo gets its
+own card (``write_repo_cards``: ``card/repos/<repo name>/README.md``): the same comparison and eval tables,
+the usage snippet and metadata of its own format and variant, and a "Siblings" section that links the
+other repos of the set instead of the revision table. ``card/README.md`` is then the first repo's card.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 from .. import record as rec
 from ..__about__ import __version__
 from ..core.fsio import atomic_write_text
+from ..errors import HubtoolError
 from ..formats.table import FORMATS
 from ..record import source_label
 from .card_template import check_template_file, render_template
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 
 CARD_DIR = "card"
 CARD_NAME = "README.md"
+REPOS_DIR = "repos"  # layout "repos": card/repos/<repo name>/README.md, one card per repo
+HUB_URL = "https://huggingface.co"  # where the card links Hub repos
 CHART_NAME = "eval_chart.png"
 PLACEHOLDER_REPO = "ORG/NAME"
 HUB_LICENSES = {
@@ -101,14 +109,18 @@ def check_card(
     extras: dict[str, Any] | None = None,
     repo_id: str | None = None,
     publish: rec.PublishRecord | None = None,
+    repo: str | None = None,
 ) -> str:
-    """The card ``write_card`` would write (``publish``: the record's publish entry to assume), in memory only."""
+    """The card ``write_card`` would write, in memory only.
+
+    ``publish``: the record's publish entry to assume; ``repo``: the repo whose card it is (layout "repos").
+    """
     run_dir = Path(run_dir)
     record = rec.load(run_dir)
     if publish is not None:
         record.publish = publish
     template = _remember(record, template, extras, repo_id)
-    text, _ = _render_record(record, run_dir, template)
+    text, _ = _render_record(record, run_dir, template, repo)
     return text
 
 
@@ -126,15 +138,22 @@ def write_card(
     repo_id: str | None = None,
     out_dir: Path | None = None,
     save_record: bool = True,
+    publish: rec.PublishRecord | None = None,
+    repo: str | None = None,
 ) -> Path:
     """Render the card into ``RUN_DIR/card/`` (or ``out_dir``) with its chart and images; record their hashes.
 
     The card is rendered before anything is written, so a template that fails leaves the folder as it was.
+    ``publish`` and ``repo`` (into ``out_dir`` only, as a dry run does): as for ``check_card``.
     """
     run_dir = Path(run_dir)
     record = rec.load(run_dir)
+    if publish is not None or repo is not None:
+        if out_dir is None or save_record:
+            raise ValueError("write_card: publish= and repo= render into out_dir, without saving the record")
+        record.publish = publish or record.publish
     template = _remember(record, template, extras, repo_id)
-    text, chart = _render_record(record, run_dir, template)
+    text, chart = _render_record(record, run_dir, template, repo)
     dest = Path(out_dir) if out_dir is not None else run_dir / CARD_DIR
     dest.mkdir(parents=True, exist_ok=True)
     if chart is None or not write_chart(record, dest / CHART_NAME):
@@ -180,11 +199,50 @@ def _remember(
     return template
 
 
-def _render_record(record: rec.RunRecord, run_dir: Path, template: Path | None) -> tuple[str, str | None]:
-    """The card's text for ``record`` and the chart it links to (None when there are no evals)."""
+def write_repo_cards(
+    run_dir: Path,
+    template: Path | None = None,
+    *,
+    extras: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+) -> dict[str, rec.FileRecord]:
+    """Layout "repos": each repo's card into ``RUN_DIR/card/repos/<repo name>/README.md``; their files by repo.
+
+    The repos are the record's publish entry's. The chart and the images stay in ``card/`` (``write_card``
+    writes them). Every card is rendered before the first is written.
+    """
+    run_dir = Path(run_dir)
+    record = rec.load(run_dir)
+    if record.publish is None or record.publish.layout != "repos":
+        raise HubtoolError(
+            f"{run_dir} was not planned as a repo per format", "run `hubtool upload --layout repos`"
+        )
+    template = _remember(record, template, extras, repo_id)
+    texts = {
+        r.repo_id: _render_record(record, run_dir, template, r.repo_id)[0] for r in record.publish.revisions
+    }
+    out = {}
+    for repo, text in texts.items():
+        path = repo_card_path(run_dir, str(repo))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+        out[str(repo)] = _file_record(path, run_dir)
+    log.info("%d repo cards written to %s", len(out), run_dir / CARD_DIR / REPOS_DIR)
+    return out
+
+
+def repo_card_path(run_dir: Path, repo: str) -> Path:
+    """Where ``write_repo_cards`` writes the card of ``repo``."""
+    return Path(run_dir) / CARD_DIR / REPOS_DIR / repo.split("/")[-1] / CARD_NAME
+
+
+def _render_record(
+    record: rec.RunRecord, run_dir: Path, template: Path | None, repo: str | None = None
+) -> tuple[str, str | None]:
+    """The card's text for ``record`` (``repo``: that repo's, layout "repos") and the chart it links to."""
     chart = CHART_NAME if _evals(record, source_label(record)) else None
     includes = record.extras.get("card", {}).get("includes") if template is not None else None
-    return render_template(card_context(record, run_dir, chart=chart), template, includes), chart
+    return render_template(card_context(record, run_dir, chart=chart, repo=repo), template, includes), chart
 
 
 def card_files(record: rec.RunRecord) -> list[rec.FileRecord]:
@@ -192,11 +250,18 @@ def card_files(record: rec.RunRecord) -> list[rec.FileRecord]:
     return ([record.card] if record.card else []) + list(record.card_assets)
 
 
-def card_metadata(record: rec.RunRecord, extras: dict[str, Any] | None = None) -> Any:
+def card_metadata(
+    record: rec.RunRecord,
+    extras: dict[str, Any] | None = None,
+    *,
+    variant: str | None = None,
+    fmt: str | None = None,
+) -> Any:
     """The card's YAML metadata as a ``huggingface_hub.ModelCardData``; it names no local path.
 
     ``base_model``: the extras' (``--base-model``, hubtool.toml's ``[card] base_model``), else a Hub
-    source's id; a local source without one has none (its folder name is no Hub id).
+    source's id; a local source without one has none (its folder name is no Hub id). ``variant`` and
+    ``fmt`` (a repo of the "repos" layout): the tags, datasets and eval results of that one alone.
     """
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -205,19 +270,20 @@ def card_metadata(record: rec.RunRecord, extras: dict[str, Any] | None = None) -
     record = public_record(record, extras)
     license_id, license_name = _license(extras.get("license") or record.source.license)
     pipeline_tag = "image-text-to-text" if record.source.is_vlm else "text-generation"
-    formats = {f.name for v in record.variants for f in v.formats}
+    variants = [v for v in record.variants if variant is None or v.name == variant]
+    formats = {f.name for v in variants for f in v.formats if fmt is None or f.name == fmt}
     tags = ["hubtool", "int4", "4-bit"] + [FORMATS[f].hub_tag for f in sorted(formats) if f in FORMATS]
-    if any(v.method in ("signround", "opt-rtn") for v in record.variants):
+    if any(v.method in ("signround", "opt-rtn") for v in variants):
         tags.append("autoround")
     tags += list(extras.get("tags", []))
     datasets = [
         v.calibration.source
-        for v in record.variants
+        for v in variants
         if v.calibration and not v.calibration.builtin and is_hub_id(v.calibration.source)
     ]
     datasets += [d for d in extras.get("datasets", []) if d not in datasets]
     model_name = extras.get("model_name") or _model_name(record, extras)
-    default = record.variants[0].name if record.variants else None
+    default = variant or (record.variants[0].name if record.variants else None)
     results = [
         EvalResult(
             task_type=pipeline_tag,
@@ -254,10 +320,13 @@ def card_context(
     extras: dict[str, Any] | None = None,
     repo_id: str | None = None,
     chart: str | None = None,
+    repo: str | None = None,
 ) -> dict[str, Any]:
     """Everything a card template sees: plain data (dicts, lists, strings, numbers) derived from the record.
 
     It is derived from ``public.public_record``: whatever a template prints, it prints no local path.
+    Published as a repo per format (the record's publish entry says so), it is the card of ``repo`` (default:
+    the first): ``repo_id`` is that repo, ``siblings`` the others, ``usage`` its format alone.
     """
     extras = {**record.extras.get("card", {}), **(extras or {})}
     record = public_record(record, extras)
@@ -266,19 +335,40 @@ def card_context(
     repo_id = (
         repo_id or extras.get("repo_id") or (record.publish.repo_id if record.publish else PLACEHOLDER_REPO)
     )
-    meta = card_metadata(record, {**extras, "repo_id": repo_id} if repo_id != PLACEHOLDER_REPO else extras)
+    layout = record.publish.layout if record.publish else "revisions"
+    revisions = _revisions(record, extras, repo_id)
+    this = None
+    if layout == "repos" and revisions:
+        this = next((r for r in revisions if r["repo_id"] == repo), revisions[0])
+        repo_id = this["repo_id"]
+        for r in revisions:
+            r["this"] = r is this
+    focus = {"variant": this["variant"], "fmt": this["format"]} if this else {}
+    meta = card_metadata(
+        record, {**extras, "repo_id": repo_id} if repo_id != PLACEHOLDER_REPO else extras, **focus
+    )
     source = record.source
     base_label = source_label(record)
-    revisions = _revisions(record, extras)
     comparisons = _comparisons(record, base_label)
     first_image = next((c["image"] for c in comparisons if c["image"]), None)
     first_text = next((c for c in comparisons if not c["image"]), None)
+    if this is not None:
+        usage = [
+            _usage({**this, "revision": None}, repo_id, source.is_vlm, first_text, first_image, comparisons)
+        ]
+    else:
+        usage = [
+            _usage(r, repo_id, source.is_vlm, first_text, first_image, comparisons)
+            for r in revisions
+            if not record.variants or r["variant"] == record.variants[0].name
+        ]
     return {
         "card_data": meta.to_yaml(),
         "metadata": meta.to_dict(),
         "repo_id": repo_id,
         "model_name": meta.model_name,
         "base_model": meta.base_model,
+        "hub_url": HUB_URL,
         "version": record.hubtool_version or __version__,
         "source": rec.to_dict(source),
         "source_display": _source_display(record, meta.base_model),
@@ -289,13 +379,13 @@ def card_context(
         "variants": [_variant(v) for v in record.variants],
         "revisions": revisions,
         "published": record.publish is not None and any(r["commit"] for r in revisions),
-        "usage": [
-            _usage(r, repo_id, source.is_vlm, first_text, first_image, comparisons)
-            for r in revisions
-            if not record.variants or r["variant"] == record.variants[0].name
-        ],
+        "layout": layout,
+        "siblings": [r for r in revisions if r is not this] if this is not None else [],
+        "usage": usage,
         "other_revisions": [
-            r for r in revisions if record.variants and r["variant"] != record.variants[0].name
+            r
+            for r in revisions
+            if this is None and record.variants and r["variant"] != record.variants[0].name
         ],
         "comparisons": comparisons,
         "evals": _evals(record, base_label),
@@ -371,8 +461,8 @@ def _source_display(record: rec.RunRecord, base_model: str | None) -> str:
     """How the card names the source: a Hub source by its id, a local one by ``base_model`` or its name."""
     s = record.source
     if s.kind == "hub":
-        return f"[{s.name}](https://huggingface.co/{s.name})" + (f" at `{s.commit}`" if s.commit else "")
-    link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else None
+        return f"[{s.name}]({HUB_URL}/{s.name})" + (f" at `{s.commit}`" if s.commit else "")
+    link = f"[{base_model}]({HUB_URL}/{base_model})" if base_model else None
     if s.kind == "gguf":
         gguf = f"`{s.gguf_file or Path(s.name).name}`" + (f" (sha256 `{s.sha256}`)" if s.sha256 else "")
         return f"{gguf}, a GGUF build of {link}" if link else gguf
@@ -407,8 +497,9 @@ def _default_format(record: rec.RunRecord, extras: dict[str, Any]) -> str | None
     return choose_default_format(record, extras.get("default_format"))
 
 
-def _revisions(record: rec.RunRecord, extras: dict[str, Any]) -> list[dict[str, Any]]:
-    """The repo's revisions: published ones (with commits) if the record has them, else the planned layout."""
+def _revisions(record: rec.RunRecord, extras: dict[str, Any], repo_id: str) -> list[dict[str, Any]]:
+    """The repo's revisions (or the set's repos): published ones (with commits) if the record has them, else
+    the planned layout; ``repo_id``: the repo of revisions that name none."""
     published = record.publish.revisions if record.publish else []
     planned = published or plan_revisions(record, default_format=_default_format(record, extras), tag=None)
     out = []
@@ -429,6 +520,9 @@ def _revisions(record: rec.RunRecord, extras: dict[str, Any]) -> list[dict[str, 
                 "install": info.card_install,
                 "import": info.card_import,
                 "verified": rec.verified_with(record, r.variant, r.format),
+                "repo_id": r.repo_id or repo_id,
+                "url": f"{HUB_URL}/{r.repo_id or repo_id}",
+                "this": r.repo_id is None,
             }
         )
     return out

@@ -8,6 +8,14 @@ already holds (LFS sha256 / git blob id) and only what differs is committed, so 
 changed makes no commit and a re-run after an interrupted upload sends only what is missing. At the end
 every ref is checked and every remote file's sha256 is compared with the record.
 
+With ``layout="repos"`` (the Hub's release checklist) every (variant, format) pair gets a repo of its own
+instead, named by ``revisions.plan_repos`` (``ORG/NAME-AutoRound``, ``ORG/NAME-GPTQ``, ...): its files, its
+own card (``card.write_repo_cards``: ``base_model`` + ``base_model_relation: quantized``, the siblings) and
+the card's chart and images go to its ``main`` in one commit, so a repo holds either all of it or none of
+it; ``main`` is tagged. The cards name no commit, so they are rendered once, before the first upload. Once
+every repo is verified, one collection (titled NAME, in ORG) is made, or found, and given the repos that
+it lacks; the record keeps each repo with its commit and the collection's slug, which later runs reuse.
+
 The token (``token=``, else ``HF_TOKEN`` or the login cache) never reaches a log line, the card, the record
 or an error message. A file that names one of the run's local paths is refused before the first remote
 write (``check_no_local_paths``); run.json, which keeps them, is never uploaded.
@@ -35,13 +43,15 @@ from urllib.parse import urlsplit
 from .. import record as rec
 from ..__about__ import __version__
 from ..errors import HubtoolError
-from .revisions import branch_name, default_tag, plan_revisions
+from .revisions import branch_name, check_layout, default_tag, plan_layout
 
 log = logging.getLogger(__name__)
 
 KEEP_REMOTE = {".gitattributes"}
 DRY_RUN_MARKER = ".hubtool-dry-run"  # in a folder a dry run made: a later dry run may replace its trees
 PENDING_COMMIT = "0" * 40  # a branch's commit in the card rendered as a check, before the upload
+COLLECTION_TITLE_MAX = 60  # the collection's title (the set's NAME) is cut to this: a cautious bound
+COLLECTION_DESCRIPTION_MAX = 150  # the Hub's limit (huggingface_hub's create_collection)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -60,17 +70,29 @@ class RevisionPlan:
 
 
 def build_plan(
-    record: rec.RunRecord, run_dir: Path, revisions: list[rec.PublishedRevision], *, card: bool = True
+    record: rec.RunRecord,
+    run_dir: Path,
+    revisions: list[rec.PublishedRevision],
+    *,
+    card: bool = True,
+    repo_cards: dict[str, rec.FileRecord] | None = None,
 ) -> list[RevisionPlan]:
-    """The files of each revision: the format's files at the repo root, plus the card and its assets on main."""
+    """The files of each revision: the format's files at the repo root, plus the card and its assets on main.
+
+    A repo of the "repos" layout gets its own card (from ``repo_cards``) and the same assets.
+    """
     plans = []
     for r in revisions:
         fmt = next(f for f in record.variant(r.variant).formats if f.name == r.format)
         files = [(_in_repo(f.path, fmt.path), run_dir / f.path, f) for f in fmt.files]
         if r.revision == "main" and card:
-            from .card import CARD_DIR, card_files
+            from .card import CARD_DIR, CARD_NAME, card_files
 
             card_entries = [(_in_repo(f.path, CARD_DIR), run_dir / f.path, f) for f in card_files(record)]
+            if r.repo_id is not None:
+                readme = (repo_cards or {})[r.repo_id]
+                assets = card_entries[1:] if record.card else card_entries
+                card_entries = [(CARD_NAME, run_dir / readme.path, readme), *assets]
             taken = {p for p, _, _ in card_entries}
             clash = [p for p, _, _ in files if p in taken]
             if clash:
@@ -118,7 +140,7 @@ def check_no_local_paths(plans: list[RevisionPlan], record: rec.RunRecord, run_d
             if hit is not None:
                 raise HubtoolError(
                     f"{local} names the local path {hit}, which would be published "
-                    f"({plan.revision.revision}:{path_in_repo})",
+                    f"({_where(plan.revision)}:{path_in_repo})",
                     "re-run `hubtool quantize ... --overwrite` with this hubtool: its exports name no local path",
                 )
 
@@ -133,13 +155,18 @@ def _scanned_bytes(path: Path) -> bytes:
         return f.read(MAX_SCANNED_BYTES) if path.stat().st_size <= MAX_SCANNED_BYTES else b""
 
 
+def _where(r: rec.PublishedRevision) -> str:
+    """How a message names a revision: its branch, or REPO@main for a repo of the "repos" layout."""
+    return f"{r.repo_id}@{r.revision}" if r.repo_id else r.revision
+
+
 def describe_plan(plans: list[RevisionPlan], repo_id: str) -> list[str]:
     """One line per revision: revision, tag, format, variant, file count and size."""
     lines = []
     for p in plans:
         r = p.revision
         lines.append(
-            f"{repo_id}@{r.revision}: {r.format} ({r.variant}), {len(p.files)} files, "
+            f"{r.repo_id or repo_id}@{r.revision}: {r.format} ({r.variant}), {len(p.files)} files, "
             f"{p.size / 2**20:.1f} MiB, tag {r.tag or '-'}" + (f", commit {r.commit}" if r.commit else "")
         )
     return lines
@@ -159,9 +186,11 @@ def upload(
     extras: dict[str, Any] | None = None,
     default_format: str | None = None,
     skip_verify: bool = False,
+    layout: str | None = None,
 ) -> rec.PublishRecord:
     """Publish RUN_DIR to ``repo_id`` (branches and tags per format, card on main), verify, record it.
 
+    ``layout="repos"``: a repo per format instead, ``repo_id`` naming the set (see the module docstring).
     A format without a passing `hubtool verify` result for its current files is refused (one line naming
     the format and the failing check) unless ``skip_verify``; the card then says it was not verified.
 
@@ -171,18 +200,27 @@ def upload(
     """
     run_dir = Path(run_dir)
     check_repo_id(repo_id)
+    layout = check_layout(layout)
     record = rec.load(run_dir)
     if not record.variants or not any(v.formats for v in record.variants):
         raise HubtoolError(f"{run_dir} holds no exported format", "run `hubtool quantize` first")
     tag = tag or default_tag()
     extras = {**(extras or {}), **({"default_format": default_format} if default_format else {})}
-    revisions = plan_revisions(record, default_format=default_format, tag=tag)
+    revisions = plan_layout(record, repo_id, layout, default_format=default_format, tag=tag)
+    for r in revisions:
+        if r.repo_id:
+            check_repo_id(r.repo_id)
     check_local_files(build_plan(record, run_dir, revisions, card=False))
     check_no_local_paths(build_plan(record, run_dir, revisions, card=False), record, run_dir)
     if dry_run is not None:
-        return _dry_run(run_dir, repo_id, revisions, Path(dry_run), template, extras)
+        return _dry_run(run_dir, repo_id, revisions, Path(dry_run), template, extras, layout)
     if not skip_verify:
         check_verified(record, revisions)
+    if layout == "repos":
+        return _upload_repos(
+            run_dir, repo_id, revisions, endpoint=endpoint, token=token, private=private, template=template,
+            extras=extras,
+        )  # fmt: skip
 
     from .card import check_card, write_card
 
@@ -249,6 +287,146 @@ def upload(
     for line in describe_plan(plans, repo_id):
         log.info("published %s", line)
     return record.publish
+
+
+def _upload_repos(
+    run_dir: Path,
+    repo_id: str,
+    revisions: list[rec.PublishedRevision],
+    *,
+    endpoint: str | None,
+    token: str | None,
+    private: bool,
+    template: Path | None,
+    extras: dict[str, Any],
+) -> rec.PublishRecord:
+    """Layout "repos": upload each format to its own repo, verify them all, gather them in a collection.
+
+    A repo's files, card and card assets go to its main in one commit, then main is tagged. The record gets
+    the repos, their commits and the collection's slug.
+    """
+    from .card import check_card, write_card, write_repo_cards
+    from .public import base_model
+
+    endpoint = _endpoint(endpoint)
+    record = rec.load(run_dir)
+    old = record.publish
+    known = (
+        old.collection
+        if old and old.layout == "repos" and old.repo_id == repo_id and old.endpoint == endpoint
+        else None
+    )
+    draft = rec.PublishRecord(
+        repo_id, endpoint, private, revisions, verified=False, layout="repos", collection=known
+    )
+    for r in revisions:  # every card, as it will be published, before the first remote write
+        check_card(run_dir, template, extras=extras, repo_id=repo_id, publish=draft, repo=r.repo_id)
+    if base_model(record, extras) is None:
+        log.warning(
+            "no base_model: the repos will not be linked to the model they quantize (pass --base-model)"
+        )
+    secret = _resolve_token(token)
+    api = _api(endpoint, secret)
+    step = _Step("connecting")
+    with _client_mode(endpoint), _hub_errors(step, endpoint, repo_id, secret):
+        step.now = "checking the token"
+        user = api.whoami()
+        for r in revisions:
+            _check_namespace(api, str(r.repo_id), user)
+        record = rec.load(run_dir)
+        record.publish = draft
+        rec.save(record, run_dir)
+        step.now = "rendering the cards"
+        write_card(run_dir, template, extras=extras, repo_id=repo_id)
+        cards = write_repo_cards(run_dir, template, extras=extras, repo_id=repo_id)
+        plans = build_plan(rec.load(run_dir), run_dir, revisions, card=True, repo_cards=cards)
+        check_local_files(plans)
+        for plan in plans:
+            r, repo = plan.revision, str(plan.revision.repo_id)
+            step.now, step.repo = f"creating {repo}", repo
+            _ensure_repo(api, repo, private)
+            step.now = f"uploading {r.format} ({r.variant}) and its card to {repo}"
+            r.commit = _sync_revision(
+                api, repo, plan, f"hubtool {__version__}: {r.format} int4 ({r.variant}) and model card"
+            )
+            step.now = f"tagging {repo}"
+            _ensure_tag(api, repo, r.tag, r.commit)
+        for plan in plans:
+            step.now, step.repo = f"verifying {plan.revision.repo_id}", plan.revision.repo_id
+            verify(api, str(plan.revision.repo_id), [plan], endpoint=endpoint, token=secret)
+        step.now, step.repo = "gathering the repos in a collection", None
+        slug = ensure_collection(
+            api,
+            repo_id,
+            [str(p.revision.repo_id) for p in plans],
+            private=private,
+            known=known,
+            description=f"int4 builds of {base_model(record, extras) or repo_id.split('/')[-1]}, "
+            "one repo per format (hubtool)",
+        )
+
+    record = rec.load(run_dir)
+    record.publish = replace(
+        draft,
+        revisions=[p.revision for p in plans],
+        verified=True,
+        at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        collection=slug,
+    )
+    rec.save(record, run_dir)
+    for line in describe_plan(plans, repo_id):
+        log.info("published %s", line)
+    log.info("collection %s holds the %d repos", slug, len(plans))
+    return record.publish
+
+
+def ensure_collection(
+    api: Any,
+    repo_id: str,
+    repos: list[str],
+    *,
+    private: bool = False,
+    known: str | None = None,
+    description: str | None = None,
+) -> str:
+    """The slug of the collection that holds ``repos``, made or found; only the repos it lacks are added.
+
+    The collection is ``known`` (a recorded slug) if it still exists, else the one titled after ``repo_id``'s
+    NAME in its ORG, made if missing. No item is ever removed (one added by hand stays).
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    namespace, name = repo_id.split("/", 1)
+    collection = None
+    if known:
+        try:
+            collection = api.get_collection(known)
+        except HfHubHTTPError as exc:
+            if exc.response is None or exc.response.status_code != 404:
+                raise
+            log.info("collection %s is gone: making it again", known)
+    if collection is None:
+        collection = api.create_collection(
+            name[:COLLECTION_TITLE_MAX],
+            namespace=namespace,
+            description=(description or "")[:COLLECTION_DESCRIPTION_MAX] or None,
+            private=private,
+            exists_ok=True,
+        )
+    slug = collection.slug
+    held = {i.item_id for i in collection.items if i.item_type == "model"}
+    for repo in repos:
+        if repo not in held:
+            log.info("adding %s to collection %s", repo, slug)
+            api.add_collection_item(slug, repo, item_type="model", exists_ok=True)
+    held = {i.item_id for i in api.get_collection(slug).items if i.item_type == "model"}
+    missing = [r for r in repos if r not in held]
+    if missing:
+        raise HubtoolError(f"verify: collection {slug} does not hold {missing[0]}", "re-run the upload")
+    others = sorted(held - set(repos))
+    if others:
+        log.info("collection %s also holds %s (kept)", slug, ", ".join(others))
+    return slug
 
 
 def check_verified(record: rec.RunRecord, revisions: list[rec.PublishedRevision]) -> None:
@@ -334,15 +512,23 @@ def _dry_run(
     out: Path,
     template: Path | None,
     extras: dict[str, Any],
+    layout: str = "revisions",
 ) -> rec.PublishRecord:
-    """Write each revision's tree to ``out/<revision>/`` (the card into main's) and log the plan."""
+    """Write each revision's tree to ``out/<revision>/`` (the card into main's) and log the plan.
+
+    Layout "repos": each repo's tree goes to ``out/<repo name>/``, with its own card.
+    """
     from .card import check_card, write_card
 
     record = rec.load(run_dir)
     plans = build_plan(record, run_dir, revisions, card=False)
     old = check_dry_run_dir(out, run_dir, record)
-    check_card(run_dir, template, extras=extras, repo_id=repo_id)  # a broken template writes nothing
-    names = [p.revision.revision for p in plans]
+    repos = layout == "repos"
+    draft = rec.PublishRecord(repo_id, f"dry-run:{out}", False, revisions, layout=layout) if repos else None
+    cards = [(r.repo_id, _tree(r)) for r in revisions] if repos else [(None, "main")]
+    for repo, _ in cards:  # a broken template writes nothing
+        check_card(run_dir, template, extras=extras, repo_id=repo_id, publish=draft, repo=repo)
+    names = [_tree(p.revision) for p in plans]
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / DRY_RUN_MARKER).write_text(
@@ -354,16 +540,18 @@ def _dry_run(
                 dest.unlink()
             elif dest.is_dir():
                 shutil.rmtree(dest)
-        for plan in plans:
-            dest = out / plan.revision.revision
+        for plan, name in zip(plans, names, strict=True):
+            dest = out / name
             dest.mkdir(parents=True)
             for path_in_repo, local, _ in plan.files:
                 target = dest / path_in_repo
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(local, target)  # a copy, not a link: editing the tree must not touch the run
-        card = write_card(
-            run_dir, template, extras=extras, repo_id=repo_id, out_dir=out / "main", save_record=False
-        )
+        for repo, name in cards:
+            card = write_card(
+                run_dir, template, extras=extras, repo_id=repo_id, out_dir=out / name, save_record=False,
+                **({"publish": draft, "repo": repo} if repos else {}),
+            )  # fmt: skip
     except OSError as exc:
         raise HubtoolError(
             f"cannot write the dry run into {out}: {exc.strerror or exc}",
@@ -372,13 +560,23 @@ def _dry_run(
     for line in describe_plan(plans, repo_id):
         log.info("dry run: %s", line)
     extra = sorted(p.relative_to(card.parent).as_posix() for p in card.parent.rglob("*") if p.is_file())
-    log.info("dry run: main also gets the card: %s", ", ".join(e for e in extra if e not in _names(plans[0])))
-    log.info("dry run: revision trees written to %s (nothing was uploaded)", out)
+    extra = [e for e in extra if e not in _names(plans[-1 if repos else 0])]
+    log.info(
+        "dry run: %s the card: %s", "each repo also gets" if repos else "main also gets", ", ".join(extra)
+    )
+    log.info("dry run: %s trees written to %s (nothing was uploaded)", "repo" if repos else "revision", out)
+    if draft is not None:
+        return draft
     return rec.PublishRecord(repo_id, f"dry-run:{out}", False, revisions, verified=False)
 
 
 def _names(plan: RevisionPlan) -> set[str]:
     return {p for p, _, _ in plan.files}
+
+
+def _tree(r: rec.PublishedRevision) -> str:
+    """The folder a dry run writes a revision's tree to: the branch, or the repo's NAME ("repos" layout)."""
+    return r.repo_id.split("/")[-1] if r.repo_id else r.revision
 
 
 # -- one revision ----------------------------------------------------------------------------------
@@ -597,6 +795,7 @@ def _ensure_repo(api: Any, repo_id: str, private: bool) -> None:
 @dataclass
 class _Step:
     now: str
+    repo: str | None = None  # the repo the step writes to, when not the one the upload was given
 
 
 @contextmanager
@@ -607,7 +806,7 @@ def _hub_errors(step: _Step, endpoint: str, repo_id: str, secret: str | None) ->
     except HubtoolError as exc:
         raise HubtoolError(_scrub(exc.message, secret), _scrub(exc.hint, secret)) from None
     except Exception as exc:  # noqa: BLE001 - every client failure becomes one clear line
-        message, hint = _describe(exc, step.now, endpoint, repo_id)
+        message, hint = _describe(exc, step.now, endpoint, step.repo or repo_id)
         raise HubtoolError(_scrub(message, secret), _scrub(hint, secret)) from None
 
 

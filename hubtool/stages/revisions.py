@@ -4,6 +4,12 @@
 card; every other format of the first variant gets a branch named after it, and the formats of further
 variants (one per calibration set) get ``<variant>-<format>`` branches. The card and the upload both read
 this plan, so the revision table in the card is the one the upload makes.
+
+The other layout, ``repos`` (the Hub's release checklist: one repo per variant, grouped in a collection),
+gives every (variant, format) pair its own repo, on its ``main``: ``ORG/NAME-<suffix>`` for the formats of
+the first variant and ``ORG/NAME-<variant>-<suffix>`` for those of further variants (the variant's name
+without hubtool's ``int4-`` prefix: ``ORG/NAME-calib2-GPTQ``), where the suffix is fixed per format (``REPO_SUFFIXES``: the format's name last, as the Hub's ``-GPTQ`` / ``-GGUF`` repos
+have it). The default format's repo comes first.
 """
 
 from __future__ import annotations
@@ -14,6 +20,15 @@ from .. import record as rec
 from ..__about__ import __version__
 from ..errors import HubtoolError
 from ..formats.table import FORMATS
+
+LAYOUTS = ("revisions", "repos")  # the first is the default
+# layout "repos": the repo name's suffix per format. Fixed, not derived from the card's label, so that a
+# relabelled format keeps its repos; a format missing here is named by its own name.
+REPO_SUFFIXES = {"auto_round": "AutoRound", "auto_gptq": "GPTQ", "hubtool": "hubtool", "gguf": "GGUF"}
+MAX_REPO_NAME = 96  # the Hub's limit on the NAME of ORG/NAME
+VARIANT_PREFIX = (
+    "int4-"  # what quantize's variant names start with (variant_names): not repeated in repo names
+)
 
 
 def default_tag() -> str:
@@ -54,3 +69,68 @@ def plan_revisions(
 def branch_name(name: str) -> str:
     """A Hub branch name made of ``name`` (characters git refuses become "-")."""
     return re.sub(r"[^\w.\-]+", "-", name).strip("-.") or "int4"
+
+
+def check_layout(layout: str | None) -> str:
+    """``layout`` if it is one hubtool knows (None: the default, "revisions"), else a one-line HubtoolError."""
+    if layout is None:
+        return LAYOUTS[0]
+    if layout not in LAYOUTS:
+        raise HubtoolError(
+            f"--layout {layout!r} is not a layout hubtool knows", "choose one of: " + ", ".join(LAYOUTS)
+        )
+    return layout
+
+
+def repo_name(repo_id: str, variant: str | None, fmt: str) -> str:
+    """Layout "repos": the repo of one format, ``ORG/NAME-<suffix>`` or ``ORG/NAME-<variant>-<suffix>``.
+
+    ``variant`` is given for the formats of a variant other than the first (its ``int4-`` prefix dropped).
+    """
+    suffix = REPO_SUFFIXES.get(fmt) or branch_name(fmt)
+    part = branch_name(variant.removeprefix(VARIANT_PREFIX)) if variant else None
+    name = f"{repo_id}-{part}-{suffix}" if part else f"{repo_id}-{suffix}"
+    if len(name.split("/", 1)[-1]) > MAX_REPO_NAME:
+        raise HubtoolError(
+            f"the repo name {name} (format {fmt}) is longer than the Hub's {MAX_REPO_NAME} characters",
+            "choose a shorter --repo-id",
+        )
+    return name
+
+
+def plan_repos(
+    record: rec.RunRecord, repo_id: str, *, default_format: str | None = None, tag: str | None = None
+) -> list[rec.PublishedRevision]:
+    """Layout "repos": which (variant, format) goes to which repo; the default format's repo first.
+
+    Each goes to its repo's ``main``, tagged ``tag``; commits are not known yet.
+    """
+    default_format = choose_default_format(record, default_format)
+    out: list[rec.PublishedRevision] = []
+    for i, v in enumerate(record.variants):
+        for f in v.formats:
+            repo = repo_name(repo_id, v.name if i else None, f.name)
+            r = rec.PublishedRevision(f.name, v.name, "main", tag, repo_id=repo)
+            if i == 0 and f.name == default_format:
+                out.insert(0, r)
+            else:
+                out.append(r)
+    names = [r.repo_id for r in out]
+    clash = next((n for n in names if names.count(n) > 1), None)
+    if clash:
+        raise HubtoolError(f"two formats would go to the same repo {clash}", "rename one of the variants")
+    return out
+
+
+def plan_layout(
+    record: rec.RunRecord,
+    repo_id: str,
+    layout: str | None = None,
+    *,
+    default_format: str | None = None,
+    tag: str | None = None,
+) -> list[rec.PublishedRevision]:
+    """The plan of ``layout``: ``plan_revisions`` (one repo) or ``plan_repos`` (a repo per format)."""
+    if check_layout(layout) == "repos":
+        return plan_repos(record, repo_id, default_format=default_format, tag=tag)
+    return plan_revisions(record, default_format=default_format, tag=tag)
