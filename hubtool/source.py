@@ -773,7 +773,13 @@ def load_skeleton(folder: Path, config: Any, dtype: torch.dtype, trust_remote_co
             mod._buffers[attr] = reader.get(names[name]).to(buf.dtype)
     if model.can_generate() and (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    attach(model, LazyWeights(model, lambda n: reader.get(names[n]), [n for n in names if n in params]))
+    lazy = LazyWeights(
+        model,
+        lambda n: reader.get(names[n]),
+        [n for n in names if n in params],
+        read_rows=lambda n, rows: reader.get_rows(names[n], rows),
+    )
+    attach(model, lazy)
     model.eval()
     log.info("streaming %s: %d tensors read from its shards when used", folder, len(names))
     return model

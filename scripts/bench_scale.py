@@ -7,7 +7,8 @@ into ``--cache``, it measures in one run, each step in a fresh child process:
 
 * wall time and peak RSS of ``hubtool quantize`` with ``--method rtn``, ``--method opt-rtn`` and SignRound
   with ``--iters 2 --nsamples 4 --seqlen 128`` (a smoke figure per block), as a share of the 16-bit
-  model's size, above the interpreter's own baseline (the same imports, nothing loaded);
+  model's size, above the interpreter's own baseline (the same imports, the architecture's modeling code
+  included, nothing loaded);
 * time and peak RSS of loading the int4 export (``hubtool.load`` and a first one-token forward, which
   reads every weight and builds the kernels' layouts) against its size on disk;
 * decode tokens/s at batch 1 (64 new tokens, greedy) of the int4 model on the ``hubtool`` kernels and of the
@@ -82,7 +83,13 @@ def memory_group(limit_gib: float) -> Path:
     return group
 
 
-BASELINE = "import torch, transformers, hubtool.cli  # what every step imports, nothing loaded"
+# What every step imports, nothing loaded: torch, transformers, hubtool, and the architecture's modeling code
+# (importing it brings torch._dynamo, sympy and pandas along: about 0.2 GiB that no weight accounts for).
+BASELINE = """
+import sys, torch, transformers, hubtool.cli
+from transformers import AutoConfig, AutoModelForCausalLM
+AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(sys.argv[1]))]
+"""
 QUANTIZE = """
 import sys
 from hubtool.cli import main
@@ -144,7 +151,7 @@ def bench_shape(
     """Every figure of the scale part on one shape (quantize with each of ``methods``; rtn always)."""
     model = shaped(preset, cache)
     size16 = _dir_bytes(model)
-    base = _child(BASELINE)["peak_rss"]
+    base = _child(BASELINE, str(model))["peak_rss"]
     out: dict = {"shape": preset, "bf16_bytes": size16, "baseline_rss": base, "quantize": {}}
     for name in ["rtn"] + [m for m in methods if m != "rtn"]:
         args = METHODS[name]

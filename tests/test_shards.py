@@ -229,3 +229,15 @@ def test_streamed_round_trip_bf16_on_meta_context(tmp_path: Path):
         )
     save_file(tensors, tmp_path / "ref.safetensors", metadata={"k": "v"})
     assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reader_rows_are_the_tensors_rows(tmp_path: Path, dtype):
+    table = torch.randn(300, 7, 5).to(dtype)
+    save_file({"emb": table, "other": torch.ones(3)}, tmp_path / "model.safetensors")
+    rows = torch.tensor([0, 1, 2, 9, 10, 57, 200, 298, 299])  # runs, gaps and both ends
+    with ShardReader(tmp_path) as reader:
+        assert torch.equal(reader.get_rows("emb", rows), table[rows])
+        assert reader.get_rows("emb", torch.tensor([], dtype=torch.long)).shape == (0, 7, 5)
+        with pytest.raises(IndexError):
+            reader.get_rows("emb", torch.tensor([5, 300]))

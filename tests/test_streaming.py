@@ -75,6 +75,25 @@ def test_forward_reads_module_by_module(tiny_models, arch):
     assert biggest <= peak["n"] < total / 4  # one module's weights at a time, never the model's
 
 
+@pytest.mark.parametrize("arch", ("llama", "gemma3"))
+def test_the_embedding_reads_only_the_rows_asked_for(tiny_models, arch):
+    folder = tiny_models(arch)
+    whole = _load(folder, stream=False).model
+    lazy_model = _load(folder, stream=True).model
+    ids = torch.tensor([[5, 9, 9, 400, 17], [17, 3, 5, 5, 250]])
+    seen = []
+    emb = lazy_model.get_input_embeddings()
+    hook = emb.register_forward_pre_hook(lambda m, a: seen.append(m.weight.shape[0]))  # after the lazy read
+    with torch.no_grad():
+        got = lazy_model.model(input_ids=ids).last_hidden_state
+        want = whole.model(input_ids=ids).last_hidden_state
+    hook.remove()
+    assert seen == [len(torch.unique(ids))]  # the 6 rows asked for, not the vocabulary
+    assert torch.equal(got, want)
+    assert emb.weight.is_meta and emb.weight.shape == whole.get_input_embeddings().weight.shape
+    assert emb.padding_idx == whole.get_input_embeddings().padding_idx
+
+
 def _digests(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

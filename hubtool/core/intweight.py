@@ -33,12 +33,18 @@ class IntWeight:
         """(out_features, in_features)."""
         return tuple(self.q.shape)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Return the dense (N, K) weight these codes stand for."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the dense (N, K) weight these codes stand for (written into ``out`` when given)."""
         g = self.group_size
-        s = self.scale.float().repeat_interleave(g, dim=1)
-        z = self.zero.float().repeat_interleave(g, dim=1)
-        return (s * (self.q.float() - z)).to(dtype)
+        n, k = self.q.shape
+        if out is None:
+            out = torch.empty(n, k, dtype=dtype, device=self.q.device)
+        for r in row_chunks(n, k):  # float32 temporaries of a few MB, not of the whole weight
+            s = self.scale[r].float().unsqueeze(-1)
+            z = self.zero[r].float().unsqueeze(-1)
+            q = self.q[r].float().reshape(-1, k // g, g)
+            out[r] = (s * (q - z)).reshape(-1, k).to(dtype)
+        return out
 
 
 @dataclass
@@ -72,6 +78,15 @@ class PackedWeight:
         return IntWeight(q, self.scale, self.zero, self.group_size, 4)
 
 
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32: the temporaries of elementwise weight math, per step
+
+
+def row_chunks(n: int, k: int) -> list[slice]:
+    """Row slices of an (n, k) weight, each about CHUNK_ELEMENTS elements (elementwise math gives the same bits)."""
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """Reshape (N, K) to (N, K // G, G) in float32."""
     n, k = w.shape
@@ -86,8 +101,8 @@ def scales_from_range(
     Symmetric uses auto-round's "full range": scale = max_v / 2**(bits-1) where max_v is the signed value
     of largest magnitude, so that value maps exactly onto the code -2**(bits-1).
     """
-    wmin = wg.amin(dim=-1).clamp(max=0) * alpha
-    wmax = wg.amax(dim=-1).clamp(min=0) * beta
+    wmin = wg.amin(dim=-1).float().clamp(max=0) * alpha  # exact in wg's dtype: no float copy of wg needed
+    wmax = wg.amax(dim=-1).float().clamp(min=0) * beta
     if spec.sym:
         scale, _ = full_range_scale(wmin, wmax, spec)
         scale = torch.where(scale.abs() < 1e-9, torch.full_like(scale, 1e-9), scale)
@@ -122,14 +137,16 @@ def quantize_with(
 ) -> IntWeight:
     """Quantize w (N, K) with given per-group scale/zero (N, K // G) and an optional rounding offset (N, K)."""
     g = spec.group_size
-    wg = group_view(w, g)
-    x = wg / scale.unsqueeze(-1)
-    if offset is not None:
-        x = x + group_view(offset, g)
-    q = torch.clamp(torch.round(x) + zero.unsqueeze(-1), 0, spec.qmax)
+    q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    for r in row_chunks(*w.shape):  # float32 temporaries of a few MB, not of the whole weight
+        x = group_view(w[r], g) / scale[r].unsqueeze(-1)
+        if offset is not None:
+            x = x + group_view(offset[r], g)
+        x = torch.clamp(torch.round(x) + zero[r].unsqueeze(-1), 0, spec.qmax)
+        q[r] = x.reshape(-1, w.shape[1]).to(torch.uint8)
     # The stored scale is fp16 in every format: quantize against that exact value.
     return IntWeight(
-        q=q.reshape(w.shape).to(torch.uint8),
+        q=q,
         scale=scale.float(),
         zero=zero.to(torch.uint8),
         group_size=g,

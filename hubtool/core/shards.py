@@ -197,6 +197,28 @@ class ShardReader:
                 raise HubtoolError(f"{shard.file.name} ends inside {key!r}", "download it again")
         return out
 
+    def get_rows(self, key: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (sorted, unique, int64) of a tensor's first dimension, reading only those rows' bytes."""
+        shard = self._handle(self._file_of(key))
+        entry, dtype = self._entry(key), self.dtype(key)
+        shape = tuple(entry["shape"])
+        out = torch.empty((len(rows), *shape[1:]), dtype=dtype)
+        row_bytes = tensor_nbytes(out[:1]) if len(rows) else 0
+        if not len(rows) or not row_bytes:
+            return out
+        if int(rows[0]) < 0 or int(rows[-1]) >= shape[0]:
+            raise IndexError(f"rows of {key!r} out of range 0..{shape[0] - 1}")
+        flat = out.reshape(len(rows), -1).view(torch.uint8).numpy()
+        base = shard.data_start + entry["data_offsets"][0]
+        # consecutive rows are one read
+        breaks = (torch.nonzero(rows[1:] - rows[:-1] != 1).flatten() + 1).tolist()
+        for lo, hi in zip([0, *breaks], [*breaks, len(rows)], strict=True):
+            view = memoryview(flat[lo:hi].reshape(-1))
+            got = os.preadv(shard.file.fileno(), [view], base + int(rows[lo]) * row_bytes)
+            if got != (hi - lo) * row_bytes:
+                raise HubtoolError(f"{shard.file.name} ends inside {key!r}", "download it again")
+        return out
+
     def close(self) -> None:
         """Close every open file."""
         for handle in self._handles.values():

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..core.intweight import IntWeight
+from ..core.memory import pin_mmap_threshold
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
 from ..record import BlockLoss
@@ -51,6 +52,7 @@ def quantize_model(
     spreads each block over several devices while it is tuned; ``work_dir`` keeps finished blocks, which
     ``resume`` continues from.
     """
+    pin_mmap_threshold()  # block after block of large temporaries: keep the heap from fragmenting
     if check_method(method) == "rtn":
         work = None
         if work_dir:

@@ -7,7 +7,9 @@ source checkpoint, one module at a time:
   device) just after, so that a whole forward holds one module's weights at a time;
 * :meth:`LazyWeights.held` keeps a module's weights (a decoder block being tuned) while a context lasts;
   its forward then reads nothing;
-* :meth:`LazyWeights.tensor` reads one tensor by its name in the model, for exports.
+* :meth:`LazyWeights.tensor` reads one tensor by its name in the model, for exports;
+* an ``nn.Embedding`` that is not held reads only the rows its input asks for (given ``read_rows``): the
+  calibration forward of a model with a 128k vocabulary reads a few MB of its embedding, not all of it.
 
 Tensors are cast to the skeleton's dtype exactly as ``from_pretrained`` casts them, so a module read here
 holds the same bytes as the model loaded whole.
@@ -31,9 +33,16 @@ log = logging.getLogger(__name__)
 class LazyWeights:
     """The parameters of a meta-device ``model``, read on demand through ``read(name) -> tensor``."""
 
-    def __init__(self, model: nn.Module, read: Callable[[str], torch.Tensor], names: Iterable[str]):
+    def __init__(
+        self,
+        model: nn.Module,
+        read: Callable[[str], torch.Tensor],
+        names: Iterable[str],
+        read_rows: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.model = model
         self._read = read
+        self._read_rows = read_rows  # (name, sorted unique rows) -> those rows of the tensor
         self.names = set(names)  # the parameters the checkpoint provides (by name in the model)
         self._prefix = {m: n for n, m in model.named_modules(remove_duplicate=False)}
         self._aliases: dict[int, list[tuple[nn.Module, str]]] = {}  # tied parameters stay tied
@@ -135,12 +144,51 @@ class LazyWeights:
             h.remove()
         self._hooks = []
 
-    def _before(self, module: nn.Module, args: Any) -> None:
+    def _before(self, module: nn.Module, args: Any) -> Any:
+        rows = self._embedding_rows(module, args)
+        if rows is not None:
+            return rows
         module._hubtool_lazy_read = self.load(module, recurse=False) > 0  # type: ignore[attr-defined]
+        return None
 
     def _after(self, module: nn.Module, args: Any, output: Any) -> None:
+        meta = module.__dict__.pop("_hubtool_lazy_rows", None)
+        if meta is not None:  # put back what _embedding_rows swapped
+            module._parameters["weight"], module.padding_idx = meta
         if module.__dict__.pop("_hubtool_lazy_read", False) and not self.is_held(module):
             self.release(module, recurse=False)
+
+    def _embedding_rows(self, module: nn.Module, args: Any) -> tuple | None:
+        """For an embedding on the meta device: its input's rows only, as a small weight and renumbered ids."""
+        weight = module._parameters.get("weight") if isinstance(module, nn.Embedding) else None
+        if (
+            self._read_rows is None
+            or weight is None
+            or weight.device.type != "meta"
+            or module.max_norm is not None
+            or len(args) != 1
+            or not isinstance(args[0], torch.Tensor)
+            or args[0].is_floating_point()
+            or self.is_held(module)
+        ):
+            return None
+        names = [full for _, attr, full in self._params(module, recurse=False) if attr == "weight"]
+        if not names:
+            return None
+        ids = args[0]
+        rows, renumbered = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
+        t = self._read_rows(names[0], rows)
+        self.reads += 1
+        if tuple(t.shape[1:]) != tuple(weight.shape[1:]):
+            raise ValueError(
+                f"{names[0]}: checkpoint rows of shape {tuple(t.shape[1:])} != {tuple(weight.shape[1:])}"
+            )
+        t = t.to(weight.dtype) if t.dtype != weight.dtype else t
+        # padding_idx only shapes gradients; F.embedding checks it against the (now smaller) row count
+        module.__dict__["_hubtool_lazy_rows"] = (weight, module.padding_idx)
+        module._parameters["weight"] = nn.Parameter(t.to(ids.device), requires_grad=False)
+        module.padding_idx = None
+        return (renumbered.to(ids.device),)
 
 
 def is_lazy(model: nn.Module) -> bool:

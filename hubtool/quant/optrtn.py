@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.intweight import IntWeight, group_view
+from ..core.intweight import IntWeight, group_view, row_chunks
 from ..core.spec import QuantSpec
 from .scales import fused_available, stored_scale_zero
 
@@ -61,11 +61,14 @@ class HessianCollector:
             if xtx is not None and not any(name in g for g in self.same_input.values()):
                 self.same_input.setdefault(hit[2], [hit[2]]).append(name)
             if xtx is None:
-                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                flat = x.detach().reshape(-1, x.shape[-1])
                 if self.mask is not None and self.mask.numel() == flat.shape[0]:
                     flat = flat[self.mask.reshape(-1).to(flat.device)]
-                xg = flat.reshape(flat.shape[0], -1, self.g).transpose(0, 1)  # (G#, T, G)
-                xtx = torch.bmm(xg.transpose(1, 2), xg)
+                k = flat.shape[-1]
+                xtx = torch.zeros(k // self.g, self.g, self.g, device=flat.device)
+                for r in row_chunks(flat.shape[0], k):  # float32 copies of a few MB, not of the batch
+                    xg = flat[r].float().reshape(-1, k // self.g, self.g).transpose(0, 1)  # (G#, T, G)
+                    xtx.baddbmm_(xg.transpose(1, 2), xg)
                 self._shared[key] = (x, xtx, name)  # x kept alive so that its id is not reused
             if name in self.h:
                 self.h[name] += xtx
@@ -132,6 +135,13 @@ class _Search:
 @torch.no_grad()
 def search_clip(weight: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
     """Per-group clipping (N, G#) minimizing the output error; ``h``: (G#, G, G) blocks of X^T X, or None."""
+    n, k = weight.shape
+    parts = [_search_rows(weight[r], h, spec) for r in row_chunks(n, k)]  # float32 buffers of ~16 MiB
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _search_rows(weight: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """search_clip for some rows of a weight (every row's groups are searched independently)."""
     srch = _Search(weight, h, spec)
     dev = srch.wg.device
     best_c = torch.ones(srch.wg.shape[:2], device=dev)
@@ -156,7 +166,12 @@ def search_clip(weight: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec) -
 @torch.no_grad()
 def quantize_clipped(weight: torch.Tensor, spec: QuantSpec, clip: torch.Tensor) -> IntWeight:
     """Codes for ``weight`` with per-group clipping ``clip`` (alpha = beta = clip), fp16-exact scales."""
-    srch = _Search(weight, None, spec)
-    e, scale, zero = srch.codes(clip.to(srch.wg.device))
-    q = (e + zero.unsqueeze(-1)).reshape(weight.shape).to(torch.uint8)
-    return IntWeight(q.cpu(), scale.float().cpu(), zero.to(torch.uint8).cpu(), spec.group_size, spec.bits)
+    q = torch.empty(weight.shape, dtype=torch.uint8)
+    scales, zeros = [], []
+    for r in row_chunks(*weight.shape):
+        srch = _Search(weight[r], None, spec)
+        e, scale, zero = srch.codes(clip[r].to(srch.wg.device))
+        q[r] = (e + zero.unsqueeze(-1)).reshape(-1, weight.shape[1]).to(torch.uint8).cpu()
+        scales.append(scale.float().cpu())
+        zeros.append(zero.to(torch.uint8).cpu())
+    return IntWeight(q, torch.cat(scales), torch.cat(zeros), spec.group_size, spec.bits)

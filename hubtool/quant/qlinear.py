@@ -56,7 +56,7 @@ class LinearGroup:
     def use_fixed(self, weights: list[torch.Tensor]) -> None:
         """Run with these dequantized weights (one per member)."""
         self.states = None
-        self.weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        self.weight = None if not weights else weights[0] if len(weights) == 1 else torch.cat(weights)
         self._x, self._outs = None, {}
 
     def use_states(self, states: list[TunedLinear]) -> None:
@@ -127,7 +127,12 @@ def use_codes(linears: dict[str, QLinear], codes: dict[str, IntWeight]) -> None:
     names = {id(q): n for n, q in linears.items()}
     for g in groups_of(linears):
         w = g.members[0].linear.weight
-        g.use_fixed([codes[names[id(m)]].dequantize(w.dtype).to(w.device) for m in g.members])
+        g.use_fixed([])  # the previous fixed weights go first
+        dev = codes[names[id(g.members[0])]].q.device
+        joint = torch.empty(sum(g.sizes), w.shape[1], dtype=w.dtype, device=dev)  # no list + cat copy
+        for m, part in zip(g.members, joint.split(g.sizes), strict=True):
+            codes[names[id(m)]].dequantize(w.dtype, out=part)
+        g.use_fixed([joint.to(w.device)])
 
 
 @contextlib.contextmanager

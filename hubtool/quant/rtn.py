@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..core.intweight import IntWeight, fp16_exact, group_view, quantize_with, scales_from_range
+from ..core.intweight import IntWeight, fp16_exact, quantize_with, scales_from_range
 from ..core.spec import QuantSpec
 
 
 def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> IntWeight:
     """Plain round-to-nearest with the full-range scale (no search, no tuning)."""
-    scale, zero = scales_from_range(group_view(w, spec.group_size), spec)
+    n, k = w.shape
+    scale, zero = scales_from_range(w.reshape(n, k // spec.group_size, spec.group_size), spec)
     return quantize_with(w, spec, fp16_exact(scale), zero)
