@@ -160,3 +160,25 @@ def test_a_result_holds_only_for_the_files_it_verified(tmp_path, hub):  # noqa: 
     with pytest.raises(HubtoolError, match="format auto_round .*changed since it was verified"):
         upload(run, REPO, endpoint=hub.url)
     assert _writes(hub) == []
+
+
+@pytest.mark.slow
+def test_a_vlm_is_verified_on_an_image_prompt_too(tiny_models, tmp_path):
+    from hubtool.stages.verify import build_reference, prompt_inputs
+
+    run = tmp_path / "vlm"
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(tiny_models("llava")), "-o", str(run), "--method", "rtn"])
+    assert exc.value.code in (0, None)
+    record = rec.load(run)
+    assert record.source.is_vlm
+    reference = build_reference(record, run, record.variants[0])
+    prompts = prompt_inputs(reference, is_vlm=True)
+    assert "pixel_values" in prompts[-1] and not any("pixel_values" in p for p in prompts[:-1])
+    results = run_verify(run, formats=["hubtool", "auto_round"])
+    assert {r.format for r in results} == {"hubtool", "auto_round"}
+    positions = sum(p["input_ids"].shape[1] for p in prompts)  # the image prompt's positions included
+    for r in results:
+        assert r.passed, (r.format, r.library, r.failed_check, r.detail)
+        assert r.positions == positions
+        assert r.int4_modules == r.expected_modules > 0
