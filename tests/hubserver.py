@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import hmac
@@ -28,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1004,6 +1006,25 @@ class HubServer:
 def repo_url(endpoint: str, repo_id: str, revision: str = "main") -> str:
     """A human link to a revision of a repo on this server."""
     return f"{endpoint}/{repo_id}/tree/{quote(revision, safe='')}"
+
+
+@contextlib.contextmanager
+def local_hub(monkeypatch, tmp_path, token: str) -> Iterator[HubServer]:
+    """A fresh local Hub (user alice, member of org acme, signed in with ``token``) and a client set to use it."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
+    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda s: None))  # no back-off waits
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    with HubServer() as server:
+        server.state.add_user(token, "alice", ["acme"])
+        yield server
 
 
 def main(argv: list[str] | None = None) -> int:

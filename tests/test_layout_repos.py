@@ -8,19 +8,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
-from huggingface_hub import constants
-from huggingface_hub.utils import _http
 
 from hubtool import record as rec
 from hubtool.errors import HubtoolError
 from hubtool.stages.hub import upload
 from hubtool.stages.revisions import check_layout, default_tag, plan_repos, repo_name
 from tests.fake_run import make_run
-from tests.hubserver import HubServer
+from tests.hubserver import HubServer, local_hub
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # in the client
 
@@ -37,15 +34,8 @@ REPOS = [
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """A fresh local Hub (user alice, member of org acme) and a client configured to use it."""
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
-    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda s: None))  # no back-off waits
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    with HubServer() as server:
-        server.state.add_user(TOKEN, "alice", ["acme"])
+    """A fresh local Hub (see tests.hubserver.local_hub)."""
+    with local_hub(monkeypatch, tmp_path, TOKEN) as server:
         yield server
 
 

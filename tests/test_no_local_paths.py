@@ -19,14 +19,12 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from huggingface_hub import constants
-from huggingface_hub.utils import _http
 
 from hubtool import record as rec
 from hubtool.cli import main
 from hubtool.errors import HubtoolError
 from tests.fake_run import make_run
-from tests.hubserver import HubServer
+from tests.hubserver import HubServer, local_hub
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
@@ -37,15 +35,8 @@ BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """A fresh local Hub (user alice, member of org acme) and a client configured to use it."""
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
-    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda s: None))
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    with HubServer() as server:
-        server.state.add_user(TOKEN, "alice", ["acme"])
+    """A fresh local Hub (see tests.hubserver.local_hub)."""
+    with local_hub(monkeypatch, tmp_path, TOKEN) as server:
         yield server
 
 

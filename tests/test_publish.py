@@ -11,18 +11,16 @@ import hashlib
 import logging
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import constants
-from huggingface_hub.utils import _http
 
 from hubtool import record as rec
 from hubtool.errors import HubtoolError
 from hubtool.stages.hub import upload
 from hubtool.stages.revisions import default_tag
 from tests.fake_run import make_run, mark_verified
-from tests.hubserver import HubServer
+from tests.hubserver import HubServer, local_hub
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # in the client
 
@@ -32,15 +30,8 @@ REPO = "acme/tiny-int4"
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """A fresh local Hub (user alice, member of org acme) and a client configured to use it."""
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
-    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda s: None))  # no back-off waits
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    with HubServer() as server:
-        server.state.add_user(TOKEN, "alice", ["acme"])
+    """A fresh local Hub (see tests.hubserver.local_hub)."""
+    with local_hub(monkeypatch, tmp_path, TOKEN) as server:
         yield server
 
 

@@ -12,16 +12,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from huggingface_hub import constants
-from huggingface_hub.utils import _http
 
 from hubtool import record as rec
 from hubtool.cli import main
 from tests.fake_run import make_run
-from tests.hubserver import HubServer
+from tests.hubserver import HubServer, local_hub
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
@@ -32,15 +29,8 @@ MARKER = ".hubtool-dry-run"
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """A fresh local Hub (user alice, member of org acme) and a client configured to use it."""
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
-    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda s: None))
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    with HubServer() as server:
-        server.state.add_user(TOKEN, "alice", ["acme"])
+    """A fresh local Hub (see tests.hubserver.local_hub)."""
+    with local_hub(monkeypatch, tmp_path, TOKEN) as server:
         yield server
 
 
