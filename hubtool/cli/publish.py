@@ -140,7 +140,7 @@ def publish_cmd(
     layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
     **options: Any,
 ) -> None:
-    """quantize -> compare -> eval -> card -> upload, in one command (driven by hubtool.toml if present)."""
+    """quantize -> compare -> eval -> verify -> card -> upload, in one command (driven by hubtool.toml if present)."""
     from ..pipeline import publish
 
     card = _card_flags(base_model)

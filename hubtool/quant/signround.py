@@ -277,10 +277,9 @@ class _TunedMatmul(torch.autograd.Function):
         if _int8_grad(states):
             qx, sx = torch.ops.hubtool.quantize_cols_i8(x2)
             qg, sg = torch.ops.hubtool.quantize_cols_i8(g2)
-            acc = torch._int_mm(qg.t(), qx)  # (rows, K) int32
 
-            def part(r, n):
-                return acc[r : r + n], (sg[r : r + n], sx)
+            def part(r, n):  # one linear's (n, K) int32 at a time, not the whole group's (exact either way)
+                return torch._int_mm(qg[:, r : r + n].t(), qx), (sg[r : r + n], sx)
         else:
             gw = g2.t() @ x2
 
