@@ -52,3 +52,10 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) $(GPTQ_VENV) runs .pytest_cache
+
+# -- llama.cpp (GGUF verify and bench; issue 16) ----------------------------------------------------
+# Builds llama.cpp's tools and hubtool's probe from the llama-cpp-python sdist on PyPI into
+# $HUBTOOL_CACHE/llama.cpp/<version> (default ~/.cache/hubtool): once, then a no-op (cached across runs).
+llama-cpp: setup
+	PYTHON=$(BIN)/python scripts/install_llama_cpp.sh
+.PHONY: llama-cpp

@@ -44,7 +44,8 @@ from ..core.shards import write_safetensors_streamed
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
 from ..quant.lazy import lazy_weights
-from .table import FORMATS
+from .gguf import is_gguf, write_gguf
+from .table import ALL_FORMATS, FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,20 @@ def export_format(
     meta: dict[str, Any],
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    source_gguf: Path | None = None,
 ) -> None:
     """Write ``model`` with ``weights`` (full linear name -> IntWeight) as format ``fmt`` into ``out_dir``.
+
+    A GGUF format (``formats.gguf``) is one ``.gguf`` file; ``source_gguf`` (the source model's own GGUF,
+    when it is one) gives its tokenizer fields.
 
     ``meta`` may hold: ``method``, ``recipe`` (dict: iters, nsamples, seqlen, batch_size, lr...),
     ``calibration`` (name or CalibrationInfo dict), ``hubtool_version``, ``block_lists``, ``quantized``
     and ``skipped``. The model is read, never modified. An existing ``out_dir`` is replaced only once
     the new folder is complete; a failure leaves the old one (or none) and no temporary folder.
     """
-    if fmt not in FORMATS:
-        raise HubtoolError(f"unknown format {fmt!r}", "use one of " + ", ".join(FORMATS))
+    if fmt not in FORMATS and not is_gguf(fmt):
+        raise HubtoolError(f"unknown format {fmt!r}", "use one of " + ", ".join(ALL_FORMATS))
     _check_names(model, weights)
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -83,9 +88,12 @@ def export_format(
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(out_dir)
         tmp.mkdir()
-        state_dict = CheckpointPlan(model, weights, spec, with_g_idx=FORMATS[fmt].with_g_idx)
-        qconfig = quantization_config(model, weights, spec, fmt, meta)
-        _write_repo(tmp, model, processor, state_dict, qconfig, fmt, max_shard_size)
+        if is_gguf(fmt):
+            write_gguf(model, processor, weights, spec, fmt, tmp, meta, source_gguf=source_gguf)
+        else:
+            state_dict = CheckpointPlan(model, weights, spec, with_g_idx=FORMATS[fmt].with_g_idx)
+            qconfig = quantization_config(model, weights, spec, fmt, meta)
+            _write_repo(tmp, model, processor, state_dict, qconfig, fmt, max_shard_size)
         fsync_dir(tmp)
         replace_dir(tmp, out_dir)
     except OSError as exc:
@@ -543,7 +551,7 @@ def _export_bytes(
         n, k = model.get_submodule(name).weight.shape
         groups = k // w.group_size
         # qweight (K/8 x N int32), qzeros (K/G x N/8 int32), scales (K/G x N fp16), g_idx (K int32)
-        total += k * n // 2 + groups * n // 2 + groups * n * 2 + (4 * k if FORMATS[fmt].with_g_idx else 0)
+        total += k * n // 2 + groups * n // 2 + groups * n * 2 + (4 * k if ALL_FORMATS[fmt].with_g_idx else 0)
     return total
 
 

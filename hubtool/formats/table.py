@@ -72,3 +72,22 @@ FORMATS: dict[str, FormatInfo] = {
         hub_tag="hubtool",
     ),
 }
+
+
+# GGUF: one .gguf file per type, written by ``formats.gguf`` from the same codes (tuned in that type's spec);
+# not exported unless asked (``--formats gguf:q4_0``), since its spec (symmetric, groups of 32) is its own.
+GGUF_FORMATS: dict[str, FormatInfo] = {
+    "gguf_q4_0": FormatInfo(
+        name="gguf_q4_0",
+        quant_method="gguf",
+        packing_format="Q4_0",
+        with_g_idx=False,
+        side_config=None,
+        loads_with="llama.cpp",
+        card_label="GGUF Q4_0",
+        card_install="pip install llama-cpp-python",
+        card_import="",
+        hub_tag="gguf",
+    ),
+}
+ALL_FORMATS: dict[str, FormatInfo] = {**FORMATS, **GGUF_FORMATS}

@@ -35,10 +35,13 @@ from ..core.spec import QuantSpec
 from ..envinfo import library_versions
 from ..errors import HubtoolError
 from ..formats.export import DEFAULT_MAX_SHARD_SIZE, FORMATS, check_shard_size, export_format
+from ..formats.gguf import GGUF_TYPES, check_gguf_request, is_gguf
+from ..formats.gguf import canonical_format as gguf_format
+from ..formats.table import ALL_FORMATS
 from ..quant.driver import ProgressFn, QuantResult, quantize_model
 from ..quant.layers import QuantPlan, plan_layers
 from ..quant.spec import Recipe, check_method, make_recipe
-from ..source import load_source, local_dir, parse_dtype, preflight
+from ..source import gguf_metadata, load_source, local_dir, parse_dtype, preflight, read_config
 from .public import public_calibration, public_path
 
 log = logging.getLogger(__name__)
@@ -260,12 +263,23 @@ def quantize_options(source: str, run_dir: Path, spec: dict[str, Any] | None = N
 def parse_formats(value: str | list[str]) -> list[str]:
     """Validate a --formats list (comma-separated or a list)."""
     items = [f.strip() for f in (value.split(",") if isinstance(value, str) else value) if f.strip()]
-    bad = [f for f in items if f not in FORMATS]
+    items = [gguf_format(f) or f for f in items]  # "gguf:q4_0" -> "gguf_q4_0"
+    bad = [f for f in items if f not in FORMATS and not is_gguf(f)]
     if bad or not items:
         raise HubtoolError(
-            f"unknown format {bad[0] if bad else '(none)'!r}", "use any of " + ",".join(FORMATS)
+            f"unknown format {bad[0] if bad else '(none)'!r}",
+            "use any of " + ",".join([*FORMATS, *(t.alias for t in GGUF_TYPES.values())]),
         )
     return list(dict.fromkeys(items))
+
+
+def source_model_type(info: rec.SourceInfo) -> str:
+    """The source's model_type without loading it: config.json's, or a GGUF's general.architecture."""
+    if info.model_type:
+        return info.model_type
+    if info.kind == "gguf":
+        return str(gguf_metadata(Path(info.name), ("general.architecture",)).get("general.architecture", ""))
+    return str(read_config(local_dir(info)).get("model_type", ""))
 
 
 def check_run_dir(run_dir: Path, overwrite: bool, resume: bool, sources: list[Path] = ()) -> str:
@@ -360,6 +374,9 @@ def run_quantize(opts: QuantizeOptions, progress: ProgressFn | None = None) -> r
     state = check_run_dir(run_dir, opts.overwrite, opts.resume, _source_paths(opts.source))
     info = preflight(opts, method)  # every input that needs no model is checked before any write
     rundir.check_apart(run_dir, _source_paths(opts.source, info))
+    for fmt in formats:  # an unsupported architecture or spec is refused before anything is quantized
+        if is_gguf(fmt):
+            check_gguf_request(source_model_type(info), fmt, spec)
     resume = opts.resume and state == rundir.RESUMABLE
     inputs = _inputs(opts, info, spec, method, recipe, formats)
     if resume:
@@ -622,9 +639,13 @@ def _quantize_variant(
             out,
             q.meta,
             max_shard_size=opts.max_shard_size,
+            source_gguf=Path(loaded.info.name) if loaded.info.kind == "gguf" else None,
         )
-        config = json.loads((out / "config.json").read_text())
-        qm = config.get("quantization_config", {}).get("quant_method", "")
+        if is_gguf(fmt):
+            qm = ALL_FORMATS[fmt].quant_method
+        else:
+            config = json.loads((out / "config.json").read_text())
+            qm = config.get("quantization_config", {}).get("quant_method", "")
         variant.formats.append(rec.FormatRecord(fmt, rel, qm, rec.file_records(out, run_dir)))
     variant.seconds = time.perf_counter() - t0
     variant.peak_rss_bytes = peak_rss_bytes()

@@ -43,6 +43,7 @@ from .. import record as rec
 from ..__about__ import __version__
 from ..errors import HubtoolError
 from . import verify_child
+from .verify_gguf import gguf_file, run_llama_cpp
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,10 @@ LOADERS: dict[str, tuple[Loader, ...]] = {
     "auto_round": (Loader("auto-round", "auto-round", _in_process, needs=("auto-round",)),),
     "auto_gptq": (Loader("gptqmodel", "gptqmodel", _gptqmodel, needs=("gptqmodel", "optimum")),),
     "hubtool": (Loader("transformers", "transformers", _in_process, import_hubtool=True), HUBTOOL_LOAD),
+    "gguf_q4_0": (Loader("llama.cpp", "llama-cpp-python", run_llama_cpp),),
 }
 REFERENCE_ORDER = ("hubtool", "auto_round", "auto_gptq")
+GGUF_LOADERS = ("gguf_q4_0",)  # formats whose folder is one .gguf file (no config.json)
 
 
 # -- the int4 reference ----------------------------------------------------------------------------
@@ -226,10 +229,31 @@ def build_reference(record: rec.RunRecord, run_dir: Path, variant: rec.VariantRe
         dequantize_int4(model, torch.float32)
         log.info("int4 reference: %s's codes, dequantized in fp32", fmt.name)
         return Reference(fmt.name, model.eval(), load_processor(folder), expected, {})
+    gguf_ref = _gguf_reference(run_dir, order, expected)
+    if gguf_ref is not None:
+        return gguf_ref
     raise HubtoolError(
         f"no format of variant {variant.name!r} gives hubtool's int4 reference ({'; '.join(why)})",
         "re-run `hubtool quantize --overwrite`",
     )
+
+
+def _gguf_reference(
+    run_dir: Path, formats: Sequence[rec.FormatRecord], expected: list[str]
+) -> Reference | None:
+    """A GGUF-only variant's reference: the file's codes dequantized in fp32 by transformers' GGUF reader
+    (fp16 scale times code, exact in fp32; the reader undoes the converter's permutations and shifts)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for fmt in formats:
+        path = gguf_file(Path(run_dir) / fmt.path) if fmt.name in GGUF_LOADERS else None
+        if path is None:
+            continue
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        log.info("int4 reference: %s's codes, dequantized in fp32 by transformers' GGUF reader", fmt.name)
+        return Reference(fmt.name, model.eval(), tok, expected, {})
+    return None
 
 
 def prompt_inputs(reference: Reference, is_vlm: bool) -> list[dict[str, Any]]:
@@ -332,7 +356,7 @@ def check_format(
         at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     failed: list[tuple[str, str]] = []
-    wrong = config_mismatch(folder, spec)
+    wrong = None if fmt.name in GGUF_LOADERS else config_mismatch(folder, spec)
     if wrong:
         failed.append(("config", wrong))
     if "error" in out and out["error"][0] in ("library", "load"):
@@ -355,7 +379,7 @@ def check_format(
         if logits:
             got = [logits[str(i)] for i in range(len(logits))] if isinstance(logits, dict) else logits
             dtype = res.dtype or "bfloat16"
-            bound = REL_ERROR_BOUNDS.get(dtype, REL_ERROR_BOUNDS["bfloat16"])
+            bound = out.get("bound") or REL_ERROR_BOUNDS.get(dtype, REL_ERROR_BOUNDS["bfloat16"])
             cmp = compare_logits(got, reference.logits_in(dtype, prompts), bound)
             res.rel_error_bound = bound
             res.max_rel_error = cmp.get("rel")
@@ -408,7 +432,11 @@ def run_verify(
                 results.append(_no_reference(variant, f, exc.message))
             continue
         prompts = prompt_inputs(reference, record.source.is_vlm)
-        model_class = auto_model_class(AutoConfig.from_pretrained(run_dir / fmts[0].path)).__name__
+        first = next((f for f in fmts if f.name not in GGUF_LOADERS), None)
+        if first is not None:
+            model_class = auto_model_class(AutoConfig.from_pretrained(run_dir / first.path)).__name__
+        else:  # only GGUF asked: llama.cpp needs no class
+            model_class = "AutoModelForCausalLM"
         with tempfile.TemporaryDirectory(prefix="hubtool-verify-") as tmp:
             from safetensors.torch import save_file
 

@@ -1,0 +1,467 @@
+"""Write a quantized model as one GGUF file, with the tuned int4 codes as they are (no requantization).
+
+``gguf_q4_0`` is llama.cpp's Q4_0: per 32 weights of a row, an fp16 scale ``d`` and 32 4-bit codes with
+``W = d * (q - 8)``, which is hubtool's symmetric int4 spec at group size 32 (``QuantSpec(4, 32, True)``:
+the tuned scale is already fp16-exact and the zero point is 8), so each block is written from the codes
+bit for bit. llama.cpp's own ``quantize_row_q4_0_ref`` picks ``d = max / -8`` (``max`` the signed value
+of largest magnitude) and ``q = min(15, (int)(w / d + 8.5))``: the same rule as hubtool's full-range RTN,
+up to rounding ties and the scale being rounded to fp16 before the codes are chosen (hubtool's choice).
+
+Names and metadata follow llama.cpp's ``convert_hf_to_gguf.py`` (the ``gguf`` package's architecture and
+tensor-name tables), with its per-architecture changes: Llama's q/k rows permuted for its rotary layout,
+Gemma 3's norms stored as ``1 + w``, Phi-3's fused ``qkv`` and ``gate_up`` kept fused. Tensors left
+16-bit (embeddings, output, norms, biases, skipped linears) are written as the converter writes them:
+1-D in F32, 2-D in the model's 16-bit type (BF16 or F16). The tokenizer, its special tokens and the chat
+template come from the source GGUF when the source is one (copied as is), else from the tokenizer
+(byte-level BPE, llama.cpp's ``gpt2`` model, with ``gguf.SpecialVocab``). The file is written tensor by
+tensor (``GGUFWriter``'s header, then each tensor's bytes), so the model is never whole in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.intweight import IntWeight
+from ..core.spec import QuantSpec
+from ..errors import HubtoolError
+from ..quant.lazy import lazy_weights
+
+log = logging.getLogger(__name__)
+
+# hubtool's model_type -> the gguf package's architecture name (llama.cpp's general.architecture)
+ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+}
+SUPPORTED = ("llama", "qwen2", "gemma3", "phi3")
+Q4_0_BLOCK = 32  # weights per Q4_0 block
+Q4_0_BYTES = 18  # fp16 scale + 16 bytes of nibbles
+
+
+@dataclass(frozen=True)
+class GgufType:
+    """One GGUF quantization type hubtool writes: its format name, llama.cpp's names and the spec it tunes."""
+
+    fmt: str  # the format's name in hubtool ("gguf_q4_0")
+    alias: str  # how --formats may also spell it ("gguf:q4_0")
+    label: str  # llama.cpp's name, in the file name ("Q4_0")
+    file_type: int  # general.file_type (gguf.LlamaFileType)
+    spec: QuantSpec  # the storage spec the codes must be tuned in
+
+
+GGUF_TYPES: dict[str, GgufType] = {
+    "gguf_q4_0": GgufType("gguf_q4_0", "gguf:q4_0", "Q4_0", 2, QuantSpec(4, Q4_0_BLOCK, True)),
+}
+# Spellings --formats takes for GGUF types hubtool does not write yet (llama.cpp's Q4_K_M mix).
+PLANNED = {"gguf": "gguf:q4_k_m", "gguf:q4_k_m": "gguf:q4_k_m", "gguf_q4_k_m": "gguf:q4_k_m"}
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor of a written GGUF: its name there, the model's name for it, its type and shape (N, K)."""
+
+    name: str
+    source: str
+    type: str  # "Q4_0", "BF16", "F16", "F32"
+    shape: tuple[int, ...]
+
+
+def canonical_format(name: str) -> str | None:
+    """The hubtool format name of a GGUF spelling ("gguf:q4_0" -> "gguf_q4_0"); None when not a GGUF one."""
+    key = name.strip().lower()
+    if key in PLANNED:
+        raise HubtoolError(
+            f"--formats {name}: GGUF {PLANNED[key].split(':')[1].upper()} is not written yet",
+            "use --formats gguf:q4_0",
+        )
+    for t in GGUF_TYPES.values():
+        if key in (t.fmt, t.alias):
+            return t.fmt
+    return None
+
+
+def is_gguf(fmt: str) -> bool:
+    """Whether ``fmt`` is a GGUF format."""
+    return fmt in GGUF_TYPES
+
+
+def architecture(model_type: str) -> str | None:
+    """llama.cpp's architecture for a transformers model_type, or None when hubtool cannot write it as GGUF."""
+    return ARCHITECTURES.get(model_type)
+
+
+def check_gguf_request(model_type: str, fmt: str, spec: QuantSpec) -> None:
+    """One-line HubtoolError, before anything is quantized, when ``fmt`` cannot be written for this model/spec."""
+    if architecture(model_type) is None:
+        raise HubtoolError(
+            f"GGUF export does not support the {model_type or 'unknown'} architecture "
+            f"(supported: {', '.join(SUPPORTED)})",
+            "drop " + GGUF_TYPES[fmt].alias,
+        )
+    want = GGUF_TYPES[fmt].spec
+    if spec != want:
+        raise HubtoolError(
+            f"{GGUF_TYPES[fmt].alias} stores int4 in symmetric groups of {want.group_size}, "
+            f"not {'' if spec.sym else 'a'}symmetric groups of {spec.group_size}",
+            f"add --group-size {want.group_size} --sym (the other formats then use it too)",
+        )
+
+
+def file_name(model_name: str, fmt: str) -> str:
+    """The GGUF's file name: NAME-TYPE.gguf (the Hub reads the type from it)."""
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in model_name.rstrip("/").split("/")[-1])
+    return f"{stem or 'model'}-{GGUF_TYPES[fmt].label}.gguf"
+
+
+# -- tensors ---------------------------------------------------------------------------------------
+def q4_0_blocks(iw: IntWeight) -> np.ndarray:
+    """The Q4_0 bytes (N, K / 32 * 18) of codes tuned with the Q4_0 spec: per block fp16 d, then 16 bytes
+    whose low nibbles hold values 0..15 and high nibbles 16..31."""
+    n, k = iw.shape
+    if iw.bits != 4 or iw.group_size != Q4_0_BLOCK or k % Q4_0_BLOCK:
+        raise ValueError(f"Q4_0 needs 4-bit codes in groups of 32, got g{iw.group_size}/{iw.bits}b, K={k}")
+    if not bool((iw.zero == 8).all()):
+        raise ValueError("Q4_0 is symmetric: every zero point must be 8")
+    d = iw.scale.to(torch.float16)
+    if not torch.equal(d.float(), iw.scale.float()):
+        raise ValueError("Q4_0 stores fp16 scales: the tuned scales must be fp16-exact")
+    q = iw.q.to(torch.uint8).reshape(n, k // Q4_0_BLOCK, Q4_0_BLOCK)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    blocks = torch.cat([d.contiguous().view(torch.uint8).reshape(n, k // Q4_0_BLOCK, 2), nibbles], dim=-1)
+    return blocks.reshape(n, -1).numpy()
+
+
+def q4_0_dequantize(blocks: np.ndarray, k: int) -> torch.Tensor:
+    """Dense float32 (N, K) of Q4_0 bytes (the inverse of :func:`q4_0_blocks`; tests and checks)."""
+    b = torch.from_numpy(np.ascontiguousarray(blocks)).reshape(-1, k // Q4_0_BLOCK, Q4_0_BYTES)
+    d = b[..., :2].contiguous().view(torch.float16).float()
+    q = torch.cat([b[..., 2:] & 0xF, b[..., 2:] >> 4], dim=-1).float()
+    return (d * (q - 8)).reshape(-1, k)
+
+
+def _llama_permute(rows: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
+    """convert_hf_to_gguf's LlamaModel.permute on the first dimension (rows, or per-row scales/codes)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    shape = rows.shape
+    return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _permute_intweight(iw: IntWeight, n_head: int, n_head_kv: int | None) -> IntWeight:
+    return IntWeight(
+        _llama_permute(iw.q, n_head, n_head_kv).contiguous(),
+        _llama_permute(iw.scale, n_head, n_head_kv).contiguous(),
+        _llama_permute(iw.zero, n_head, n_head_kv).contiguous(),
+        iw.group_size,
+        iw.bits,
+    )
+
+
+def _text_config(model: nn.Module) -> Any:
+    cfg = model.config
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def _permutation(arch: str, config: Any, name: str) -> tuple[int, int | None] | None:
+    """(n_head, n_head_kv) for Llama's q/k rows, else None."""
+    if arch != "llama":
+        return None
+    if name.endswith("q_proj.weight"):
+        return config.num_attention_heads, config.num_attention_heads
+    if name.endswith("k_proj.weight"):
+        return config.num_attention_heads, config.num_key_value_heads
+    return None
+
+
+def _dense_type(t: torch.Tensor, name: str) -> str:
+    if t.dim() == 1 or name.endswith(".bias"):
+        return "F32"
+    return {torch.bfloat16: "BF16", torch.float16: "F16"}.get(t.dtype, "F32")
+
+
+def _dense_bytes(t: torch.Tensor, kind: str) -> np.ndarray:
+    if kind == "F32":
+        return t.float().contiguous().numpy()
+    if kind == "F16":
+        return t.to(torch.float16).contiguous().numpy()
+    return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()  # BF16: its raw bytes
+
+
+@dataclass
+class _Entry:
+    name: str  # GGUF name
+    source: str  # the model's linear or tensor name
+    type: str
+    shape: tuple[int, ...]
+    meta: torch.Tensor  # the model's tensor (maybe meta)
+
+
+def plan_tensors(model: nn.Module, weights: Mapping[str, IntWeight], arch: str) -> list[GgufTensor]:
+    """Which tensor of the model becomes which GGUF tensor, with its type (what the record lists)."""
+    return [GgufTensor(e.name, e.source, e.type, e.shape) for e in _entries(model, weights, arch)]
+
+
+def _drop_tied(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict without tied duplicates (the output tied to the embeddings), as save_pretrained drops them."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return remove_tied_weights_from_state_dict(sd, model)
+
+
+def _entries(model: nn.Module, weights: Mapping[str, IntWeight], arch: str) -> list[_Entry]:
+    import gguf
+
+    config = _text_config(model)
+    sd = _drop_tied(model, dict(model.state_dict()))
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
+    out = []
+    for key, t in sd.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        hf = key.removeprefix("model.language_model.").removeprefix("language_model.")
+        hf = "model." + hf.removeprefix("model.") if not hf.startswith("lm_head") else hf
+        target = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise HubtoolError(
+                f"GGUF ({arch}): no llama.cpp name for tensor {key}", "report this model to hubtool"
+            )
+        linear = key.removesuffix(".weight")
+        kind = "Q4_0" if linear in weights and key.endswith(".weight") else _dense_type(t, key)
+        out.append(_Entry(target, linear if kind == "Q4_0" else key, kind, tuple(t.shape), t))
+    return out
+
+
+def _tensor_data(model: nn.Module, e: _Entry, weights: Mapping[str, IntWeight], arch: str) -> np.ndarray:
+    config = _text_config(model)
+    perm = _permutation(arch, config, e.source + (".weight" if e.type == "Q4_0" else ""))
+    if e.type == "Q4_0":
+        iw = weights[e.source]
+        if tuple(iw.shape) != e.shape:
+            raise ValueError(f"{e.source}: IntWeight {tuple(iw.shape)} != weight {e.shape}")
+        if perm:
+            iw = _permute_intweight(iw, *perm)
+        return q4_0_blocks(iw)
+    t = e.meta
+    if t.is_meta:
+        lazy = lazy_weights(model)
+        if lazy is None:
+            raise ValueError(f"{e.source} has no data (a meta tensor of a model that is not streamed)")
+        t = lazy.tensor(e.source, t)
+    t = t.detach().cpu()
+    if perm:
+        t = _llama_permute(t, *perm)
+    if arch == "gemma3" and e.source.endswith("norm.weight"):
+        t = t.float() + 1.0  # Gemma3RMSNorm multiplies by (1 + w); llama.cpp stores 1 + w
+    return _dense_bytes(t, e.type)
+
+
+# -- metadata --------------------------------------------------------------------------------------
+def _rope(writer: Any, config: Any) -> None:
+    """RoPE base and scaling, as the converter's TextModel writes them."""
+    import gguf
+
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    full = params.get("full_attention", params)
+    theta = full.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is not None:
+        writer.add_rope_freq_base(float(theta))
+    swa = params.get("sliding_attention", {}).get("rope_theta")
+    if swa is not None:
+        writer.add_rope_freq_base_swa(float(swa))
+    kind, factor = full.get("rope_type"), full.get("factor")
+    if kind == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(factor))
+    elif kind not in (None, "default", "linear"):
+        raise HubtoolError(f"GGUF export: RoPE scaling {kind!r} is not written yet", "report this model")
+
+
+def _write_arch(writer: Any, arch: str, config: Any, name: str, file_type: int) -> None:
+    import gguf
+
+    writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(file_type)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    _rope(writer, config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if arch in ("llama", "gemma3") or getattr(config, "head_dim", None):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "llama":
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_rope_dimension_count(head_dim)
+    if arch == "gemma3":
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        if getattr(config, "sliding_window_pattern", None) != 1 and getattr(config, "sliding_window", None):
+            writer.add_sliding_window(config.sliding_window)
+    if arch == "phi3":
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        if params.get("long_factor"):
+            raise HubtoolError(
+                "GGUF export: Phi-3 long-context RoPE factors are not written yet", "report this"
+            )
+        orig = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(orig)
+        rot = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+        writer.add_rope_dimension_count(int(rot * config.hidden_size) // config.num_attention_heads)
+        writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+
+
+def _copy_tokenizer(writer: Any, source_gguf: Path) -> None:
+    """Every tokenizer.* field of the source GGUF, as it is (vocabulary, merges, special ids, chat template)."""
+    import gguf
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(source_gguf))
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub)
+
+
+def _gpt2_pre(tokenizer_json: dict, arch: str) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE: GPT-2's regex when the tokenizer uses exactly it."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if arch == "qwen2":
+        return "qwen2"
+    log.warning(
+        "GGUF: unknown pre-tokenizer, writing llama.cpp's 'default' (check tokenization in llama.cpp)"
+    )
+    return "default"
+
+
+def _write_bpe_tokenizer(writer: Any, processor: Any, vocab_rows: int, arch: str) -> None:
+    """A byte-level BPE tokenizer as the converter's _set_vocab_gpt2 writes it."""
+    import gguf
+
+    tok = getattr(processor, "tokenizer", processor)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        chat = getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)
+        path = Path(tmp) / "tokenizer.json"
+        if not path.exists():
+            raise HubtoolError("GGUF export needs a fast tokenizer (tokenizer.json)", "report this model")
+        tj = json.loads(path.read_text())
+        if (tj.get("model") or {}).get("type") != "BPE" or (tj.get("model") or {}).get("byte_fallback"):
+            raise HubtoolError(
+                "GGUF export writes byte-level BPE tokenizers only, for a non-GGUF source",
+                "quantize from the model's GGUF, or report this tokenizer",
+            )
+        vocab = tok.get_vocab()
+        reverse = {i: t for t, i in vocab.items()}
+        added = tok.get_added_vocab()
+        decoder = tok.added_tokens_decoder
+        tokens, types = [], []
+        for i in range(max(vocab_rows, max(vocab.values()) + 1)):
+            if i not in reverse:
+                tokens.append(f"[PAD{i}]")
+                types.append(gguf.TokenType.UNUSED)
+            elif reverse[i] in added:
+                tokens.append(reverse[i])
+                special = decoder[i].special if i in decoder else True
+                types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+            else:
+                tokens.append(reverse[i])
+                types.append(gguf.TokenType.NORMAL)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_gpt2_pre(tj, arch))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=len(tokens))
+        if chat and not special.chat_template:
+            special.chat_template = chat
+        special.add_to_gguf(writer, quiet=True)
+
+
+# -- the file --------------------------------------------------------------------------------------
+def write_gguf(
+    model: nn.Module,
+    processor: Any,
+    weights: Mapping[str, IntWeight],
+    spec: QuantSpec,
+    fmt: str,
+    out_dir: Path,
+    meta: Mapping[str, Any],
+    *,
+    source_gguf: Path | None = None,
+) -> list[GgufTensor]:
+    """Write ``out_dir/NAME-TYPE.gguf`` (and ``gguf_tensors.json``: each tensor's type); return the tensors.
+
+    ``out_dir`` must exist (``export_format`` assembles it in a hidden folder).
+    """
+    import gguf
+
+    gtype = GGUF_TYPES[fmt]
+    config = _text_config(model)
+    model_type = getattr(config, "model_type", "") or ""
+    check_gguf_request(model_type, fmt, spec)
+    arch = architecture(model_type)
+    entries = _entries(model, weights, arch)
+    missing = sorted(set(weights) - {e.source for e in entries if e.type == "Q4_0"})
+    if missing:
+        raise ValueError(f"GGUF: quantized linear {missing[0]} has no tensor in the model's state dict")
+    name = meta.get("source") or getattr(config, "_name_or_path", "") or "model"
+    path = Path(out_dir) / file_name(str(name), fmt)
+    writer = gguf.GGUFWriter(str(path), arch)
+    _write_arch(writer, arch, config, Path(str(name)).name or "model", gtype.file_type)
+    writer.add_quantized_by(f"hubtool {meta.get('hubtool_version', '')}".strip())
+    embd = next((e for e in entries if e.name == "token_embd.weight"), None)
+    if source_gguf is not None:
+        _copy_tokenizer(writer, Path(source_gguf))
+    else:
+        _write_bpe_tokenizer(writer, processor, embd.shape[0] if embd else config.vocab_size, arch)
+    for e in entries:
+        raw = getattr(gguf.GGMLQuantizationType, e.type)
+        if e.type == "Q4_0":
+            nbytes = e.shape[0] * e.shape[1] // Q4_0_BLOCK * Q4_0_BYTES
+            byte_shape = (e.shape[0], e.shape[1] // Q4_0_BLOCK * Q4_0_BYTES)
+            writer.add_tensor_info(e.name, byte_shape, np.dtype(np.uint8), nbytes, raw)
+        elif e.type == "BF16":
+            byte_shape = (*e.shape[:-1], e.shape[-1] * 2)
+            writer.add_tensor_info(e.name, byte_shape, np.dtype(np.uint8), 2 * math.prod(e.shape), raw)
+        else:
+            dt = np.dtype(np.float16 if e.type == "F16" else np.float32)
+            writer.add_tensor_info(e.name, e.shape, dt, dt.itemsize * math.prod(e.shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for e in entries:
+        writer.write_tensor_data(_tensor_data(model, e, weights, arch))
+    writer.close()
+    tensors = [GgufTensor(e.name, e.source, e.type, e.shape) for e in entries]
+    listing = {
+        "file": path.name,
+        "type": gtype.label,
+        "architecture": arch,
+        "tensors": [{"name": t.name, "source": t.source, "type": t.type} for t in tensors],
+    }
+    (Path(out_dir) / "gguf_tensors.json").write_text(json.dumps(listing, indent=1) + "\n")
+    log.info("wrote %s (%d tensors, %d in %s)", path.name, len(tensors), len(weights), gtype.label)
+    return tensors
