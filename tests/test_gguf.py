@@ -192,3 +192,33 @@ def test_llama_cpp_verifies_and_catches_a_broken_tensor(capsys, tiny_models, tmp
     (res,) = run_verify(run, formats=["gguf_q4_0"])
     assert not res.passed and res.failed_check == "logits", res
     assert record.load(run).verify[-1].passed is False
+
+
+def test_the_card_shows_llama_cpp_ollama_and_python_for_gguf(capsys, tiny_models, tmp_path, one_thread):
+    """The usage of a GGUF format: on its own repo (layout repos) llama-cli -hf, ollama run hf.co/ and
+    Llama.from_pretrained with the file named by its type, library_name gguf; on a revision, a download
+    from that revision (the -hf / hf.co/ forms read main only)."""
+    run = tmp_path / "run"
+    code, err = run_cli(
+        capsys, "quantize", str(tiny_models("llama")), "-o", str(run), "--method", "rtn",
+        "--group-size", "32", "--formats", "hubtool,gguf:q4_0",
+    )  # fmt: skip
+    assert code in (0, None), err
+    repos, revs = tmp_path / "repos", tmp_path / "revs"
+    for layout, out in (("repos", repos), ("revisions", revs)):
+        code, err = run_cli(
+            capsys, "upload", str(run), "--repo-id", "acme/tiny", "--dry-run", str(out), "--layout", layout,
+            "--skip-verify",
+        )  # fmt: skip
+        assert code in (0, None), err
+    (gguf_file,) = (repos / "tiny-GGUF").glob("*.gguf")
+    assert gguf_file.name.endswith("-Q4_0.gguf")
+    card = (repos / "tiny-GGUF" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: gguf\n") and "\n- gguf\n" in card
+    assert "llama-cli -hf acme/tiny-GGUF:Q4_0" in card and "ollama run hf.co/acme/tiny-GGUF:Q4_0" in card
+    assert f'Llama.from_pretrained(repo_id="acme/tiny-GGUF", filename="{gguf_file.name}")' in card
+    main_card = (revs / "main" / "README.md").read_text()
+    assert main_card.startswith("---\nlibrary_name: transformers\n")
+    assert f"hf download acme/tiny {gguf_file.name} --revision gguf_q4_0" in main_card
+    assert "ollama run hf.co/acme" not in main_card and "llama-cli -hf acme" not in main_card
+    assert (revs / "gguf_q4_0" / gguf_file.name).read_bytes() == gguf_file.read_bytes()

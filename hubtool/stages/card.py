@@ -28,7 +28,7 @@ from .. import record as rec
 from ..__about__ import __version__
 from ..core.fsio import atomic_write_text
 from ..errors import HubtoolError
-from ..formats.table import FORMATS
+from ..formats.table import ALL_FORMATS
 from ..record import source_label
 from .card_template import check_template_file, render_template
 from .evaltable import EvalTable, eval_table
@@ -272,7 +272,9 @@ def card_metadata(
     pipeline_tag = "image-text-to-text" if record.source.is_vlm else "text-generation"
     variants = [v for v in record.variants if variant is None or v.name == variant]
     formats = {f.name for v in variants for f in v.formats if fmt is None or f.name == fmt}
-    tags = ["hubtool", "int4", "4-bit"] + [FORMATS[f].hub_tag for f in sorted(formats) if f in FORMATS]
+    tags = ["hubtool", "int4", "4-bit"] + list(
+        dict.fromkeys(ALL_FORMATS[f].hub_tag for f in sorted(formats) if f in ALL_FORMATS)
+    )
     if any(v.method in ("signround", "opt-rtn") for v in variants):
         tags.append("autoround")
     tags += list(extras.get("tags", []))
@@ -301,7 +303,8 @@ def card_metadata(
         datasets=list(dict.fromkeys(datasets)) or None,
         eval_results=results or None,
         language=extras.get("language"),
-        library_name="transformers",
+        # a repo holding GGUF files only (layout "repos") is llama.cpp's, not transformers'
+        library_name="gguf" if formats and all(f.startswith("gguf") for f in formats) else "transformers",
         license=license_id,
         license_name=license_name,
         model_name=model_name,
@@ -506,9 +509,12 @@ def _revisions(record: rec.RunRecord, extras: dict[str, Any], repo_id: str) -> l
     for r in planned:
         variant = next((v for v in record.variants if v.name == r.variant), None)
         fmt = next((f for f in variant.formats if f.name == r.format), None) if variant else None
-        info = FORMATS[r.format]
+        info = ALL_FORMATS[r.format]
+        gguf = next((Path(x.path).name for x in fmt.files if x.path.endswith(".gguf")), None) if fmt else None
         out.append(
             {
+                "gguf_file": gguf,  # a GGUF format's file: its usage is llama.cpp's, Ollama's, llama_cpp's
+                "gguf_type": info.packing_format if gguf else None,
                 "format": r.format,
                 "format_label": info.card_label,
                 "quant_method": fmt.quant_method if fmt else "",

@@ -87,7 +87,7 @@ def repo_name(repo_id: str, variant: str | None, fmt: str) -> str:
 
     ``variant`` is given for the formats of a variant other than the first (its ``int4-`` prefix dropped).
     """
-    suffix = REPO_SUFFIXES.get(fmt) or branch_name(fmt)
+    suffix = REPO_SUFFIXES.get(fmt.split("_", 1)[0] if fmt.startswith("gguf") else fmt) or branch_name(fmt)
     part = branch_name(variant.removeprefix(VARIANT_PREFIX)) if variant else None
     name = f"{repo_id}-{part}-{suffix}" if part else f"{repo_id}-{suffix}"
     if len(name.split("/", 1)[-1]) > MAX_REPO_NAME:
