@@ -241,3 +241,24 @@ def test_reader_rows_are_the_tensors_rows(tmp_path: Path, dtype):
         assert reader.get_rows("emb", torch.tensor([], dtype=torch.long)).shape == (0, 7, 5)
         with pytest.raises(IndexError):
             reader.get_rows("emb", torch.tensor([5, 300]))
+
+
+def test_produce_may_give_blocks_of_rows(tmp_path: Path):
+    tensors = {"a": torch.randn(10, 3).to(torch.bfloat16), "b": torch.arange(7, dtype=torch.int32)}
+    want = tmp_path / "want.safetensors"
+    save_file(tensors, want)
+
+    def produce(name):
+        return iter(tensors["a"].split(4)) if name == "a" else tensors[name]
+
+    write_safetensors_streamed(
+        {k: v.to("meta") for k, v in tensors.items()}, produce, tmp_path / "got.safetensors"
+    )
+    assert (tmp_path / "got.safetensors").read_bytes() == want.read_bytes()
+    with pytest.raises(ValueError, match="rows"):  # blocks that do not add up to the tensor
+        write_safetensors_streamed(
+            {"a": tensors["a"].to("meta")},
+            lambda n: iter(tensors["a"][:8].split(4)),
+            tmp_path / "bad.safetensors",
+        )
+    assert not (tmp_path / "bad.safetensors").exists()

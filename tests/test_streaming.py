@@ -105,7 +105,10 @@ def _digests(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("arch", "method"), [("llama", "rtn"), ("llava", "rtn"), ("qwen2", "opt-rtn"), ("phi3", "signround")]
 )
-def test_streamed_export_is_byte_identical(tiny_models, tmp_path, arch, method, one_thread):
+def test_streamed_export_is_byte_identical(tiny_models, tmp_path, arch, method, one_thread, monkeypatch):
+    from hubtool.formats import export
+
+    monkeypatch.setattr(export, "COPY_CHUNK_BYTES", 3000)  # large 16-bit tensors copied in blocks of rows
     folder = tiny_models(arch)
     spec = QuantSpec(4, 32, True)
     recipe = make_recipe("light", iters=2, nsamples=4, seqlen=16, batch_size=2)

@@ -14,7 +14,7 @@ import logging
 import os
 import struct
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -277,6 +277,20 @@ def _layout(entries: dict[str, torch.Tensor], metadata: dict[str, str] | None) -
     return order, struct.pack("<Q", len(raw)) + raw
 
 
+def _chunk_bytes(name: str, chunks: Iterable[torch.Tensor], entry: torch.Tensor) -> Iterator[Any]:
+    """The data of ``chunks`` (row blocks whose concatenation is the tensor), checked against ``entry``."""
+    rows = 0
+    for c in chunks:
+        if not isinstance(c, torch.Tensor) or c.dtype != entry.dtype or c.shape[1:] != entry.shape[1:]:
+            raise ValueError(
+                f"produce({name!r}) gave a chunk that is not rows of {entry.dtype} {tuple(entry.shape)}"
+            )
+        rows += c.shape[0]
+        yield c.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    if rows != entry.shape[0]:
+        raise ValueError(f"produce({name!r}) gave {rows} rows, expected {entry.shape[0]}")
+
+
 def _tensor_bytes(name: str, t: object, entry: torch.Tensor) -> Any:
     """``t``'s data as a flat uint8 array (no copy when it is a contiguous CPU tensor), checked against ``entry``."""
     if not isinstance(t, torch.Tensor):
@@ -294,16 +308,27 @@ def write_safetensors_streamed(
     path: Path,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write ``save_file({k: produce(k)}, path, metadata)``'s bytes, holding one produced tensor at a time."""
+    """Write ``save_file({k: produce(k)}, path, metadata)``'s bytes, holding one produced tensor at a time.
+
+    ``produce(k)`` returns the tensor, or an iterable of blocks of its rows (held one block at a time).
+    """
     order, header = _layout(entries, metadata)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(header)
             for name in order:
-                data = _tensor_bytes(name, produce(name), entries[name])
-                f.write(data)
-                del data  # drop the tensor before asking for the next
+                made = produce(name)
+                if isinstance(made, torch.Tensor) or entries[name].dim() == 0:
+                    data = _tensor_bytes(name, made, entries[name])
+                    f.write(data)
+                    del data, made  # drop the tensor before asking for the next
+                    continue
+                for data in _chunk_bytes(
+                    name, made, entries[name]
+                ):  # a large tensor, a block of rows at a time
+                    f.write(data)
+                    del data
             f.flush()
             os.fsync(f.fileno())
 

@@ -54,6 +54,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_METADATA = {"format": "pt"}
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+COPY_CHUNK_BYTES = 64 << 20  # a 16-bit tensor read from a streamed source is copied in blocks of this size
 
 
 def export_format(
@@ -188,6 +189,8 @@ class CheckpointPlan(Mapping[str, torch.Tensor]):
             lazy = lazy_weights(self.model)
             if lazy is None:
                 raise ValueError(f"{key} has no data (a meta tensor of a model that is not streamed)")
+            if t.numel() * t.element_size() > COPY_CHUNK_BYTES:  # e.g. a 128k-row embedding: copied in blocks
+                return lazy.tensor_chunks(name, t, COPY_CHUNK_BYTES)  # type: ignore[return-value]
             return lazy.tensor(name, t)
         return t.detach().to("cpu").contiguous()
 
@@ -232,7 +235,7 @@ def build_state_dict(
         iw = next(iter(weights.values()))
         spec = QuantSpec(iw.bits, iw.group_size, True)
     plan = CheckpointPlan(model, weights, spec, with_g_idx=with_g_idx)
-    return {k: plan[k] for k in plan}
+    return {k: v if isinstance(v := plan[k], torch.Tensor) else torch.cat(list(v)) for k in plan}
 
 
 def _drop_tied(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

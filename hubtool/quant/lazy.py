@@ -63,6 +63,22 @@ class LazyWeights:
             raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(like.shape)}")
         return t.to(like.dtype) if t.dtype != like.dtype and like.is_floating_point() else t
 
+    def tensor_chunks(self, name: str, like: torch.Tensor, max_bytes: int) -> Iterator[torch.Tensor]:
+        """The tensor ``name`` as blocks of rows of at most ``max_bytes`` each (cast like :meth:`tensor`)."""
+        row_bytes = max(1, like[:1].numel() * like.element_size())
+        if self._read_rows is None or like.dim() < 2 or like.shape[0] * row_bytes <= max_bytes:
+            yield self.tensor(name, like)
+            return
+        step = max(1, max_bytes // row_bytes)
+        self.reads += 1
+        for start in range(0, like.shape[0], step):
+            t = self._read_rows(name, torch.arange(start, min(start + step, like.shape[0])))
+            if tuple(t.shape[1:]) != tuple(like.shape[1:]):
+                raise ValueError(
+                    f"{name}: checkpoint rows of shape {tuple(t.shape[1:])} != {tuple(like.shape[1:])}"
+                )
+            yield t.to(like.dtype) if t.dtype != like.dtype and like.is_floating_point() else t
+
     # -- modules ---------------------------------------------------------------------------------
     def _params(self, module: nn.Module, recurse: bool) -> Iterator[tuple[nn.Module, str, str]]:
         """(owner, attribute, full name) of each parameter of ``module`` the checkpoint provides."""
