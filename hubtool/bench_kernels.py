@@ -10,6 +10,11 @@ slices lost to other processes on a shared machine and is applied alike to every
 the same run, interleaved with the M=1 calls (fastest cache-cold 8 MiB read by a torch sum or hubtool's
 streaming read), and put next to the M=1 figures. On CUDA the GPU path is timed too, each rotation captured
 in a CUDA graph: cuBLAS bf16, torch's ``_weight_int4pack_mm`` and hubtool's Triton kernels.
+
+``run_head`` (``python -m hubtool.bench_kernels head``) times the 16-bit lm_head of an int4 model: hubtool's
+small-M dense kernel against torch's bf16 matmul on the heads of Gemma 3 270M (262144 x 640) and
+Llama-3.2-3B (128256 x 3072), as the weight's bytes over the time, next to the DRAM read bandwidth measured
+in the same run over the same bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -418,11 +424,169 @@ def _cuda_lines(result: dict) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":  # python -m hubtool.bench_kernels [json_path]
+# (name, N, K) of the 16-bit heads timed by run_head: vocabulary x hidden size
+HEAD_SHAPES: tuple[tuple[str, int, int], ...] = (("gemma3-270m", 262144, 640), ("llama-3.2-3b", 128256, 3072))
+HEAD_MS: tuple[int, ...] = (1, 2, 4, 8)
+HEAD_TARGET = 0.8  # the kernel's weight bytes / time at M=1, as a share of the DRAM read bandwidth
+
+
+def _interleaved_all(
+    variants: dict[str, Sequence[Callable[[], object]]], passes: int
+) -> dict[str, list[float]]:
+    """Every call's seconds per variant, the variants interleaved pass by pass (each pass: one rotation)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for fns in variants.values():
+        fns[0]()
+    for _ in range(passes):
+        for name, fns in variants.items():
+            for f in fns:
+                t = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+def bench_head_shape(name: str, n: int, k: int, ms: Sequence[int], cache: int, passes: int = 5) -> dict:
+    """One head shape: hubtool's dense kernel and torch's matmul at each M, and DRAM probes, interleaved.
+
+    The weight's copies span at least two last-level caches (1 GB or more), so every call reads its
+    weight from DRAM; the probe streams the very same copies (hubtool's ``mem_read``, all threads; a torch
+    sum where the library is missing). Figures: the best call and the median, per variant.
+    """
+    from .kernels import cpu
+
+    have_ours = cpu.load()
+    nbytes = n * k * 2
+    copies = max(2, math.ceil(2 * cache / nbytes))
+    gen = torch.Generator().manual_seed(n + k)
+    ws = [torch.randn(n, k, generator=gen, dtype=torch.bfloat16) for _ in range(copies)]
+    variants: dict[str, list[Callable[[], object]]] = {}
+    if have_ours:
+        variants["dram_read"] = [lambda w=w: torch.ops.hubtool.mem_read(w.view(torch.uint8)) for w in ws]
+    else:
+        variants["dram_sum"] = [lambda w=w: w.view(torch.int16).sum() for w in ws]
+    for m in ms:
+        x = torch.randn(m, k, generator=gen, dtype=torch.bfloat16)
+        variants[f"torch_m{m}"] = [lambda w=w, x=x: F.linear(x, w) for w in ws]
+        if have_ours:
+            variants[f"ours_m{m}"] = [lambda w=w, x=x: cpu.dense_mm(x, w) for w in ws]
+    if have_ours and 1 in ms:  # fp16 weights: the same bytes read as fp16 (only the speed counts here)
+        x16 = torch.randn(1, k, generator=gen).to(torch.float16)
+        variants["ours_fp16w_m1"] = [lambda w=w: cpu.dense_mm(x16, w.view(torch.float16)) for w in ws]
+    with torch.inference_mode():
+        times = _interleaved_all(variants, passes)
+    del ws
+    stats = {
+        key: {"best_ms": min(v) * 1e3, "median_ms": statistics.median(v) * 1e3} for key, v in times.items()
+    }
+    probe = next(key for key in stats if key.startswith("dram_"))
+    dram = nbytes / (stats[probe]["best_ms"] * 1e-3) / 1e9
+    row: dict = {
+        "name": name,
+        "shape": [n, k],
+        "weight_bytes": nbytes,
+        "copies": copies,
+        "dram_read_gbps": round(dram, 2),
+        "dram_read_median_gbps": round(nbytes / (stats[probe]["median_ms"] * 1e-3) / 1e9, 2),
+        "times_ms": {key: {s: round(v, 3) for s, v in st.items()} for key, st in stats.items()},
+        "by_m": {},
+    }
+    for m in ms:
+        t_torch = stats[f"torch_m{m}"]
+        entry = {"torch_gbps": round(nbytes / (t_torch["best_ms"] * 1e-3) / 1e9, 2)}
+        if have_ours:
+            t_ours = stats[f"ours_m{m}"]
+            gbps = nbytes / (t_ours["best_ms"] * 1e-3) / 1e9
+            entry.update(
+                ours_gbps=round(gbps, 2),
+                ours_median_gbps=round(nbytes / (t_ours["median_ms"] * 1e-3) / 1e9, 2),
+                ours_share_of_dram=round(gbps / dram, 3),
+                speedup_vs_torch=round(t_torch["best_ms"] / t_ours["best_ms"], 2),
+                speedup_vs_torch_median=round(t_torch["median_ms"] / t_ours["median_ms"], 2),
+            )
+        row["by_m"][m] = entry
+    if "ours_fp16w_m1" in stats:
+        row["fp16_weight_m1_share_of_dram"] = round(
+            nbytes / (stats["ours_fp16w_m1"]["best_ms"] * 1e-3) / 1e9 / dram, 3
+        )
+    if have_ours and 1 in ms:
+        share = row["by_m"][1]["ours_share_of_dram"]
+        row["target"] = {"m1_share_of_dram": share, "target": HEAD_TARGET, "met": share >= HEAD_TARGET}
+    log.info("head %s %dx%d: %s", name, n, k, row["by_m"])
+    return row
+
+
+def run_head(
+    json_path: str | None = None,
+    shapes: Sequence[tuple[str, int, int]] = HEAD_SHAPES,
+    ms: Sequence[int] = HEAD_MS,
+    passes: int = 5,
+    threads: int | None = None,
+) -> dict:
+    """The 16-bit head benchmark: every shape at every M (see ``bench_head_shape``); optionally write JSON."""
+    from .kernels import cpu
+
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        cache = llc_bytes()
+        result = {
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "llc_bytes": cache,
+            "isa": cpu.detected_isa() if cpu.load() else None,
+            "heads": [bench_head_shape(name, n, k, ms, cache, passes) for name, n, k in shapes],
+        }
+    finally:
+        torch.set_num_threads(saved_threads)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_head(result: dict) -> str:
+    """The head benchmark as plain text: GB/s of weight read per M, against DRAM and torch."""
+    lines = [
+        f"16-bit head, x @ W^T at small M (bf16; {result['cpu_threads']} threads, kernel ISA {result['isa']}): "
+        "weight GB/s = weight bytes / best call (median in brackets); x = speed-up over torch's bf16 matmul"
+    ]
+    for r in result["heads"]:
+        n, k = r["shape"]
+        lines.append(
+            f"{r['name']} head {n} x {k} ({r['weight_bytes'] / 1e6:.0f} MB, {r['copies']} copies): DRAM read "
+            f"{r['dram_read_gbps']:.1f} GB/s (median {r['dram_read_median_gbps']:.1f})"
+        )
+        for m, e in r["by_m"].items():
+            if "ours_gbps" in e:
+                lines.append(
+                    f"  M={m}: ours {e['ours_gbps']:5.1f} GB/s ({e['ours_median_gbps']:.1f}) = "
+                    f"{100 * e['ours_share_of_dram']:3.0f}% of DRAM   torch {e['torch_gbps']:5.1f} GB/s   "
+                    f"x{e['speedup_vs_torch']:.2f} (median x{e['speedup_vs_torch_median']:.2f})"
+                )
+            else:
+                lines.append(f"  M={m}: torch {e['torch_gbps']:5.1f} GB/s (hubtool's kernel unavailable)")
+        if "fp16_weight_m1_share_of_dram" in r:
+            lines.append(f"  fp16 weight, M=1: {100 * r['fp16_weight_m1_share_of_dram']:.0f}% of DRAM")
+        if "target" in r:
+            t = r["target"]
+            lines.append(
+                f"  target M=1 >= {100 * t['target']:.0f}% of DRAM: {100 * t['m1_share_of_dram']:.0f}% "
+                f"{'MET' if t['met'] else 'NOT MET'}"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m hubtool.bench_kernels [head] [json_path]
     import sys
 
     logging.basicConfig(level=os.environ.get("HUBTOOL_LOG", "WARNING"))
-    res = run(
-        sys.argv[1] if len(sys.argv) > 1 else None, threads=int(os.environ.get("HUBTOOL_BENCH_THREADS", "0"))
-    )
-    sys.stdout.write(format_table(res) + "\n")
+    args = sys.argv[1:]
+    n_threads = int(os.environ.get("HUBTOOL_BENCH_THREADS", "0"))
+    if args[:1] == ["head"]:
+        res = run_head(args[1] if len(args) > 1 else None, threads=n_threads)
+        sys.stdout.write(format_head(res) + "\n")
+    else:
+        res = run(args[0] if args else None, threads=n_threads)
+        sys.stdout.write(format_table(res) + "\n")

@@ -5,7 +5,9 @@ The C++ source (``int4_mm.cpp``) is compiled with ``torch.utils.cpp_extension`` 
 version and the flags, so a new torch or a changed source rebuilds. The library registers the custom ops
 ``hubtool::int4_mm_cpu`` (with a fake implementation here, for ``torch.compile``), ``hubtool::int4_cpu_isa``
 and ``hubtool::int4_cpu_has_vnni``; ``signround.cpp`` adds SignRound's fused fake quantization
-(``hubtool::signround_fwd`` / ``signround_bwd``, used by :mod:`hubtool.quant.signround` on the CPU).
+(``hubtool::signround_fwd`` / ``signround_bwd``, used by :mod:`hubtool.quant.signround` on the CPU);
+``dense_mm.cpp`` adds ``hubtool::dense_mm_cpu``, a small-M matmul by a bf16/fp16 weight read in place
+(the 16-bit lm_head of an int4 model; :mod:`hubtool.runtime.dense` routes ``nn.Linear`` layers to it).
 If the build fails (no compiler, no ninja) ``load()`` returns False and logs one warning; callers then
 use torch's built-in kernel (and SignRound its torch code).
 """
@@ -26,8 +28,11 @@ from ...cache import cache_root
 
 log = logging.getLogger(__name__)
 
-# one library: the int4 matmul, SignRound's fused step, the fused elementwise ops of block tuning
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("int4_mm.cpp", "signround.cpp", "block_ops.cpp"))
+# one library: the int4 matmul, SignRound's fused step, the fused elementwise ops of block tuning, the
+# small-M dense matmul of 16-bit weights
+SOURCES = tuple(
+    Path(__file__).with_name(n) for n in ("int4_mm.cpp", "signround.cpp", "block_ops.cpp", "dense_mm.cpp")
+)
 HEADERS = (Path(__file__).with_name("simd.h"),)  # included by the sources: part of the build's hash
 EXT_NAME = "hubtool_int4_cpu"
 CFLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fno-math-errno")
@@ -116,7 +121,7 @@ _fake_registered = False
 
 
 def _register_fake() -> None:
-    """Shape-only implementation of hubtool::int4_mm_cpu for torch.compile / meta tensors."""
+    """Shape-only implementations of hubtool::int4_mm_cpu and dense_mm_cpu for torch.compile / meta tensors."""
     global _fake_registered
     if _fake_registered:
         return
@@ -124,6 +129,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("hubtool::int4_mm_cpu")
     def _fake(x, packed, scales, zeros, group_size, n, isa=-1, act=0):
         return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("hubtool::dense_mm_cpu")
+    def _fake_dense(x, w, bias=None, isa=-1):
+        return x.new_empty((x.shape[0], w.shape[0]))
 
     _fake_registered = True
 
@@ -215,3 +224,19 @@ def int4_mm(x: torch.Tensor, p: Packed, isa: int | None = None, act: str | None 
     return torch.ops.hubtool.int4_mm_cpu(
         x, p.packed, p.scales, p.zeros, p.group_size, p.n, level, ACT_MODES.index(act)
     )
+
+
+DENSE_WEIGHT_DTYPES = (torch.bfloat16, torch.float16)
+DENSE_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def dense_mm(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, isa: int | None = None
+) -> torch.Tensor:
+    """(M, K) x times a bf16/fp16 weight (N, K), read where it lies, plus bias -> (M, N) in x's dtype.
+
+    Accumulates in fp32 (vdpbf16ps for bf16 x bf16 on AVX512-BF16, FMA on fp32 otherwise) and rounds once.
+    Made for small M (a decode step); it computes any M, but from about M = 8 up torch's matmul is faster.
+    """
+    level = forced_isa() if isa is None else isa
+    return torch.ops.hubtool.dense_mm_cpu(x, w, bias, level)
