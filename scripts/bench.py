@@ -7,7 +7,9 @@ kernels vs bf16/fp32 matmul and torch's built-in), ``signround`` (SignRound vs a
 ``scale`` (issue 18: quantize, load and decode the Llama-3.2-3B shape, and Llama-3.1-8B with ``--big``; see
 ``scripts/bench_scale.py``), ``head`` (issue 19: the 16-bit lm_head on hubtool's dense kernel vs torch's bf16
 matmul and the measured DRAM bandwidth, Gemma 3 270M and Llama-3.2-3B heads, and decode tokens/s with and
-without it; ``scripts/bench_head.py``).
+without it; ``scripts/bench_head.py``), ``gguf`` (issue 16: hubtool's GGUF Q4_0 against llama.cpp's own Q4_0,
+with and without an importance matrix, in llama.cpp: perplexity, size, decode tokens/s;
+``scripts/bench_gguf.py``).
 """
 
 from __future__ import annotations
@@ -172,7 +174,9 @@ def print_verify(r: dict) -> None:
 def main() -> int:
     """Run the chosen benchmark parts and print (and optionally write) their results."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", default="rtn,kernels,verify,signround,scale,head", help="comma-separated parts")
+    ap.add_argument(
+        "--only", default="rtn,kernels,verify,signround,scale,head,gguf", help="comma-separated parts"
+    )
     ap.add_argument("--big", action="store_true", help="scale: also the Llama-3.1-8B shape")
     ap.add_argument("--json", type=Path, help="write all results here")
     ap.add_argument("--ppl-chunks", type=int, default=16)
@@ -213,6 +217,12 @@ def main() -> int:
                 [sys.executable, str(ROOT / "scripts" / "bench_head.py"), "--json", str(out)], check=True
             )
             results["head"] = json.loads(out.read_text())
+        if "gguf" in parts:
+            out = work / "gguf.json"
+            subprocess.run(
+                [sys.executable, str(ROOT / "scripts" / "bench_gguf.py"), "--json", str(out)], check=True
+            )
+            results["gguf"] = json.loads(out.read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
