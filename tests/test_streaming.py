@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hubtool.core.lazy import lazy_weights
 from hubtool.core.spec import QuantSpec
 from hubtool.formats.export import export_format
 from hubtool.quant.driver import quantize_model
 from hubtool.quant.layers import plan_layers
-from hubtool.quant.lazy import lazy_weights
 from hubtool.quant.spec import make_recipe
 from hubtool.source import load_source, locate
 

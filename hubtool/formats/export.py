@@ -14,7 +14,7 @@ A format folder is assembled in a hidden sibling folder and renamed into place, 
 a complete-looking folder behind. It is written shard by shard and tensor by tensor
 (``core.shards.write_safetensors_streamed``): each int4 tensor is packed from the codes (which may be
 read from a work directory, block by block) when its turn comes, each 16-bit tensor is taken from the
-model, or read from the source checkpoint when the model is a streamed skeleton (``quant.lazy``); at
+model, or read from the source checkpoint when the model is a streamed skeleton (``core.lazy``); at
 most one tensor is in memory at a time.
 """
 
@@ -39,11 +39,11 @@ from ..__about__ import __version__
 from ..core import packing
 from ..core.fsio import fsync_dir, fsync_file, replace_dir
 from ..core.intweight import IntWeight
+from ..core.lazy import lazy_weights
 from ..core.memory import trim
 from ..core.shards import write_safetensors_streamed
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
-from ..quant.lazy import lazy_weights
 from .gguf import is_gguf, write_gguf
 from .table import ALL_FORMATS, FORMATS
 

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from ..core.intweight import IntWeight
+from ..core.lazy import lazy_weights
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
-from ..quant.lazy import lazy_weights
 
 log = logging.getLogger(__name__)
 

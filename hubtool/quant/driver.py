@@ -16,13 +16,13 @@ from typing import Any
 from torch import nn
 
 from ..core.intweight import IntWeight
+from ..core.lazy import held
 from ..core.memory import pin_mmap_threshold
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
 from ..record import BlockLoss
 from .blockquant import quantize_block
 from .layers import QuantPlan
-from .lazy import held
 from .result import ProgressEvent, ProgressFn, QuantResult
 from .rtn import quantize_rtn
 from .runner import BlockRunner

@@ -38,12 +38,12 @@ import torch
 from torch import nn
 
 from ..core.intweight import IntWeight, PackedWeight
+from ..core.lazy import held
 from ..record import BlockLoss
 from .attention import cpu_tuning_attention
 from .capture import Capture, capture
 from .fused import cpu_fused_ops
 from .layers import BlockPlan, QuantPlan
-from .lazy import held
 from .qlinear import running_codes
 from .result import ProgressEvent, ProgressFn, QuantResult
 from .workdir import WorkDir

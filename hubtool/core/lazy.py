@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.memory import trim
+from .memory import trim
 
 log = logging.getLogger(__name__)
 
