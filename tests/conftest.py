@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models saved once per session."""
+"""Shared fixtures: tiny models saved once per session, and a fresh local Hub per test."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests import tiny
+from tests.hubserver import local_hub
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -46,3 +47,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def hub(request, monkeypatch, tmp_path):
+    """A fresh local Hub (tests.hubserver.local_hub), signed in with the test module's own ``TOKEN``."""
+    with local_hub(monkeypatch, tmp_path, request.module.TOKEN) as server:
+        yield server

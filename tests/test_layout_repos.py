@@ -17,7 +17,7 @@ from hubtool.errors import HubtoolError
 from hubtool.stages.hub import upload
 from hubtool.stages.revisions import check_layout, default_tag, plan_repos, repo_name
 from tests.fake_run import make_run
-from tests.hubserver import HubServer, local_hub
+from tests.hubserver import HubServer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # in the client
 
@@ -30,13 +30,6 @@ REPOS = [
     f"{REPO}-calibb-AutoRound",
     f"{REPO}-calibb-GPTQ",
 ]
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A fresh local Hub (see tests.hubserver.local_hub)."""
-    with local_hub(monkeypatch, tmp_path, TOKEN) as server:
-        yield server
 
 
 @pytest.fixture

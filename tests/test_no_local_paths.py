@@ -24,20 +24,13 @@ from hubtool import record as rec
 from hubtool.cli import main
 from hubtool.errors import HubtoolError
 from tests.fake_run import make_run
-from tests.hubserver import HubServer, local_hub
+from tests.hubserver import HubServer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
 MARKER = "Zq7LocalMark"
 TOKEN = "hf_NoLocalPathsToken0123456789abcdef"
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A fresh local Hub (see tests.hubserver.local_hub)."""
-    with local_hub(monkeypatch, tmp_path, TOKEN) as server:
-        yield server
 
 
 def cli(capsys, *argv) -> tuple[int, str]:

@@ -20,19 +20,12 @@ from hubtool.errors import HubtoolError
 from hubtool.stages.hub import upload
 from hubtool.stages.revisions import default_tag
 from tests.fake_run import make_run, mark_verified
-from tests.hubserver import HubServer, local_hub
+from tests.hubserver import HubServer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # in the client
 
 TOKEN = "hf_TestSecretToken0123456789abcdef"
 REPO = "acme/tiny-int4"
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A fresh local Hub (see tests.hubserver.local_hub)."""
-    with local_hub(monkeypatch, tmp_path, TOKEN) as server:
-        yield server
 
 
 @pytest.fixture

@@ -18,20 +18,13 @@ import pytest
 from hubtool import record as rec
 from hubtool.cli import main
 from tests.fake_run import make_run
-from tests.hubserver import HubServer, local_hub
+from tests.hubserver import HubServer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
 TOKEN = "hf_SafetyTestToken0123456789abcdef"
 REPO = "acme/tiny-int4"
 MARKER = ".hubtool-dry-run"
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A fresh local Hub (see tests.hubserver.local_hub)."""
-    with local_hub(monkeypatch, tmp_path, TOKEN) as server:
-        yield server
 
 
 @pytest.fixture

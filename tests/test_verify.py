@@ -22,7 +22,7 @@ from hubtool.errors import HubtoolError
 from hubtool.stages.hub import upload
 from hubtool.stages.verify import NEW_TOKENS, REL_ERROR_BOUNDS, gptq_python, run_verify
 from tests.fake_run import make_run
-from tests.test_publish import REPO, hub  # noqa: F401 (fixture)
+from tests.test_publish import REPO, TOKEN  # noqa: F401 (TOKEN: the hub fixture's)
 from tests.test_publish_safety import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -108,7 +108,7 @@ BREAKAGES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("how", "fmt", "checks"), BREAKAGES, ids=[f"{b[0]}-{b[1]}" for b in BREAKAGES])
-def test_broken_export_fails_verify_and_upload_refuses(how, fmt, checks, clean_run, tmp_path, hub, capsys):  # noqa: F811
+def test_broken_export_fails_verify_and_upload_refuses(how, fmt, checks, clean_run, tmp_path, hub, capsys):
     run = tmp_path / "run"
     shutil.copytree(clean_run, run)
     _break(run, fmt, how)
@@ -126,7 +126,7 @@ def test_broken_export_fails_verify_and_upload_refuses(how, fmt, checks, clean_r
     assert _writes(hub) == []
 
 
-def test_unverified_run_is_refused_and_skip_verify_uploads(tmp_path, hub, capsys):  # noqa: F811
+def test_unverified_run_is_refused_and_skip_verify_uploads(tmp_path, hub, capsys):
     run = tmp_path / "run"
     make_run(run, variants=1, formats=("auto_round", "hubtool"), verified=False)
     code, err = cli(capsys, "upload", str(run), "--repo-id", REPO, "--endpoint", hub.url)
@@ -150,7 +150,7 @@ def test_card_lists_verified_with_per_format(tmp_path):
     assert "GPTQ (`int4`, revision `auto_gptq`): verified with gptqmodel 9.8.7 on cpu" in card
 
 
-def test_a_result_holds_only_for_the_files_it_verified(tmp_path, hub):  # noqa: F811
+def test_a_result_holds_only_for_the_files_it_verified(tmp_path, hub):
     run = tmp_path / "run"
     make_run(run, variants=1, formats=("auto_round",))
     record = rec.load(run)
