@@ -19,6 +19,7 @@ in the same run over the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -317,13 +318,20 @@ def run(
     threads: int | None = None,
 ) -> dict:
     """Benchmark every (N, K) shape at every M on the CPU (and CUDA if present); optionally write JSON."""
-    saved_threads = torch.get_num_threads()
+    with num_threads(threads):
+        return _run(json_path, shapes, ms, rounds, cuda, cpu, cuda_ms, min_s)
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    """torch's thread count set to ``threads`` (if given) while in this context, restored after it."""
+    saved = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(json_path, shapes, ms, rounds, cuda, cpu, cuda_ms, min_s)
+        yield
     finally:
-        torch.set_num_threads(saved_threads)
+        torch.set_num_threads(saved)
 
 
 def _run(json_path, shapes, ms, rounds, cuda, cpu, cuda_ms, min_s) -> dict:
@@ -526,10 +534,7 @@ def run_head(
     """The 16-bit head benchmark: every shape at every M (see ``bench_head_shape``); optionally write JSON."""
     from .kernels import cpu
 
-    saved_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         cache = llc_bytes()
         result = {
             "cpu_threads": torch.get_num_threads(),
@@ -538,8 +543,6 @@ def run_head(
             "isa": cpu.detected_isa() if cpu.load() else None,
             "heads": [bench_head_shape(name, n, k, ms, cache, passes) for name, n, k in shapes],
         }
-    finally:
-        torch.set_num_threads(saved_threads)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2))
