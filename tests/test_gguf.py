@@ -120,8 +120,7 @@ def test_transformers_reader_gives_back_the_weights(arch, tiny_models, tmp_path,
 def test_format_names_and_spec_checks():
     assert parse_formats("gguf:q4_0,auto_round") == ["gguf_q4_0", "auto_round"]
     assert canonical_format("GGUF:Q4_0") == "gguf_q4_0"
-    with pytest.raises(HubtoolError, match="Q4_K_M is not written yet"):
-        parse_formats("gguf")
+    assert parse_formats("gguf") == ["gguf_q4_k_m"]  # llama.cpp's most used type
     with pytest.raises(HubtoolError, match="groups of 32"):
         check_gguf_request("llama", "gguf_q4_0", QuantSpec(4, 128, True))
     with pytest.raises(HubtoolError, match="llama, qwen2, gemma3, phi3"):

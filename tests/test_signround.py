@@ -9,6 +9,7 @@ import torch
 
 from hubtool.core.intweight import FP16_TINY
 from hubtool.core.intweight import fp16_exact as _fp16_round
+from hubtool.core.kquant import two_level
 from hubtool.core.spec import QuantSpec
 from hubtool.errors import HubtoolError
 from hubtool.quant.calib import load_calibration
@@ -21,6 +22,7 @@ from tests import tiny
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run on one thread
 
 SYM = QuantSpec()
+KQ = QuantSpec(4, 32, False, kquant=True)  # llama.cpp's Q4_K parameterization
 RECIPE = make_recipe("light", iters=16, nsamples=8, seqlen=48, batch_size=4, seed=7)
 
 
@@ -334,6 +336,13 @@ def _reference_weight(st: TunedLinear, v, alpha, beta) -> torch.Tensor:
     """The fake-quantized weight with plain autograd ops (straight-through rounding)."""
     spec = st.spec
     a, b = st.wmin * alpha, st.wmax * beta
+    if spec.kquant:  # s and mn on their 6-bit two-level grids, straight through
+        s, mn = (b - a) / 15, -a
+        s = (s + (two_level(s.detach())[2] - s).detach()).unsqueeze(-1)
+        mn = (mn + (two_level(mn.detach())[2] - mn).detach()).unsqueeze(-1)
+        x = (st.wg + mn) / s + v
+        q = torch.clamp(x + (torch.round(x) - x).detach(), 0, 15)
+        return (s * q - mn).reshape(st.rows, -1)
     if spec.sym:
         s = torch.where((-a) >= b, a, b) / -spec.sym_zero
         s = (s + (_fp16_round(s.detach()) - s).detach()).unsqueeze(-1)
@@ -350,12 +359,11 @@ def _reference_weight(st: TunedLinear, v, alpha, beta) -> torch.Tensor:
     return (s3 * (q - z3)).reshape(st.rows, -1)
 
 
-@pytest.mark.parametrize("sym", [True, False])
-def test_hand_written_gradients_match_autograd(sym):
-    spec = QuantSpec(sym=sym)
+@pytest.mark.parametrize("spec", [QuantSpec(sym=True), QuantSpec(sym=False), KQ], ids=["sym", "asym", "q4_k"])
+def test_hand_written_gradients_match_autograd(spec):
     torch.manual_seed(0)
     w = torch.randn(16, 256) * 0.05
-    st = TunedLinear("x", w, spec, torch.rand(16, 2) * 0.5 + 0.5)
+    st = TunedLinear("x", w, spec, torch.rand(16, 256 // spec.group_size) * 0.5 + 0.5)
     st.v.uniform_(-0.5, 0.5)
     g = torch.randn(16, 256)
     out = torch.empty(16, 256)
@@ -378,25 +386,26 @@ def test_hand_written_gradients_match_autograd(sym):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("sym", [True, False])
-def test_fused_cpu_step_equals_the_torch_reference(sym, dtype, monkeypatch):
-    """The C++ forward/backward give the reference's weights, codes and V steps bit for bit."""
+@pytest.mark.parametrize("spec", [QuantSpec(sym=True), QuantSpec(sym=False), KQ], ids=["sym", "asym", "q4_k"])
+def test_fused_cpu_step_equals_the_torch_reference(spec, dtype, monkeypatch):
+    """The C++ forward/backward give the reference's weights, codes and V steps bit for bit (Q4_K: its
+    torch forward, then the C++ backward against the torch one)."""
     from hubtool.kernels import cpu
     from hubtool.quant import scales
 
     if not cpu.load():
         pytest.skip("CPU kernel library unavailable")
-    spec = QuantSpec(sym=sym)
     torch.manual_seed(1)
-    w = (torch.randn(24, 384) * 0.05).to(dtype)
-    clip = torch.rand(24, 3) * 0.5 + 0.5
+    k = 512
+    w = (torch.randn(24, k) * 0.05).to(dtype)
+    clip = torch.rand(24, k // spec.group_size) * 0.5 + 0.5
     states = [TunedLinear("x", w, spec, clip) for _ in range(2)]
     v0 = torch.rand(states[0].v.shape) - 0.5
     for st in states:
         st.v.copy_(v0)
-    outs = [torch.empty(24, 384, dtype=dtype) for _ in range(2)]
+    outs = [torch.empty(24, k, dtype=dtype) for _ in range(2)]
     for step in range(3):
-        g = torch.randn(24, 384).to(dtype)
+        g = torch.randn(24, k).to(dtype)
         for fused, st, out in zip((True, False), states, outs, strict=True):
             monkeypatch.setitem(scales._FUSED, "ok", fused)
             st.forward_into(out)

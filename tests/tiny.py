@@ -54,7 +54,7 @@ def make_tokenizer():
 VOCAB = 512
 
 
-def _text_config(arch: str, layers: int = 2, hidden: int = 128, inter: int = 256):
+def _text_config(arch: str, layers: int = 2, hidden: int = 128, inter: int = 256, **extra):
     from transformers import Gemma3TextConfig, LlamaConfig, Phi3Config, Qwen2Config
 
     common = dict(
@@ -68,6 +68,7 @@ def _text_config(arch: str, layers: int = 2, hidden: int = 128, inter: int = 256
         bos_token_id=1,
         eos_token_id=7,
         pad_token_id=3,
+        **extra,
     )
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
@@ -84,13 +85,14 @@ TEXT_ARCHS = ("llama", "phi3", "qwen2", "gemma3")
 
 
 def build_text_model(
-    arch: str, out: Path, layers: int = 2, hidden: int = 128, inter: int = 256, seed: int = 0
+    arch: str, out: Path, layers: int = 2, hidden: int = 128, inter: int = 256, seed: int = 0, **extra
 ) -> Path:
-    """Save a tiny random causal LM of the given architecture (bf16 safetensors + tokenizer) to ``out``."""
+    """Save a tiny random causal LM of the given architecture (bf16 safetensors + tokenizer) to ``out``
+    (``extra``: more config fields)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.manual_seed(seed)
-    cfg = _text_config(arch, layers, hidden, inter)
+    cfg = _text_config(arch, layers, hidden, inter, **extra)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     _scale_init(model)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=7, pad_token_id=3)

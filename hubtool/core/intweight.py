@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kquant import SUB_BLOCK, KQuantScales, kquant_codes, kquant_scales
 from .spec import QuantSpec
 
 
@@ -20,6 +21,10 @@ class IntWeight:
     ``q`` is uint8 (N, K) in [0, 2**bits - 1]; ``scale`` is float32 (N, K // G) and may be negative
     (symmetric "full range" puts the largest magnitude on -8); ``zero`` is uint8 (N, K // G)
     (all 8 for symmetric int4).
+
+    In llama.cpp's Q4_K parameterization (``kquant`` set) ``W = scale * q - minimum`` per group of 32,
+    with ``scale = d * sc`` and ``minimum = dmin * m`` from :class:`.kquant.KQuantScales`; ``scale`` then
+    holds ``d * sc`` and ``zero`` is 0.
     """
 
     q: torch.Tensor
@@ -27,6 +32,12 @@ class IntWeight:
     zero: torch.Tensor
     group_size: int
     bits: int = 4
+    kquant: KQuantScales | None = None
+
+    def cpu(self) -> IntWeight:
+        """This weight with every tensor on the CPU."""
+        kq = self.kquant.to("cpu") if self.kquant is not None else None
+        return IntWeight(self.q.cpu(), self.scale.cpu(), self.zero.cpu(), self.group_size, self.bits, kq)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -40,10 +51,13 @@ class IntWeight:
         if out is None:
             out = torch.empty(n, k, dtype=dtype, device=self.q.device)
         for r in row_chunks(n, k):  # float32 temporaries of a few MB, not of the whole weight
-            s = self.scale[r].float().unsqueeze(-1)
-            z = self.zero[r].float().unsqueeze(-1)
             q = self.q[r].float().reshape(-1, k // g, g)
-            out[r] = (s * (q - z)).reshape(-1, k).to(dtype)
+            if self.kquant is not None:
+                kq = self.kquant.rows(r)
+                w = kq.scale().unsqueeze(-1) * q - kq.minimum().unsqueeze(-1)
+            else:
+                w = self.scale[r].float().unsqueeze(-1) * (q - self.zero[r].float().unsqueeze(-1))
+            out[r] = w.reshape(-1, k).to(dtype)
         return out
 
 
@@ -55,6 +69,7 @@ class PackedWeight:
     scale: torch.Tensor
     zero: torch.Tensor
     group_size: int
+    kquant: KQuantScales | None = None
 
     @staticmethod
     def fits(w: IntWeight) -> bool:
@@ -67,7 +82,7 @@ class PackedWeight:
         if not cls.fits(w):
             raise ValueError("only 4-bit codes with an even number of columns pack two per byte")
         q = w.q.to(torch.uint8)
-        return cls(q[:, 0::2] | (q[:, 1::2] << 4), w.scale, w.zero, w.group_size)
+        return cls(q[:, 0::2] | (q[:, 1::2] << 4), w.scale, w.zero, w.group_size, w.kquant)
 
     def unpack(self) -> IntWeight:
         """The IntWeight again, bit for bit."""
@@ -75,7 +90,7 @@ class PackedWeight:
         q = torch.empty(n, 2 * half, dtype=torch.uint8, device=self.nibbles.device)
         q[:, 0::2] = self.nibbles & 0xF
         q[:, 1::2] = self.nibbles >> 4
-        return IntWeight(q, self.scale, self.zero, self.group_size, 4)
+        return IntWeight(q, self.scale, self.zero, self.group_size, 4, self.kquant)
 
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32: the temporaries of elementwise weight math, per step
@@ -152,6 +167,20 @@ def quantize_with(
         group_size=g,
         bits=spec.bits,
     )
+
+
+def quantize_kquant(
+    w: torch.Tensor, alpha: torch.Tensor | float = 1.0, beta: torch.Tensor | float = 1.0
+) -> IntWeight:
+    """w (N, K) in llama.cpp's Q4_K parameterization, each group of 32's range clipped by alpha/beta (N, K // 32)."""
+    n, k = w.shape
+    wg = group_view(w, SUB_BLOCK)
+    wmin, wmax = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    scale, minimum, kq = kquant_scales(wmin, wmax, alpha, beta)
+    q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    for r in row_chunks(n, k):
+        q[r] = kquant_codes(wg[r], scale[r], minimum[r]).reshape(-1, k).to(torch.uint8)
+    return IntWeight(q, scale, torch.zeros_like(kq.sc), SUB_BLOCK, 4, kq)
 
 
 FP16_TINY = torch.finfo(torch.float16).tiny

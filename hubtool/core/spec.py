@@ -12,13 +12,23 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """The storage format of the quantized weights: bits, group size, symmetric or not."""
+    """The storage format of the quantized weights: bits, group size, symmetric or not.
+
+    ``kquant``: llama.cpp's Q4_K parameterization (asymmetric groups of 32 whose scales and minimums are
+    6-bit codes on a per-256 fp16 step, :mod:`.kquant`), which only GGUF stores.
+    """
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    kquant: bool = False
 
     def __post_init__(self) -> None:
+        if self.kquant and (self.bits, self.group_size, self.sym) != (4, 32, False):
+            raise HubtoolError(
+                "the Q4_K parameterization is 4-bit, asymmetric, in groups of 32",
+                "use QuantSpec(4, 32, False, kquant=True)",
+            )
         if self.bits not in SUPPORTED_BITS:
             raise HubtoolError(f"--bits {self.bits} is not supported", "hubtool writes int4: use --bits 4")
         if self.group_size not in SUPPORTED_GROUP_SIZES:

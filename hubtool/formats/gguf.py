@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.intweight import IntWeight
+from ..core.intweight import IntWeight, quantize_kquant
 from ..core.lazy import lazy_weights
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
+from .kquants import q4_k_bytes, quantize_q5_k, quantize_q6_k
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,11 @@ class GgufType:
 
 GGUF_TYPES: dict[str, GgufType] = {
     "gguf_q4_0": GgufType("gguf_q4_0", "gguf:q4_0", "Q4_0", 2, QuantSpec(4, Q4_0_BLOCK, True)),
+    "gguf_q4_k_m": GgufType("gguf_q4_k_m", "gguf:q4_k_m", "Q4_K_M", 15, QuantSpec(4, 32, False, kquant=True)),
 }
-# Spellings --formats takes for GGUF types hubtool does not write yet (llama.cpp's Q4_K_M mix).
-PLANNED = {"gguf": "gguf:q4_k_m", "gguf:q4_k_m": "gguf:q4_k_m", "gguf_q4_k_m": "gguf:q4_k_m"}
+DEFAULT = "gguf_q4_k_m"  # what plain ``--formats gguf`` writes
+# llama.cpp's fallback when a row does not split into 256-blocks (llama-quant.cpp, tensor_type_fallback)
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,8 @@ class GgufTensor:
 def canonical_format(name: str) -> str | None:
     """The hubtool format name of a GGUF spelling ("gguf:q4_0" -> "gguf_q4_0"); None when not a GGUF one."""
     key = name.strip().lower()
-    if key in PLANNED:
-        raise HubtoolError(
-            f"--formats {name}: GGUF {PLANNED[key].split(':')[1].upper()} is not written yet",
-            "use --formats gguf:q4_0",
-        )
+    if key == "gguf":
+        return DEFAULT
     for t in GGUF_TYPES.values():
         if key in (t.fmt, t.alias):
             return t.fmt
@@ -113,6 +113,12 @@ def check_gguf_request(model_type: str, fmt: str, spec: QuantSpec) -> None:
             "drop " + GGUF_TYPES[fmt].alias,
         )
     want = GGUF_TYPES[fmt].spec
+    if want.kquant and spec != want:
+        raise HubtoolError(
+            f"{GGUF_TYPES[fmt].alias} is tuned in llama.cpp's Q4_K parameterization (6-bit scales and "
+            "minimums per 32 weights), which no other format stores",
+            f"quantize it in a run of its own: --formats {GGUF_TYPES[fmt].alias}",
+        )
     if spec != want:
         raise HubtoolError(
             f"{GGUF_TYPES[fmt].alias} stores int4 in symmetric groups of {want.group_size}, "
@@ -162,13 +168,11 @@ def _llama_permute(rows: torch.Tensor, n_head: int, n_head_kv: int | None) -> to
 
 
 def _permute_intweight(iw: IntWeight, n_head: int, n_head_kv: int | None) -> IntWeight:
-    return IntWeight(
-        _llama_permute(iw.q, n_head, n_head_kv).contiguous(),
-        _llama_permute(iw.scale, n_head, n_head_kv).contiguous(),
-        _llama_permute(iw.zero, n_head, n_head_kv).contiguous(),
-        iw.group_size,
-        iw.bits,
-    )
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return _llama_permute(t, n_head, n_head_kv).contiguous()
+
+    kq = iw.kquant.permute_rows(rows) if iw.kquant is not None else None
+    return IntWeight(rows(iw.q), rows(iw.scale), rows(iw.zero), iw.group_size, iw.bits, kq)
 
 
 def _text_config(model: nn.Module) -> Any:
@@ -204,15 +208,18 @@ def _dense_bytes(t: torch.Tensor, kind: str) -> np.ndarray:
 @dataclass
 class _Entry:
     name: str  # GGUF name
-    source: str  # the model's linear or tensor name
+    source: str  # the model's linear (tuned codes) or tensor name
     type: str
     shape: tuple[int, ...]
     meta: torch.Tensor  # the model's tensor (maybe meta)
+    tuned: bool  # written from hubtool's codes (else from the 16-bit tensor)
 
 
-def plan_tensors(model: nn.Module, weights: Mapping[str, IntWeight], arch: str) -> list[GgufTensor]:
+def plan_tensors(
+    model: nn.Module, weights: Mapping[str, IntWeight], arch: str, fmt: str = "gguf_q4_0"
+) -> list[GgufTensor]:
     """Which tensor of the model becomes which GGUF tensor, with its type (what the record lists)."""
-    return [GgufTensor(e.name, e.source, e.type, e.shape) for e in _entries(model, weights, arch)]
+    return [GgufTensor(e.name, e.source, e.type, e.shape) for e in _entries(model, weights, arch, fmt)]
 
 
 def _drop_tied(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -222,7 +229,8 @@ def _drop_tied(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch
     return remove_tied_weights_from_state_dict(sd, model)
 
 
-def _entries(model: nn.Module, weights: Mapping[str, IntWeight], arch: str) -> list[_Entry]:
+def _named_tensors(model: nn.Module, arch: str) -> list[tuple[str, str, torch.Tensor]]:
+    """(GGUF name, state-dict key, tensor) of every tensor the file holds, in state-dict order."""
     import gguf
 
     config = _text_config(model)
@@ -240,34 +248,126 @@ def _entries(model: nn.Module, weights: Mapping[str, IntWeight], arch: str) -> l
             raise HubtoolError(
                 f"GGUF ({arch}): no llama.cpp name for tensor {key}", "report this model to hubtool"
             )
-        linear = key.removesuffix(".weight")
-        kind = "Q4_0" if linear in weights and key.endswith(".weight") else _dense_type(t, key)
-        out.append(_Entry(target, linear if kind == "Q4_0" else key, kind, tuple(t.shape), t))
+        out.append((target, key, t))
     return out
 
 
-def _tensor_data(model: nn.Module, e: _Entry, weights: Mapping[str, IntWeight], arch: str) -> np.ndarray:
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third in between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def q4_k_m_type(name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> str:
+    """The type llama.cpp's Q4_K_M mix gives a 2-D tensor (llama-quant.cpp's rules for these
+    architectures): the output (or a tied embedding) Q6_K; attn_v and ffn_down Q6_K in the layers of
+    use_more_bits; a fused attn_qkv Q5_K; the rest Q4_K; a 256-block type falls back when K is not a multiple."""
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        kind = "Q6_K"
+    elif (name.endswith("attn_v.weight") or name.endswith("ffn_down.weight")) and _more_bits(layer, n_layer):
+        kind = "Q6_K"
+    elif name.endswith("attn_qkv.weight"):
+        kind = "Q5_K"
+    else:
+        kind = "Q4_K"
+    k = shape[-1]
+    if k % 256:
+        kind = FALLBACK[kind]
+    return kind if k % 32 == 0 else "F16"
+
+
+def kept_out_of_int4(model: nn.Module, fmt: str) -> dict[str, str]:
+    """Linears the GGUF type stores in another type than its tuned int4 (name -> why), for the quantize plan."""
+    if not GGUF_TYPES[fmt].spec.kquant:
+        return {}
     config = _text_config(model)
-    perm = _permutation(arch, config, e.source + (".weight" if e.type == "Q4_0" else ""))
-    if e.type == "Q4_0":
-        iw = weights[e.source]
-        if tuple(iw.shape) != e.shape:
-            raise ValueError(f"{e.source}: IntWeight {tuple(iw.shape)} != weight {e.shape}")
-        if perm:
-            iw = _permute_intweight(iw, *perm)
-        return q4_0_blocks(iw)
+    arch = architecture(getattr(config, "model_type", "") or "")
+    tensors = _named_tensors(model, arch)
+    tied = not any(n == "output.weight" for n, _, _ in tensors)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    out = {}
+    for target, key, t in tensors:
+        linear = key.removesuffix(".weight")
+        if t.dim() == 2 and key.endswith(".weight") and linear in linears:
+            kind = q4_k_m_type(target, tuple(t.shape), config.num_hidden_layers, tied)
+            if kind != "Q4_K":
+                out[linear] = f"GGUF Q4_K_M stores it as {kind} (llama.cpp's mix)"
+    return out
+
+
+def _entries(model: nn.Module, weights: Mapping[str, IntWeight], arch: str, fmt: str) -> list[_Entry]:
+    config = _text_config(model)
+    tensors = _named_tensors(model, arch)
+    tied = not any(n == "output.weight" for n, _, _ in tensors)
+    kquant = GGUF_TYPES[fmt].spec.kquant
+    out = []
+    for target, key, t in tensors:
+        linear = key.removesuffix(".weight")
+        tuned = linear in weights and key.endswith(".weight")
+        if kquant and t.dim() == 2 and key.endswith(".weight"):
+            kind = q4_k_m_type(target, tuple(t.shape), config.num_hidden_layers, tied)
+            if tuned and kind != "Q4_K":
+                raise ValueError(f"GGUF Q4_K_M: {linear} has int4 codes but the mix stores it as {kind}")
+        elif tuned:
+            kind = GGUF_TYPES[fmt].label
+        else:
+            kind = _dense_type(t, key)
+        out.append(_Entry(target, linear if tuned else key, kind, tuple(t.shape), t, tuned))
+    return out
+
+
+def _source_tensor(model: nn.Module, e: _Entry) -> torch.Tensor:
+    """The 16-bit tensor of an entry (read from the source's shards when the model is streamed)."""
     t = e.meta
     if t.is_meta:
         lazy = lazy_weights(model)
         if lazy is None:
             raise ValueError(f"{e.source} has no data (a meta tensor of a model that is not streamed)")
         t = lazy.tensor(e.source, t)
-    t = t.detach().cpu()
+    return t.detach().cpu()
+
+
+def _quantized_bytes(t: torch.Tensor, kind: str) -> np.ndarray:
+    """A 16-bit tensor as ``kind`` bytes, quantized here (the mix's types hubtool does not tune)."""
+    import gguf
+
+    if kind == "Q4_K":
+        iw = quantize_kquant(t)
+        return q4_k_bytes(iw.q, iw.kquant.d, iw.kquant.dmin, iw.kquant.sc, iw.kquant.m)
+    if kind == "Q6_K":
+        return quantize_q6_k(t)
+    if kind == "Q5_K":
+        return quantize_q5_k(t)
+    qtype = getattr(gguf.GGMLQuantizationType, kind)  # Q5_0, Q5_1, Q8_0: the gguf package's quantizers
+    rows = max(1, (1 << 20) // t.shape[-1])
+    return np.concatenate(
+        [gguf.quants.quantize(t[r : r + rows].float().numpy(), qtype) for r in range(0, t.shape[0], rows)]
+    )
+
+
+def _tensor_data(model: nn.Module, e: _Entry, weights: Mapping[str, IntWeight], arch: str) -> np.ndarray:
+    config = _text_config(model)
+    perm = _permutation(arch, config, e.source + (".weight" if e.tuned else ""))
+    if e.tuned:
+        iw = weights[e.source]
+        if tuple(iw.shape) != e.shape:
+            raise ValueError(f"{e.source}: IntWeight {tuple(iw.shape)} != weight {e.shape}")
+        if perm:
+            iw = _permute_intweight(iw, *perm)
+        if e.type == "Q4_K":
+            kq = iw.kquant
+            if kq is None:
+                raise ValueError(f"{e.source}: Q4_K needs codes tuned in the Q4_K parameterization")
+            return q4_k_bytes(iw.q, kq.d, kq.dmin, kq.sc, kq.m)
+        return q4_0_blocks(iw)
+    t = _source_tensor(model, e)
     if perm:
         t = _llama_permute(t, *perm)
     if arch == "gemma3" and e.source.endswith("norm.weight"):
         t = t.float() + 1.0  # Gemma3RMSNorm multiplies by (1 + w); llama.cpp stores 1 + w
-    return _dense_bytes(t, e.type)
+    if e.type in ("F32", "F16", "BF16"):
+        return _dense_bytes(t, e.type)
+    return _quantized_bytes(t, e.type)
 
 
 # -- metadata --------------------------------------------------------------------------------------
@@ -423,8 +523,8 @@ def write_gguf(
     model_type = getattr(config, "model_type", "") or ""
     check_gguf_request(model_type, fmt, spec)
     arch = architecture(model_type)
-    entries = _entries(model, weights, arch)
-    missing = sorted(set(weights) - {e.source for e in entries if e.type == "Q4_0"})
+    entries = _entries(model, weights, arch, fmt)
+    missing = sorted(set(weights) - {e.source for e in entries if e.tuned})
     if missing:
         raise ValueError(f"GGUF: quantized linear {missing[0]} has no tensor in the model's state dict")
     name = meta.get("source") or getattr(config, "_name_or_path", "") or "model"
@@ -439,10 +539,10 @@ def write_gguf(
         _write_bpe_tokenizer(writer, processor, embd.shape[0] if embd else config.vocab_size, arch)
     for e in entries:
         raw = getattr(gguf.GGMLQuantizationType, e.type)
-        if e.type == "Q4_0":
-            nbytes = e.shape[0] * e.shape[1] // Q4_0_BLOCK * Q4_0_BYTES
-            byte_shape = (e.shape[0], e.shape[1] // Q4_0_BLOCK * Q4_0_BYTES)
-            writer.add_tensor_info(e.name, byte_shape, np.dtype(np.uint8), nbytes, raw)
+        if e.type not in ("BF16", "F16", "F32"):
+            block, size = gguf.GGML_QUANT_SIZES[raw]
+            byte_shape = (*e.shape[:-1], e.shape[-1] // block * size)
+            writer.add_tensor_info(e.name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw)
         elif e.type == "BF16":
             byte_shape = (*e.shape[:-1], e.shape[-1] * 2)
             writer.add_tensor_info(e.name, byte_shape, np.dtype(np.uint8), 2 * math.prod(e.shape), raw)
@@ -460,8 +560,8 @@ def write_gguf(
         "file": path.name,
         "type": gtype.label,
         "architecture": arch,
-        "tensors": [{"name": t.name, "source": t.source, "type": t.type} for t in tensors],
+        "tensors": [{"name": e.name, "source": e.source, "type": e.type, "tuned": e.tuned} for e in entries],
     }
     (Path(out_dir) / "gguf_tensors.json").write_text(json.dumps(listing, indent=1) + "\n")
-    log.info("wrote %s (%d tensors, %d in %s)", path.name, len(tensors), len(weights), gtype.label)
+    log.info("wrote %s (%d tensors, %d from tuned codes)", path.name, len(tensors), len(weights))
     return tensors

@@ -75,7 +75,7 @@ FORMATS: dict[str, FormatInfo] = {
 
 
 # GGUF: one .gguf file per type, written by ``formats.gguf`` from the same codes (tuned in that type's spec);
-# not exported unless asked (``--formats gguf:q4_0``), since its spec (symmetric, groups of 32) is its own.
+# not exported unless asked (``--formats gguf:q4_0``, ``gguf:q4_k_m``), since each type's spec is its own.
 GGUF_FORMATS: dict[str, FormatInfo] = {
     "gguf_q4_0": FormatInfo(
         name="gguf_q4_0",
@@ -90,4 +90,12 @@ GGUF_FORMATS: dict[str, FormatInfo] = {
         hub_tag="gguf",
     ),
 }
+GGUF_FORMATS["gguf_q4_k_m"] = FormatInfo(
+    **{
+        **GGUF_FORMATS["gguf_q4_0"].__dict__,
+        "name": "gguf_q4_k_m",
+        "packing_format": "Q4_K_M",
+        "card_label": "GGUF Q4_K_M",
+    }
+)
 ALL_FORMATS: dict[str, FormatInfo] = {**FORMATS, **GGUF_FORMATS}

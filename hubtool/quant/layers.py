@@ -7,7 +7,7 @@ left 16-bit with the reason); :func:`swap_module` replaces a submodule and retur
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -78,9 +78,17 @@ def find_block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 
 
 def plan_layers(
-    model: nn.Module, spec: QuantSpec, quantize_vision: bool = False, skip: str | None = None
+    model: nn.Module,
+    spec: QuantSpec,
+    quantize_vision: bool = False,
+    skip: str | None = None,
+    keep: Mapping[str, str] | None = None,
 ) -> QuantPlan:
-    """Decide which linears to quantize; the rest are listed in ``skipped`` with a reason."""
+    """Decide which linears to quantize; the rest are listed in ``skipped`` with a reason.
+
+    ``keep``: linears an export stores in another type (name -> why), left out of the int4 plan.
+    """
+    keep = keep or {}
     try:
         skip_re = re.compile(skip) if skip else None
     except re.error as exc:
@@ -105,7 +113,7 @@ def plan_layers(
                     continue
                 full = f"{block_name}.{sub}"
                 in_blocks.add(full)
-                reason = _skip_reason(full, lin, spec, skip_re, list_name in chosen)
+                reason = keep.get(full) or _skip_reason(full, lin, spec, skip_re, list_name in chosen)
                 if reason:
                     plan.skipped.append(SkippedLayer(full, reason))
                 else:

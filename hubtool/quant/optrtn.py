@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.intweight import IntWeight, group_view, row_chunks
+from ..core.intweight import IntWeight, group_view, quantize_kquant, row_chunks
+from ..core.kquant import kquant_codes, kquant_scales
 from ..core.spec import QuantSpec
 from .scales import fused_available, stored_scale_zero
 
@@ -97,7 +98,7 @@ class _Search:
         self.e = torch.empty_like(self.wg)
         n, ng, g = self.wg.shape
         self.y = torch.empty(ng, n, g, device=self.wg.device) if h is not None else None
-        self.fused = fused_available(self.wg)
+        self.fused = fused_available(self.wg) and not spec.kquant
 
     def codes(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q - zero) in self.e (float, grouped), scale and zero for clipping c."""
@@ -121,6 +122,10 @@ class _Search:
             z = torch.zeros_like(scale) if self.spec.sym else zero
             lo, hi = self.spec.code_range
             et = torch.ops.hubtool.clip_error(self.wg, scale.contiguous(), z.contiguous(), lo, hi)
+        elif self.spec.kquant:
+            scale, minimum, _ = kquant_scales(self.wmin, self.wmax, c, c)
+            e = kquant_codes(self.wg, scale, minimum).mul_(scale.unsqueeze(-1)).sub_(minimum.unsqueeze(-1))
+            et = torch.sub(self.wg, e, out=e).transpose(0, 1)  # the weight error, (G#, N, G)
         else:
             e, scale, _ = self.codes(c)
             e.mul_(scale.unsqueeze(-1))
@@ -166,6 +171,9 @@ def _search_rows(weight: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec) 
 @torch.no_grad()
 def quantize_clipped(weight: torch.Tensor, spec: QuantSpec, clip: torch.Tensor) -> IntWeight:
     """Codes for ``weight`` with per-group clipping ``clip`` (alpha = beta = clip), fp16-exact scales."""
+    if spec.kquant:
+        clip = clip.to(weight.device)
+        return quantize_kquant(weight, clip, clip).cpu()
     q = torch.empty(weight.shape, dtype=torch.uint8)
     scales, zeros = [], []
     for r in row_chunks(*weight.shape):

@@ -443,4 +443,4 @@ def _unpacked(w: PackedWeight | IntWeight) -> IntWeight:
 
 
 def _on_cpu(w: IntWeight) -> IntWeight:
-    return IntWeight(w.q.cpu(), w.scale.cpu(), w.zero.cpu(), w.group_size, w.bits)
+    return w.cpu()

@@ -32,6 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from ..core.intweight import IntWeight
+from ..core.kquant import CODE_MAX, kquant_scales
 from ..core.spec import QuantSpec
 from .scales import asym_scale_zero, fused_available, stored_scale_zero, sym_scale
 
@@ -99,6 +100,9 @@ class TunedLinear:
     def forward_into(self, out: torch.Tensor) -> None:
         """Write ``s * (q - z)`` for the current V, alpha, beta into ``out`` and keep the codes."""
         spec = self.spec
+        if spec.kquant:
+            self._kquant_forward(out)
+            return
         if spec.sym:
             s, negative = sym_scale(self.wmin, self.wmax, self.alpha, self.beta, spec)
             self._scale = (s, negative)
@@ -123,6 +127,19 @@ class TunedLinear:
         if z is not None:
             x.sub_(z.unsqueeze(-1))
         torch.mul(x, s3, out=out.view(self.wg.shape))
+
+    def _kquant_forward(self, out: torch.Tensor) -> None:
+        """The forward in llama.cpp's Q4_K parameterization: ``s * q - mn`` with the stored two-level
+        scale ``s`` and minimum ``mn`` (straight-through for their 6-bit rounding)."""
+        s, mn, _ = kquant_scales(self.wmin, self.wmax, self.alpha, self.beta)
+        self._scale = (s, mn)
+        x = self.scratch.get(0, self.wg.shape, self.wg.device)
+        torch.add(self.wg, mn.unsqueeze(-1), out=x)
+        x.div_(torch.where(s > 0, s, 1.0).unsqueeze(-1)).add_(self.v).round_()
+        torch.logical_and(x >= 0, x <= CODE_MAX, out=self.inside)
+        x.clamp_(0, CODE_MAX)
+        self.q.copy_(x)
+        torch.sub(x.mul_(s.unsqueeze(-1)), mn.unsqueeze(-1), out=out.view(self.wg.shape))
 
     # backward: the gradients' group sums, then the SignSGD step (or stored gradients) -----------
     @torch.no_grad()
@@ -182,6 +199,12 @@ class TunedLinear:
         """dL/dalpha and dL/dbeta from the group sums."""
         spec = self.spec
         s = self._scale[0]
+        if spec.kquant:
+            # W = s * q - mn, q = clamp(round((w + mn) / s + v)): dL/ds = gq - (gw + mn * gin) / s,
+            # dL/dmn = -(g_sum - gin); s = (b - a) / 15, mn = -a (straight through the 6-bit rounding)
+            mn = self._scale[1]
+            ds = (gq - (gw + mn * gin) / torch.where(s > 0, s, 1.0)) / CODE_MAX
+            return (g_sum - gin - ds) * self.wmin, ds * self.wmax
         if spec.sym:
             negative = self._scale[1]
             # W = s * q: dW/ds = q - inside * w / s ; s = max_v / -half
@@ -213,6 +236,16 @@ class TunedLinear:
     def int_weight(self, best: bool = True) -> IntWeight:
         """The codes of the best iterate (or of the last forward), with their fp16-exact scales."""
         q, alpha, beta = self.best if best else (self.q, self.alpha, self.beta)
+        if self.spec.kquant:
+            scale, _, kq = kquant_scales(self.wmin, self.wmax, alpha, beta)
+            return IntWeight(
+                q=q.reshape(self.rows, -1).to(torch.uint8).cpu(),
+                scale=scale.cpu(),
+                zero=torch.zeros(scale.shape, dtype=torch.uint8),
+                group_size=self.spec.group_size,
+                bits=self.spec.bits,
+                kquant=kq.to("cpu"),
+            )
         scale, zero = stored_scale_zero(self.wmin, self.wmax, alpha, beta, self.spec)
         codes = q.to(torch.int16) + self.spec.sym_zero if self.spec.sym else q.to(torch.int16)
         return IntWeight(

@@ -24,6 +24,8 @@ from torch import nn
 
 from ..core.fsio import atomic_save_tensors, atomic_write_text
 from ..core.intweight import IntWeight, PackedWeight
+from ..core.kquant import FIELDS as KQUANT_FIELDS
+from ..core.kquant import KQuantScales
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
 from ..record import BlockLoss
@@ -95,6 +97,9 @@ class WorkDir:
                 tensors[f"{name}::q"] = w.q
             tensors[f"{name}::scale"] = w.scale
             tensors[f"{name}::zero"] = w.zero
+            if w.kquant is not None:
+                for field in KQUANT_FIELDS:
+                    tensors[f"{name}::kquant.{field}"] = getattr(w.kquant, field)
         meta = {"block": loss.block, "rtn": repr(loss.rtn), "tuned": repr(loss.tuned)}
         meta["names"] = json.dumps(list(weights))
         atomic_save_tensors(tensors, self.path / f"block-{i:05d}.safetensors", meta)
@@ -125,10 +130,13 @@ class WorkDir:
             for n in names:
                 scale, zero = f.get_tensor(f"{n}::scale"), f.get_tensor(f"{n}::zero")
                 g, bits = self.spec.group_size, self.spec.bits
+                kq = None
+                if f"{n}::kquant.d" in keys:
+                    kq = KQuantScales(*(f.get_tensor(f"{n}::kquant.{x}") for x in KQUANT_FIELDS))
                 if f"{n}::nibbles" in keys:
-                    weights[n] = PackedWeight(f.get_tensor(f"{n}::nibbles"), scale, zero, g).unpack()
+                    weights[n] = PackedWeight(f.get_tensor(f"{n}::nibbles"), scale, zero, g, kq).unpack()
                 else:
-                    weights[n] = IntWeight(f.get_tensor(f"{n}::q"), scale, zero, g, bits)
+                    weights[n] = IntWeight(f.get_tensor(f"{n}::q"), scale, zero, g, bits, kq)
         return loss, weights
 
     def codes(self) -> StoredCodes:

@@ -31,11 +31,12 @@ import torch
 from .. import record as rec
 from .. import rundir
 from ..__about__ import __version__
+from ..core.memory import pin_mmap_threshold
 from ..core.spec import QuantSpec
 from ..envinfo import library_versions
 from ..errors import HubtoolError
 from ..formats.export import DEFAULT_MAX_SHARD_SIZE, FORMATS, check_shard_size, export_format
-from ..formats.gguf import GGUF_TYPES, check_gguf_request, is_gguf
+from ..formats.gguf import GGUF_TYPES, check_gguf_request, is_gguf, kept_out_of_int4
 from ..formats.gguf import canonical_format as gguf_format
 from ..formats.table import ALL_FORMATS
 from ..quant.driver import ProgressFn, QuantResult, quantize_model
@@ -273,6 +274,22 @@ def parse_formats(value: str | list[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def run_spec(opts: QuantizeOptions, formats: list[str]) -> QuantSpec:
+    """The storage spec of a run: the options', or the one a GGUF K-quant type is tuned in (which no
+    other format stores, so it runs alone)."""
+    kquant = [f for f in formats if is_gguf(f) and GGUF_TYPES[f].spec.kquant]
+    if not kquant:
+        return QuantSpec(opts.bits, opts.group_size, opts.sym)
+    alias = GGUF_TYPES[kquant[0]].alias
+    if len(formats) > 1:
+        raise HubtoolError(
+            f"{alias} is tuned in llama.cpp's Q4_K parameterization (6-bit scales and minimums per 32 "
+            "weights), which no other format stores",
+            f"quantize it in a run of its own: --formats {alias}",
+        )
+    return GGUF_TYPES[kquant[0]].spec
+
+
 def source_model_type(info: rec.SourceInfo) -> str:
     """The source's model_type without loading it: config.json's, or a GGUF's general.architecture."""
     if info.model_type:
@@ -348,9 +365,10 @@ def format_dir(variant: str, fmt: str, single: bool) -> str:
 def run_quantize(opts: QuantizeOptions, progress: ProgressFn | None = None) -> rec.RunRecord:
     """Quantize ``opts.source`` into ``opts.run_dir`` (one variant per calibration set) and write run.json."""
     t0 = time.perf_counter()
-    spec = QuantSpec(opts.bits, opts.group_size, opts.sym)
+    pin_mmap_threshold()  # before the model loads: a heap grown while loading would stay fragmented
     method = check_method(opts.method)
     formats = parse_formats(opts.formats)
+    spec = run_spec(opts, formats)
     dtype = parse_dtype(opts.dtype)
     check_shard_size(opts.max_shard_size)
     recipe = make_recipe(
@@ -416,7 +434,8 @@ def _run(
     )
     timings = {"load": time.perf_counter() - t_load}
     model = loaded.model
-    plan = plan_layers(model, spec, quantize_vision=opts.quantize_vision, skip=opts.skip)
+    keep = {k: v for f in formats if is_gguf(f) for k, v in kept_out_of_int4(model, f).items()}
+    plan = plan_layers(model, spec, quantize_vision=opts.quantize_vision, skip=opts.skip, keep=keep)
     log.info(
         "quantizing %d linears in %d blocks (%d left 16-bit)",
         len(plan.linear_names()),

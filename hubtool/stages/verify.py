@@ -163,9 +163,10 @@ LOADERS: dict[str, tuple[Loader, ...]] = {
     "auto_gptq": (Loader("gptqmodel", "gptqmodel", _gptqmodel, needs=("gptqmodel", "optimum")),),
     "hubtool": (Loader("transformers", "transformers", _in_process, import_hubtool=True), HUBTOOL_LOAD),
     "gguf_q4_0": (Loader("llama.cpp", "llama-cpp-python", run_llama_cpp),),
+    "gguf_q4_k_m": (Loader("llama.cpp", "llama-cpp-python", run_llama_cpp),),
 }
 REFERENCE_ORDER = ("hubtool", "auto_round", "auto_gptq")
-GGUF_LOADERS = ("gguf_q4_0",)  # formats whose folder is one .gguf file (no config.json)
+GGUF_LOADERS = ("gguf_q4_0", "gguf_q4_k_m")  # formats whose folder is one .gguf file (no config.json)
 
 
 # -- the int4 reference ----------------------------------------------------------------------------
@@ -321,6 +322,20 @@ def compare_logits(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], bo
     return {"ok": ok, "rel": rel, "top1": top1, "decisive_top1": decisive_top1, "positions": n, "why": why}
 
 
+def changed_files(fmt: rec.FormatRecord, folder: Path) -> str | None:
+    """The first file of a format (relative to its folder) whose bytes are not those run.json recorded:
+    changed, missing or added since quantize; None when all are as recorded."""
+    root = Path(folder)
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    for f in fmt.files:
+        rel = Path(f.path).relative_to(fmt.path).as_posix()
+        path = root / rel
+        if not path.is_file() or path.stat().st_size != f.size or rec.sha256_file(path) != f.sha256:
+            return rel
+        present.discard(rel)
+    return sorted(present)[0] if present else None
+
+
 def check_format(
     loader: Loader,
     variant: rec.VariantRecord,
@@ -393,6 +408,9 @@ def check_format(
         res.generated_tokens = int(out.get("generated", 0))
         if "error" not in out and res.generated_tokens < 1:
             failed.append(("generate", "generated no token"))
+    changed = changed_files(fmt, folder)
+    if changed:  # last: a check above says what the change broke, when one sees it
+        failed.append(("files", f"{changed} differs from the sha256 run.json recorded at quantize time"))
     if failed:
         res.failed_check, why = failed[0]
         res.detail = why

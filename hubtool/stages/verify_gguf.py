@@ -84,7 +84,11 @@ def int4_modules(folder: Path) -> list[str]:
 
     listing = json.loads((Path(folder) / "gguf_tensors.json").read_text(encoding="utf-8"))
     types = {t.name: t.tensor_type.name for t in GGUFReader(str(gguf_file(folder))).tensors}
-    return sorted(t["source"] for t in listing["tensors"] if types.get(t["name"], "").startswith("Q4"))
+    return sorted(
+        t["source"]
+        for t in listing["tensors"]
+        if t.get("tuned", True) and types.get(t["name"], "") in ("Q4_0", "Q4_K")
+    )
 
 
 def run_llama_cpp(loader: Any, job: dict[str, Any]) -> dict[str, Any]:
