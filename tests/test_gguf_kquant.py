@@ -174,6 +174,23 @@ def test_cli_gguf_is_q4_k_m_and_runs_alone(capsys, models, tmp_path):
     (variant,) = rec["variants"]
     assert any("Q6_K (llama.cpp's mix)" in s["reason"] for s in variant["skipped"])
     assert list((run / "formats" / FMT).glob("*-Q4_K_M.gguf"))
+    dry = tmp_path / "dry"
+    code, err = run_cli(
+        capsys,
+        "upload",
+        str(run),
+        "--repo-id",
+        "acme/tiny",
+        "--dry-run",
+        str(dry),
+        "--layout",
+        "repos",
+        "--skip-verify",
+    )
+    assert code in (0, None), err
+    card = (dry / "tiny-GGUF" / "README.md").read_text()
+    assert "ollama run hf.co/acme/tiny-GGUF:Q4_K_M" in card and "llama-cli -hf acme/tiny-GGUF:Q4_K_M" in card
+    assert "llama.cpp's Q4_K_M: 4-bit codes in groups of 32 with 6-bit scales and minimums" in card
     code, err = run_cli(
         capsys, "quantize", str(models("qwen2")), "-o", str(tmp_path / "r2"), "--method", "rtn",
         "--formats", "gguf,hubtool",
