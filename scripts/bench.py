@@ -7,7 +7,7 @@ kernels vs bf16/fp32 matmul and torch's built-in), ``signround`` (SignRound vs a
 ``scale`` (issue 18: quantize, load and decode the Llama-3.2-3B shape, and Llama-3.1-8B with ``--big``; see
 ``scripts/bench_scale.py``), ``head`` (issue 19: the 16-bit lm_head on hubtool's dense kernel vs torch's bf16
 matmul and the measured DRAM bandwidth, Gemma 3 270M and Llama-3.2-3B heads, and decode tokens/s with and
-without it; ``scripts/bench_head.py``), ``gguf`` (issue 16: hubtool's GGUF Q4_0 against llama.cpp's own Q4_0,
+without it; ``scripts/bench_head.py``), ``gguf`` (issue 16: hubtool's GGUF Q4_0 and Q4_K_M against llama.cpp's own,
 with and without an importance matrix, in llama.cpp: perplexity, size, decode tokens/s;
 ``scripts/bench_gguf.py``).
 """

@@ -1,4 +1,4 @@
-"""`make bench` part ``gguf`` (issue 16): hubtool's GGUF Q4_0 against llama.cpp's own Q4_0, in llama.cpp.
+"""`make bench` part ``gguf`` (issue 16): hubtool's GGUF Q4_0 / Q4_K_M against llama.cpp's own, in llama.cpp.
 
     python scripts/bench_gguf.py [--models gemma3-270m,smollm2-135m] [--json OUT] [--cache DIR]
 
@@ -13,7 +13,10 @@ folder hubtool converts the published GGUF into, ``$HUBTOOL_CACHE/gguf/...``):
   calibration samples hubtool tunes on (``load_calibration('builtin', ...)`` at ``--nsamples`` x
   ``--seqlen``, decoded to text; ``-c`` = ``--seqlen``);
 * ``hubtool Q4_0``: ``hubtool quantize --group-size 32 --formats gguf:q4_0`` with each of ``--methods``
-  (SignRound with ``--recipe``/``--iters``, and RTN as a control), calibration ``builtin``.
+  (SignRound with ``--recipe``/``--iters``, and RTN as a control), calibration ``builtin``;
+* with ``--types`` including ``q4_k_m`` (the default): ``llama.cpp Q4_K_M`` (with and without the same
+  imatrix; llama.cpp's own mix, embeddings and output as it quantizes them) against ``hubtool Q4_K_M``
+  (``--formats gguf:q4_k_m``: the same mix, the Q4_K tensors tuned in their own parameterization).
 
 Then ``llama-perplexity`` on the held-out text (``hubtool.quant.calib.heldout_text()``, never used for
 calibration) for every file, with the same ``-c``, ``--chunks`` and threads, and ``llama-bench -p 0 -n 64``
@@ -38,6 +41,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 CACHE = Path(os.environ.get("HUBTOOL_BENCH_CACHE", Path.home() / ".cache" / "hubtool-bench"))
 MODELS = ("gemma3-270m", "smollm2-135m")
 METHODS = ("signround", "opt-rtn", "rtn")
+TYPES = {"q4_0": ("Q4_0", "gguf_q4_0"), "q4_k_m": ("Q4_K_M", "gguf_q4_k_m")}  # --types -> (label, format)
 # model_type -> the architecture name convert_hf_to_gguf.py dispatches on (hubtool's converted folders
 # carry no "architectures")
 ARCHITECTURES = {
@@ -227,17 +231,12 @@ def bench_model(alias: str, args: argparse.Namespace, bin_dir: Path, src_dir: Pa
     calib_key = f"n{args.nsamples}-s{args.seqlen}"
 
     files: dict[str, dict] = {}
-    # hubtool's Q4_0 files (first: the quantize also fills hubtool's cache of the converted 16-bit folder)
-    for method in args.methods:
-        settings = [
-            "--method",
-            method,
-            "--group-size",
-            "32",
-            "--formats",
-            "gguf:q4_0",
-        ]
-        name = method
+    # hubtool's files (first: the quantize also fills hubtool's cache of the converted 16-bit folder)
+    for gtype, method in [(t, m) for t in args.types for m in args.methods]:
+        label, fmt = TYPES[gtype]
+        settings = ["--method", method, "--formats", f"gguf:{gtype}"]
+        settings += ["--group-size", "32"] if gtype == "q4_0" else []
+        name = method if gtype == "q4_0" else f"{gtype}-{method}"
         if method != "rtn":  # RTN takes no calibration (hubtool refuses --calib with it)
             settings += ["--calib", "builtin", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
             name += f"-n{args.nsamples}-s{args.seqlen}"
@@ -245,7 +244,7 @@ def bench_model(alias: str, args: argparse.Namespace, bin_dir: Path, src_dir: Pa
             settings += ["--recipe", args.recipe] + (["--iters", str(args.iters)] if args.iters else [])
             name += f"-{args.recipe}" + (f"-i{args.iters}" if args.iters else "")
         run = work / "hubtool" / f"{name}-{sha}"
-        ggufs = sorted((run / "formats" / "gguf_q4_0").glob("*.gguf"))
+        ggufs = sorted((run / "formats" / fmt).glob("*.gguf"))
         wall = None
         run.parent.mkdir(parents=True, exist_ok=True)
         if not (args.reuse_hubtool and ggufs):
@@ -266,8 +265,8 @@ def bench_model(alias: str, args: argparse.Namespace, bin_dir: Path, src_dir: Pa
                 subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT)
             wall = time.perf_counter() - t0
             print(f"  hubtool quantize: {wall:.0f} s", flush=True)
-            ggufs = sorted((run / "formats" / "gguf_q4_0").glob("*.gguf"))
-        files[f"hubtool Q4_0 {method}"] = {
+            ggufs = sorted((run / "formats" / fmt).glob("*.gguf"))
+        files[f"hubtool {label} {method}"] = {
             "path": ggufs[0],
             "quantize_s": wall,
             "settings": " ".join(settings),
@@ -300,17 +299,18 @@ def bench_model(alias: str, args: argparse.Namespace, bin_dir: Path, src_dir: Pa
     bf16 = _cached(work / f"bf16-{sha}.gguf", convert)
     same_layout = ["--token-embedding-type", "bf16", "--output-tensor-type", "bf16"]
 
-    def quantize(imatrix: Path | None):
+    def quantize(imatrix: Path | None, label: str = "Q4_0"):
         def make(out: Path) -> None:
             extra = ["--imatrix", str(imatrix)] if imatrix else []
+            layout = same_layout if label == "Q4_0" else []  # Q4_K_M: llama.cpp's own mix, as hubtool's
             _run(
                 [
                     str(bin_dir / "llama-quantize"),
-                    *same_layout,
+                    *layout,
                     *extra,
                     str(bf16),
                     str(out),
-                    "Q4_0",
+                    label,
                     str(args.threads),
                 ],
                 logs / f"quantize-{out.stem}.log",
@@ -349,11 +349,13 @@ def bench_model(alias: str, args: argparse.Namespace, bin_dir: Path, src_dir: Pa
     imat_log = (logs / "imatrix.log").read_text(errors="replace") if (logs / "imatrix.log").exists() else ""
     imat_chunks = re.search(r"computing over (\d+) chunks", imat_log)
 
-    rows = {
-        "bf16": {"path": bf16},
-        "llama.cpp Q4_0": {"path": q4},
-        "llama.cpp Q4_0 + imatrix": {"path": q4_imat},
-    }
+    rows = {"bf16": {"path": bf16}}
+    if "q4_0" in args.types:
+        rows.update({"llama.cpp Q4_0": {"path": q4}, "llama.cpp Q4_0 + imatrix": {"path": q4_imat}})
+    if "q4_k_m" in args.types:
+        km = _cached(work / f"llama-q4_k_m-{sha}.gguf", quantize(None, "Q4_K_M"))
+        km_imat = _cached(work / f"llama-q4_k_m-imatrix-{sha}-{calib_key}.gguf", quantize(imat, "Q4_K_M"))
+        rows.update({"llama.cpp Q4_K_M": {"path": km}, "llama.cpp Q4_K_M + imatrix": {"path": km_imat}})
     rows.update(files)
     heldout = work / "heldout.txt"
     heldout.write_text(heldout_text())
@@ -401,7 +403,7 @@ def print_model(r: dict) -> None:
     rows = r["rows"]
     chunks = rows["bf16"].get("chunks")
     print(
-        f"\n== GGUF Q4_0 in llama.cpp: {r['model']} ({r['source_gguf']} dequantized to bf16); held-out "
+        f"\n== GGUF in llama.cpp: {r['model']} ({r['source_gguf']} dequantized to bf16); held-out "
         f"perplexity -c {r['ctx']}, {chunks} chunks, {r['threads']} threads; decode -t {r['bench_threads']} =="
     )
     print(f"{'file':<28} {'ppl':>16} {'/ bf16':>7} {'MiB':>7} {'decode tok/s':>14}  layout")
@@ -412,15 +414,16 @@ def print_model(r: dict) -> None:
         print(
             f"{label:<28} {ppl:>16} {row['ppl_over_bf16']:>7.3f} {row['size_bytes'] / 2**20:>7.1f} {tps:>14}  {layout}"
         )
-    hub = [k for k in rows if k.startswith("hubtool Q4_0 signround")]
-    if hub:
-        h = rows[hub[0]]["ppl"]
-        a, b = rows["llama.cpp Q4_0"]["ppl"], rows["llama.cpp Q4_0 + imatrix"]["ppl"]
-        verdict = "below both" if h < min(a, b) else "NOT below both"
-        print(
-            f"hubtool SignRound Q4_0 is {verdict} of llama.cpp's Q4_0 files "
-            f"({h:.3f} vs {a:.3f} and {b:.3f} with imatrix)"
-        )
+    for label in ("Q4_0", "Q4_K_M"):
+        hub = [k for k in rows if k.startswith(f"hubtool {label} signround")]
+        if hub and f"llama.cpp {label}" in rows:
+            h = rows[hub[0]]["ppl"]
+            a, b = rows[f"llama.cpp {label}"]["ppl"], rows[f"llama.cpp {label} + imatrix"]["ppl"]
+            verdict = "below both" if h < min(a, b) else "NOT below both"
+            print(
+                f"hubtool SignRound {label} is {verdict} of llama.cpp's {label} files "
+                f"({h:.3f} vs {a:.3f} and {b:.3f} with imatrix)"
+            )
 
 
 def main() -> int:
@@ -428,6 +431,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--methods", default="signround,rtn", help=f"hubtool methods, of {', '.join(METHODS)}")
+    ap.add_argument("--types", default="q4_0,q4_k_m", help=f"GGUF types, of {', '.join(TYPES)}")
     ap.add_argument("--recipe", default="light", help="SignRound recipe")
     ap.add_argument("--iters", type=int, default=20, help="SignRound iterations (0: the recipe's)")
     ap.add_argument("--nsamples", type=int, default=16, help="calibration samples (hubtool and imatrix)")
@@ -447,6 +451,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    if set(args.types) - set(TYPES):
+        ap.error(f"--types: use {', '.join(TYPES)}")
     if set(args.methods) - set(METHODS):
         ap.error(f"--methods: use {', '.join(METHODS)}")
     llama = llama_cpp_dir()
