@@ -127,6 +127,31 @@ def check_gguf_request(model_type: str, fmt: str, spec: QuantSpec) -> None:
         )
 
 
+def llama_cpp_attention_scale(config: Any) -> float | None:
+    """The attention scale llama.cpp uses for a Gemma 3 text config (1/sqrt(head_dim); 1/sqrt(hidden/heads)
+    for the 62-layer 27B), or None for the other architectures (the scale is 1/sqrt(head_dim) in both)."""
+    if getattr(config, "model_type", "") not in ("gemma3", "gemma3_text"):
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if config.num_hidden_layers == 62:
+        return (config.hidden_size // config.num_attention_heads) ** -0.5
+    return head_dim**-0.5
+
+
+def check_gguf_config(config: Any) -> None:
+    """One-line HubtoolError when the model computes something a GGUF cannot say to llama.cpp (Gemma 3's
+    query_pre_attn_scalar is not stored: llama.cpp derives the attention scale from the shapes)."""
+    config = getattr(config, "text_config", None) or config
+    want = llama_cpp_attention_scale(config)
+    qpas = getattr(config, "query_pre_attn_scalar", None)
+    if want is not None and qpas is not None and abs(qpas**-0.5 - want) > 1e-6 * want:
+        raise HubtoolError(
+            f"GGUF export: this Gemma 3 scales attention by 1/sqrt({qpas}), llama.cpp by {want:.6g} "
+            "(it derives the scale from head_dim; the file cannot say otherwise)",
+            "drop the GGUF format for this model",
+        )
+
+
 def file_name(model_name: str, fmt: str) -> str:
     """The GGUF's file name: NAME-TYPE.gguf (the Hub reads the type from it)."""
     stem = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in model_name.rstrip("/").split("/")[-1])
@@ -522,6 +547,7 @@ def write_gguf(
     config = _text_config(model)
     model_type = getattr(config, "model_type", "") or ""
     check_gguf_request(model_type, fmt, spec)
+    check_gguf_config(config)
     arch = architecture(model_type)
     entries = _entries(model, weights, arch, fmt)
     missing = sorted(set(weights) - {e.source for e in entries if e.tuned})

@@ -36,7 +36,7 @@ from ..core.spec import QuantSpec
 from ..envinfo import library_versions
 from ..errors import HubtoolError
 from ..formats.export import DEFAULT_MAX_SHARD_SIZE, FORMATS, check_shard_size, export_format
-from ..formats.gguf import GGUF_TYPES, check_gguf_request, is_gguf, kept_out_of_int4
+from ..formats.gguf import GGUF_TYPES, check_gguf_config, check_gguf_request, is_gguf, kept_out_of_int4
 from ..formats.gguf import canonical_format as gguf_format
 from ..formats.table import ALL_FORMATS
 from ..quant.driver import ProgressFn, QuantResult, quantize_model
@@ -395,6 +395,12 @@ def run_quantize(opts: QuantizeOptions, progress: ProgressFn | None = None) -> r
     for fmt in formats:  # an unsupported architecture or spec is refused before anything is quantized
         if is_gguf(fmt):
             check_gguf_request(source_model_type(info), fmt, spec)
+    if any(is_gguf(f) for f in formats) and info.kind != "gguf":  # a GGUF source is llama.cpp's already
+        from transformers import AutoConfig
+
+        check_gguf_config(
+            AutoConfig.from_pretrained(local_dir(info), trust_remote_code=opts.trust_remote_code)
+        )
     resume = opts.resume and state == rundir.RESUMABLE
     inputs = _inputs(opts, info, spec, method, recipe, formats)
     if resume:

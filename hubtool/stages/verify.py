@@ -42,6 +42,7 @@ import torch
 from .. import record as rec
 from ..__about__ import __version__
 from ..errors import HubtoolError
+from ..formats.gguf import llama_cpp_attention_scale
 from . import verify_child
 from .verify_gguf import gguf_file, run_llama_cpp
 
@@ -251,6 +252,13 @@ def _gguf_reference(
         if path is None:
             continue
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        scale = llama_cpp_attention_scale(model.config)
+        if (
+            scale is not None
+        ):  # transformers' reader defaults Gemma 3's query_pre_attn_scalar; the file means this
+            for module in model.modules():
+                if hasattr(module, "scaling") and type(module).__name__.endswith("Attention"):
+                    module.scaling = scale
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         log.info("int4 reference: %s's codes, dequantized in fp32 by transformers' GGUF reader", fmt.name)
         return Reference(fmt.name, model.eval(), tok, expected, {})
