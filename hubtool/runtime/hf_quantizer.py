@@ -139,6 +139,12 @@ class HubtoolHfQuantizer(HfQuantizer):
         """int4 buffers hold no gradients."""
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """torch.compile traces the int4 layers: the kernels are custom ops with fake implementations, and
+        the CPU layout is made at load (``Int4Linear.compact``), never inside a traced call."""
+        return True
+
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         """save_pretrained writes the same GPTQ tensors back under the same config."""
         return True
