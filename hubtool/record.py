@@ -86,10 +86,11 @@ class FileRecord:
 class FormatRecord:
     """One exported model repo."""
 
-    name: str  # auto_round | auto_gptq | hubtool
+    name: str  # auto_round | auto_gptq | hubtool | gguf_q4_0 | gguf_q4_k_m
     path: str  # relative to the run folder
     quant_method: str
     files: list[FileRecord] = field(default_factory=list)
+    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF: each tensor's type in the file
 
 
 @dataclass

@@ -175,6 +175,9 @@ def test_cli_gguf_is_q4_k_m_and_runs_alone(capsys, models, tmp_path):
     assert rec["spec"]["kquant"] is True and rec["spec"]["group_size"] == 32 and rec["spec"]["sym"] is False
     (variant,) = rec["variants"]
     assert any("Q6_K (llama.cpp's mix)" in s["reason"] for s in variant["skipped"])
+    types = variant["formats"][0]["tensor_types"]  # the record says which tensor got which type
+    assert types["blk.2.ffn_down.weight"] == "Q6_K" and types["blk.0.ffn_down.weight"] == "Q4_K"
+    assert types["token_embd.weight"] == "Q6_K" and types["blk.0.attn_norm.weight"] == "F32"
     assert list((run / "formats" / FMT).glob("*-Q4_K_M.gguf"))
     dry = tmp_path / "dry"
     code, err = run_cli(

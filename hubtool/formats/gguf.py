@@ -154,7 +154,9 @@ def check_gguf_config(config: Any) -> None:
 
 def file_name(model_name: str, fmt: str) -> str:
     """The GGUF's file name: NAME-TYPE.gguf (the Hub reads the type from it)."""
-    stem = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in model_name.rstrip("/").split("/")[-1])
+    base = model_name.rstrip("/").split("/")[-1]
+    base = base[: -len(".gguf")] if base.lower().endswith(".gguf") else base  # a GGUF source: its stem
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in base)
     return f"{stem or 'model'}-{GGUF_TYPES[fmt].label}.gguf"
 
 

@@ -671,7 +671,11 @@ def _quantize_variant(
         else:
             config = json.loads((out / "config.json").read_text())
             qm = config.get("quantization_config", {}).get("quant_method", "")
-        variant.formats.append(rec.FormatRecord(fmt, rel, qm, rec.file_records(out, run_dir)))
+        fr = rec.FormatRecord(fmt, rel, qm, rec.file_records(out, run_dir))
+        if is_gguf(fmt):  # which tensor got which type (the mix, the tuned ones included)
+            listing = json.loads((out / "gguf_tensors.json").read_text())
+            fr.tensor_types = {t["name"]: t["type"] for t in listing["tensors"]}
+        variant.formats.append(fr)
     variant.seconds = time.perf_counter() - t0
     variant.peak_rss_bytes = peak_rss_bytes()
     if torch.cuda.is_available():
