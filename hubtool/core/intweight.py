@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kquant import SUB_BLOCK, KQuantScales, kquant_codes, kquant_scales
+from .kquant import SUB_BLOCK, KQuantScales, fit_clip, kquant_codes, kquant_scales
 from .spec import QuantSpec
 
 
@@ -169,17 +169,29 @@ def quantize_with(
     )
 
 
+def kquant_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's Q4_K fit of w (N, K) as range factors (alpha, beta) per group of 32 (:func:`.kquant.fit_clip`)."""
+    parts = [fit_clip(group_view(w[r], SUB_BLOCK)) for r in row_chunks(*w.shape)]
+    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+
+
 def quantize_kquant(
-    w: torch.Tensor, alpha: torch.Tensor | float = 1.0, beta: torch.Tensor | float = 1.0
+    w: torch.Tensor, alpha: torch.Tensor | None = None, beta: torch.Tensor | None = None
 ) -> IntWeight:
-    """w (N, K) in llama.cpp's Q4_K parameterization, each group of 32's range clipped by alpha/beta (N, K // 32)."""
+    """w (N, K) in llama.cpp's Q4_K parameterization, each group of 32's range scaled by alpha / beta
+    (N, K // 32); without them, llama.cpp's own fit (so that RTN here is llama.cpp's Q4_K)."""
     n, k = w.shape
-    wg = group_view(w, SUB_BLOCK)
-    wmin, wmax = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    if alpha is None or beta is None:
+        alpha, beta = kquant_fit(w)
+    wmin = torch.empty(n, k // SUB_BLOCK, device=w.device)
+    wmax = torch.empty_like(wmin)
+    for r in row_chunks(n, k):
+        wg = group_view(w[r], SUB_BLOCK)
+        wmin[r], wmax[r] = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
     scale, minimum, kq = kquant_scales(wmin, wmax, alpha, beta)
     q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
     for r in row_chunks(n, k):
-        q[r] = kquant_codes(wg[r], scale[r], minimum[r]).reshape(-1, k).to(torch.uint8)
+        q[r] = kquant_codes(group_view(w[r], SUB_BLOCK), scale[r], minimum[r]).reshape(-1, k).to(torch.uint8)
     return IntWeight(q, scale, torch.zeros_like(kq.sc), SUB_BLOCK, 4, kq)
 
 

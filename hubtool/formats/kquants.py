@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.kquant import fit_scale_min
+
 QK_K = 256
 Q4_K_BYTES = 144
 Q5_K_BYTES = 176
@@ -195,58 +197,11 @@ def _q6_k_chunk(x: torch.Tensor) -> torch.Tensor:
     return _q6_k_pack(codes.reshape(n, k), sc.reshape(n, -1), d.reshape(n, nb))
 
 
-def _make_qkx2_quants(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """(scale, -min, codes 0..nmax) per row of x (G, 32): make_qkx2_quants, weights av_x + |x|, no MAD."""
-    w = torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1]) + x.abs()
-    sum_w = w.sum(-1, keepdim=True)
-    sum_x = (w * x).sum(-1, keepdim=True)
-    lo = x.min(dim=-1, keepdim=True).values.clamp(max=0.0)
-    hi = x.max(dim=-1, keepdim=True).values
-    flat = hi == lo
-    span = torch.where(flat, torch.ones_like(hi), hi - lo)
-    iscale = nmax / span
-    scale = 1.0 / iscale
-    best_l = torch.round(iscale * (x - lo)).clamp_(0, nmax)
-    best_err = (w * (scale * best_l + lo - x).square()).sum(-1, keepdim=True)
-    mn = lo
-    f32 = np.float32
-    for step in range(nstep + 1):
-        # llama.cpp's loop reads its running min: a step after an improvement grids from the new min
-        factor = float(f32(f32(rmin) + f32(rdelta) * f32(step)) + f32(nmax))
-        span = hi - mn
-        span = torch.where(span == 0, torch.ones_like(span), span)
-        lf = torch.round((factor / span) * (x - mn)).clamp_(0, nmax)
-        wl = w * lf
-        sum_l, sum_l2, sum_xl = (
-            wl.sum(-1, keepdim=True),
-            (wl * lf).sum(-1, keepdim=True),
-            (wl * x).sum(-1, keepdim=True),
-        )
-        det = sum_w * sum_l2 - sum_l * sum_l
-        ok = det > 0
-        safe = torch.where(ok, det, torch.ones_like(det))
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
-        pos = this_min > 0
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        l2 = torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2))
-        this_scale = torch.where(pos, sum_xl / l2, this_scale)
-        err = (w * (this_scale * lf + this_min - x).square()).sum(-1, keepdim=True)
-        better = ok & (err < best_err)
-        best_l = torch.where(better, lf, best_l)
-        best_err = torch.where(better, err, best_err)
-        scale = torch.where(better, this_scale, scale)
-        mn = torch.where(better, this_min, mn)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    best_l = torch.where(flat, torch.zeros_like(best_l), best_l)
-    return scale.squeeze(-1), (-mn).squeeze(-1), best_l
-
-
 def _q5_k_chunk(x: torch.Tensor) -> torch.Tensor:
     """Q5_K bytes of float32 rows x (n, K), as quantize_row_q5_K_ref."""
     n, k = x.shape
     nb = k // QK_K
-    scales, mins, codes = _make_qkx2_quants(x.reshape(-1, 32), 31, -0.5, 0.1, 15)
+    scales, mins, codes = fit_scale_min(x.reshape(-1, 32), 31, -0.5, 0.1, 15)
     scales, mins = scales.reshape(n, nb, 8), mins.reshape(n, nb, 8)
     max_scale = scales.max(dim=-1, keepdim=True).values.clamp(min=0.0)
     max_min = mins.max(dim=-1, keepdim=True).values.clamp(min=0.0)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.intweight import IntWeight, group_view, quantize_kquant, row_chunks
-from ..core.kquant import kquant_codes, kquant_scales
+from ..core.intweight import IntWeight, group_view, kquant_fit, quantize_kquant, row_chunks
+from ..core.kquant import fit_clip, kquant_codes, kquant_scales
 from ..core.spec import QuantSpec
 from .scales import fused_available, stored_scale_zero
 
@@ -99,6 +99,8 @@ class _Search:
         n, ng, g = self.wg.shape
         self.y = torch.empty(ng, n, g, device=self.wg.device) if h is not None else None
         self.fused = fused_available(self.wg) and not spec.kquant
+        # Q4_K: c scales llama.cpp's fitted range (c = 1: its own Q4_K) instead of the weight's
+        self.fit = fit_clip(self.wg) if spec.kquant else None
 
     def codes(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q - zero) in self.e (float, grouped), scale and zero for clipping c."""
@@ -123,7 +125,7 @@ class _Search:
             lo, hi = self.spec.code_range
             et = torch.ops.hubtool.clip_error(self.wg, scale.contiguous(), z.contiguous(), lo, hi)
         elif self.spec.kquant:
-            scale, minimum, _ = kquant_scales(self.wmin, self.wmax, c, c)
+            scale, minimum, _ = kquant_scales(self.wmin, self.wmax, c * self.fit[0], c * self.fit[1])
             e = kquant_codes(self.wg, scale, minimum).mul_(scale.unsqueeze(-1)).sub_(minimum.unsqueeze(-1))
             et = torch.sub(self.wg, e, out=e).transpose(0, 1)  # the weight error, (G#, N, G)
         else:
@@ -173,7 +175,8 @@ def quantize_clipped(weight: torch.Tensor, spec: QuantSpec, clip: torch.Tensor) 
     """Codes for ``weight`` with per-group clipping ``clip`` (alpha = beta = clip), fp16-exact scales."""
     if spec.kquant:
         clip = clip.to(weight.device)
-        return quantize_kquant(weight, clip, clip).cpu()
+        alpha, beta = kquant_fit(weight)
+        return quantize_kquant(weight, clip * alpha, clip * beta).cpu()
     q = torch.empty(weight.shape, dtype=torch.uint8)
     scales, zeros = [], []
     for r in row_chunks(*weight.shape):

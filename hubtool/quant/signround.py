@@ -31,8 +31,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch.nn import functional as F
 
-from ..core.intweight import IntWeight
-from ..core.kquant import CODE_MAX, kquant_scales
+from ..core.intweight import IntWeight, kquant_fit
+from ..core.kquant import CODE_MAX, FIT_MAX, kquant_scales
 from ..core.spec import QuantSpec
 from .scales import asym_scale_zero, fused_available, stored_scale_zero, sym_scale
 
@@ -81,9 +81,19 @@ class TunedLinear:
         self.v = torch.zeros(self.wg.shape, dtype=torch.float32, device=dev)
         self.alpha = init.clone()
         self.beta = init.clone()
+        self.clip_max = 1.0
+        if spec.kquant:  # relative to llama.cpp's Q4_K fit, which may reach past the range's ends
+            alpha0, beta0 = kquant_fit(weight.detach())
+            self.alpha.mul_(alpha0.to(dev))
+            self.beta.mul_(beta0.to(dev))
+            self.clip_max = FIT_MAX
         self.q = torch.empty(self.wg.shape, dtype=torch.int8, device=dev)  # codes of the last forward
         self.inside = torch.empty(self.wg.shape, dtype=torch.bool, device=dev)
-        self.best = (torch.empty(self.wg.shape, dtype=torch.int8, device=dev), init.clone(), init.clone())
+        self.best = (
+            torch.empty(self.wg.shape, dtype=torch.int8, device=dev),
+            self.alpha.clone(),
+            self.beta.clone(),
+        )
         self.scratch = scratch or Scratch()
         self.step_lr: float | None = None  # set only by sign_sgd(): the step a backward takes
         self.grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # without a step
@@ -178,8 +188,8 @@ class TunedLinear:
             if self.spec.sym:
                 dv.mul_(torch.sign(s.unsqueeze(-1)))
             self.v.sub_(dv, alpha=lr).clamp_(-0.5, 0.5)
-        self.alpha.sub_(torch.sign(dalpha), alpha=lr).clamp_(0.0, 1.0)
-        self.beta.sub_(torch.sign(dbeta), alpha=lr).clamp_(0.0, 1.0)
+        self.alpha.sub_(torch.sign(dalpha), alpha=lr).clamp_(0.0, self.clip_max)
+        self.beta.sub_(torch.sign(dbeta), alpha=lr).clamp_(0.0, self.clip_max)
 
     def _group_sums(self, g: torch.Tensor) -> tuple[tuple, torch.Tensor]:
         """The torch code: per group sum(g * inside * w), sum(g * q) (and for asymmetric sum(g), sum(g * inside)),
