@@ -169,9 +169,10 @@ def quantize_with(
     )
 
 
-def kquant_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """llama.cpp's Q4_K fit of w (N, K) as range factors (alpha, beta) per group of 32 (:func:`.kquant.fit_clip`)."""
-    parts = [fit_clip(group_view(w[r], SUB_BLOCK)) for r in row_chunks(*w.shape)]
+def kquant_fit(w: torch.Tensor, fit=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's Q4_K fit of w (N, K) as range factors (alpha, beta) per group of 32 (:func:`.kquant.fit_clip`;
+    ``fit``: the group fit to use, the torch reference by default)."""
+    parts = [fit_clip(group_view(w[r], SUB_BLOCK), fit) for r in row_chunks(*w.shape)]
     return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
 
 

@@ -157,13 +157,13 @@ FIT_MAX = (
 Q4_K_FIT = (CODE_MAX, -1.0, 0.1, 20)  # quantize_row_q4_K_ref's make_qkx2_quants(nmax, rmin, rdelta, nstep)
 
 
-def fit_clip(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_clip(wg: torch.Tensor, fit=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The range factors (alpha, beta) per group of 32 (N, K // 32) that give llama.cpp's Q4_K fit of each
     group's scale and minimum (its ``make_qkx2_quants``): hubtool's RTN in this form, and where the clipping
-    search and SignRound start."""
+    search and SignRound start. ``fit``: another implementation of :func:`fit_scale_min` (the C++ one)."""
     n, groups, g = wg.shape
     x = wg.float().reshape(-1, g)
-    scale, neg_min, _ = fit_scale_min(x, *Q4_K_FIT)
+    scale, neg_min, _ = (fit or fit_scale_min)(x, *Q4_K_FIT)
     lo, hi = -neg_min.reshape(n, groups), (CODE_MAX * scale).reshape(n, groups) - neg_min.reshape(n, groups)
     wmin, wmax = wg.amin(-1).float().clamp(max=0), wg.amax(-1).float().clamp(min=0)
     alpha = torch.where(wmin < 0, lo / torch.where(wmin < 0, wmin, -1.0), 1.0)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.intweight import IntWeight, quantize_kquant
+from ..core.intweight import IntWeight, kquant_fit, quantize_kquant
 from ..core.lazy import lazy_weights
 from ..core.spec import QuantSpec
 from ..errors import HubtoolError
@@ -359,7 +359,9 @@ def _quantized_bytes(t: torch.Tensor, kind: str) -> np.ndarray:
     import gguf
 
     if kind == "Q4_K":
-        iw = quantize_kquant(t)
+        from ..kernels import cpu
+
+        iw = quantize_kquant(t, *kquant_fit(t, cpu.fit_scale_min if cpu.runs_on(t.device) else None))
         return q4_k_bytes(iw.q, iw.kquant.d, iw.kquant.dmin, iw.kquant.sc, iw.kquant.m)
     if kind == "Q6_K":
         return quantize_q6_k(t)

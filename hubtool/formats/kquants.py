@@ -20,6 +20,8 @@ is llama.cpp's. Rows go in chunks so float32 temporaries stay at tens of MB, on 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -31,6 +33,7 @@ Q5_K_BYTES = 176
 Q6_K_BYTES = 210
 _CHUNK = 1 << 20  # weights per chunk: each float32 temporary is 4 MiB
 _EPS = 1e-15  # llama.cpp's GROUP_MAX_EPS
+TORCH_FIT_ENV = "HUBTOOL_TORCH_KQUANT_FIT"  # "1": the torch group fits even where the C++ ones run
 
 
 def _blocks(k: int) -> int:
@@ -145,6 +148,17 @@ def _nearest(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x).to(torch.int32)
 
 
+def _fit(x: torch.Tensor, nmax: int, *asym):
+    """The group fit: C++ (``kernels.cpu``) on the CPU where it is built, else the torch reference;
+    with ``asym`` = (rmin, rdelta, nstep) llama.cpp's make_qkx2_quants, without it make_qx_quants."""
+    from ..kernels import cpu
+
+    fast = x.device.type == "cpu" and os.environ.get(TORCH_FIT_ENV) != "1" and cpu.load()
+    if asym:
+        return (cpu.fit_scale_min if fast else fit_scale_min)(x, nmax, *asym)
+    return (cpu.fit_scale_sym if fast else _make_qx_quants)(x, nmax)
+
+
 def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, codes 0..2 nmax - 1) per row of x (G, n): make_qx_quants with rmse_type 1, no weights."""
     amax, at = x.abs().max(dim=-1, keepdim=True)
@@ -178,7 +192,7 @@ def _q6_k_chunk(x: torch.Tensor) -> torch.Tensor:
     """Q6_K bytes of float32 rows x (n, K), as quantize_row_q6_K_ref."""
     n, k = x.shape
     nb = k // QK_K
-    scales, codes = _make_qx_quants(x.reshape(-1, 16), 32)
+    scales, codes = _fit(x.reshape(-1, 16), 32)
     scales = scales.reshape(n, nb, 16)
     absmax, at = scales.abs().max(dim=-1, keepdim=True)
     max_scale = scales.gather(-1, at)
@@ -201,7 +215,7 @@ def _q5_k_chunk(x: torch.Tensor) -> torch.Tensor:
     """Q5_K bytes of float32 rows x (n, K), as quantize_row_q5_K_ref."""
     n, k = x.shape
     nb = k // QK_K
-    scales, mins, codes = fit_scale_min(x.reshape(-1, 32), 31, -0.5, 0.1, 15)
+    scales, mins, codes = _fit(x.reshape(-1, 32), 31, -0.5, 0.1, 15)
     scales, mins = scales.reshape(n, nb, 8), mins.reshape(n, nb, 8)
     max_scale = scales.max(dim=-1, keepdim=True).values.clamp(min=0.0)
     max_min = mins.max(dim=-1, keepdim=True).values.clamp(min=0.0)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.intweight import IntWeight, group_view, kquant_fit, quantize_kquant, row_chunks
-from ..core.kquant import fit_clip, kquant_codes, kquant_scales
+from ..core.intweight import IntWeight, group_view, quantize_kquant, row_chunks
+from ..core.kquant import kquant_codes, kquant_scales
 from ..core.spec import QuantSpec
-from .scales import fused_available, stored_scale_zero
+from .scales import fused_available, kquant_fit, stored_scale_zero
 
 # Clipping factors tried (alpha = beta = c): a grid from 0.5 to 1, then a finer pass around the best.
 COARSE = torch.linspace(0.5, 1.0, 21)
@@ -100,7 +100,7 @@ class _Search:
         self.y = torch.empty(ng, n, g, device=self.wg.device) if h is not None else None
         self.fused = fused_available(self.wg) and not spec.kquant
         # Q4_K: c scales llama.cpp's fitted range (c = 1: its own Q4_K) instead of the weight's
-        self.fit = fit_clip(self.wg) if spec.kquant else None
+        self.fit = kquant_fit(weight.detach()) if spec.kquant else None
 
     def codes(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q - zero) in self.e (float, grouped), scale and zero for clipping c."""

@@ -72,3 +72,15 @@ def stored_scale_zero(
         return scale, torch.full_like(scale, float(spec.sym_zero))
     scale, zero, _ = asym_scale_zero(wmin, wmax, alpha, beta, spec)
     return scale, zero
+
+
+def kquant_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's Q4_K fit of a weight as range factors per group of 32 (:func:`..core.intweight.kquant_fit`),
+    with the C++ group fit where the kernels run (the same arithmetic, one loop per group)."""
+    from ..core.intweight import kquant_fit as fit_weight
+
+    if kernels_on(w):
+        from ..kernels import cpu
+
+        return fit_weight(w, cpu.fit_scale_min)
+    return fit_weight(w)

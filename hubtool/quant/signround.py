@@ -31,10 +31,10 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch.nn import functional as F
 
-from ..core.intweight import IntWeight, kquant_fit
+from ..core.intweight import IntWeight
 from ..core.kquant import CODE_MAX, FIT_MAX, kquant_scales
 from ..core.spec import QuantSpec
-from .scales import asym_scale_zero, fused_available, stored_scale_zero, sym_scale
+from .scales import asym_scale_zero, fused_available, kquant_fit, stored_scale_zero, sym_scale
 
 INT8_GRAD_ENV = "HUBTOOL_SIGNROUND_INT8_GRAD"  # "0": dL/dW in the model dtype on the CPU too
 

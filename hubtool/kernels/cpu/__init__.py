@@ -29,9 +29,10 @@ from ...cache import cache_root
 log = logging.getLogger(__name__)
 
 # one library: the int4 matmul, SignRound's fused step, the fused elementwise ops of block tuning, the
-# small-M dense matmul of 16-bit weights
+# small-M dense matmul of 16-bit weights, llama.cpp's K-quant scale fits
 SOURCES = tuple(
-    Path(__file__).with_name(n) for n in ("int4_mm.cpp", "signround.cpp", "block_ops.cpp", "dense_mm.cpp")
+    Path(__file__).with_name(n)
+    for n in ("int4_mm.cpp", "signround.cpp", "block_ops.cpp", "dense_mm.cpp", "kquant_fit.cpp")
 )
 HEADERS = (Path(__file__).with_name("simd.h"),)  # included by the sources: part of the build's hash
 EXT_NAME = "hubtool_int4_cpu"
@@ -240,3 +241,19 @@ def dense_mm(
     """
     level = forced_isa() if isa is None else isa
     return torch.ops.hubtool.dense_mm_cpu(x, w, bias, level)
+
+
+def fit_scale_min(
+    x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's asymmetric group fit (make_qkx2_quants) of float32 groups x (G, n): (scale, -min, codes
+    as float32), as :func:`hubtool.core.kquant.fit_scale_min` computes it, one C++ loop per group."""
+    scale, neg_min, codes = torch.ops.hubtool.fit_scale_min(x.float().contiguous(), nmax, rmin, rdelta, nstep)
+    return scale, neg_min, codes.float()
+
+
+def fit_scale_sym(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's symmetric group fit (make_qx_quants, rmse_type 1) of float32 groups x (G, n): (scale,
+    codes 0..2 nmax - 1 as float32)."""
+    scale, codes = torch.ops.hubtool.fit_scale_sym(x.float().contiguous(), nmax)
+    return scale, codes.float()
