@@ -25,6 +25,7 @@ from ..core.memory import trim
 from ..errors import HubtoolError
 from ..formats.table import FORMATS, PACKING_AWQ, PACKING_V1, PACKING_V2, PACKINGS
 from .dense import use_dense_kernel
+from .fused_norms import use_fused_norms
 from .int4linear import Int4Linear, replace_linears
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,13 @@ class HubtoolHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         """Convert gptq_v2 / AWQ layouts to GPTQ v1 (the config then says v1, for a save_pretrained); on the
         CPU, repack every layer for the kernel now and keep that one copy (``Int4Linear.compact``); let the
-        16-bit linears left (the lm_head above all) run hubtool's dense kernel at small M (``runtime.dense``)."""
+        16-bit linears left (the lm_head above all) run hubtool's dense kernel at small M (``runtime.dense``),
+        and the RMSNorms one C++ pass each in eager CPU inference (``runtime.fused_norms``)."""
         to_gptq_v1(model, self.quantization_config.packing_format)
         self.quantization_config.packing_format = PACKING_V1
         compact_all(model)
         use_dense_kernel(model, getattr(self.quantization_config, "backend", None))
+        use_fused_norms(model)
         return model
 
     @property

@@ -1,0 +1,68 @@
+"""RMSNorms of a loaded model as one C++ pass each on the CPU, for eager decoding.
+
+A decode step of a small model is mostly per-op overhead: transformers' RMSNorm is five to seven torch ops
+(fp32 cast, square, mean, rsqrt, products, casts), and Gemma 3 runs six norms per layer. ``use_fused_norms``
+gives each RMSNorm whose forward is the known one (:func:`hubtool.quant.fused.norm_mode`: Gemma's
+``x * r * (1 + w)`` and Llama's ``w * (x * r)``) a forward that runs ``hubtool::rms_norm_fwd`` (the kernel
+block tuning uses; the same roundings as the module's code) when
+
+* no gradient is wanted, x is on the CPU in the module's 16-bit dtype (or fp32 with an fp32 weight),
+  and the kernel library is built;
+* torch.compile is not tracing (a compiled model fuses the norm itself);
+* ``HUBTOOL_FUSED_NORMS`` is not ``0``.
+
+Otherwise the module's own forward runs. ``hf_quantizer`` applies this to the models it loads on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..kernels import cpu
+from ..quant.fused import norm_mode, rms_norm
+
+ENV_VAR = "HUBTOOL_FUSED_NORMS"  # "0": the modules' own forwards
+_EPS_ATTR = {0: "eps", 1: "variance_epsilon"}
+
+
+def _forward(module: nn.Module, mode: int, original):
+    eps = float(getattr(module, _EPS_ATTR[mode]))
+    cached: dict[str, object] = {}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        w = module.weight
+        if (
+            torch.compiler.is_compiling()
+            or torch.is_grad_enabled()
+            or x.device.type != "cpu"
+            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or (
+                mode == 1 and w.dtype != x.dtype
+            )  # an fp32 weight on 16-bit x promotes: not the op's function
+        ):
+            return original(x)
+        key = (w.data_ptr(), w._version)
+        if cached.get("key") != key:  # the fp32 weight the op reads, made once per weight version
+            cached["key"] = key
+            cached["w"] = ((1.0 + w.detach().float()) if mode == 0 else w.detach().float()).contiguous()
+        return rms_norm(x, cached["w"], eps, mode)
+
+    return forward
+
+
+def use_fused_norms(model: nn.Module) -> int:
+    """Give every known RMSNorm of ``model`` the fused forward (see the module); returns how many."""
+    if os.environ.get(ENV_VAR) == "0" or not cpu.load():
+        return 0
+    n = 0
+    for module in model.modules():
+        if "forward" in module.__dict__:
+            continue
+        mode = norm_mode(module)
+        if mode is not None:
+            module.forward = _forward(module, mode, module.forward)
+            n += 1
+    return n
