@@ -9,7 +9,8 @@ layout of the hubtool export). Then, each in a fresh process, greedy decoding of
 after a short prompt (the median of 3 timed runs after a warm-up):
 
 * ``bf16``: the 16-bit model in transformers (eager, dynamic cache);
-* ``hubtool int4``: ``hubtool.load`` of the export (eager, dynamic cache);
+* ``hubtool int4``: ``hubtool.load`` of the export (eager, dynamic cache), and the same with the RMSNorms
+  left to transformers (``HUBTOOL_FUSED_NORMS=0``), the per-token overhead the fused norms remove;
 * ``hubtool int4 compiled``: the same with a static cache and transformers' auto-compile of the decode step
   (``CompileConfig(fullgraph=True, dynamic=False)``; the warm-up compiles, the timed runs do not);
 * ``llama.cpp``: ``llama-bench -p 0 -n N`` on the GGUF (``make llama-cpp``'s build).
@@ -63,8 +64,8 @@ print("BENCH " + json.dumps({"tokens_per_s": n / statistics.median(times), "warm
 """
 
 
-def _child(path: Path, kind: str, tokens: int, threads: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+def _child(path: Path, kind: str, tokens: int, threads: int, **env_more: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **env_more}
     done = subprocess.run(
         [sys.executable, "-c", CHILD, str(path), kind, str(tokens), str(threads)],
         capture_output=True,
@@ -102,13 +103,14 @@ def bench(label: str, source: str, bf16: Path | None, args: argparse.Namespace, 
     export = run / "formats" / "hubtool"
     (gguf,) = (run / "formats" / "gguf_q4_0").glob("*.gguf")
     rows = {}
-    for name, path, kind in (
-        ("bf16", bf16, "bf16"),
-        ("hubtool int4", export, "int4"),
-        ("hubtool int4 compiled", export, "int4-compiled"),
+    for name, path, kind, env in (
+        ("bf16", bf16, "bf16", {}),
+        ("hubtool int4, norms unfused", export, "int4", {"HUBTOOL_FUSED_NORMS": "0"}),
+        ("hubtool int4", export, "int4", {}),
+        ("hubtool int4 compiled", export, "int4-compiled", {}),
     ):
         print(f"  {label}: {name}", flush=True)
-        rows[name] = _child(Path(path), kind, args.new_tokens, args.threads)
+        rows[name] = _child(Path(path), kind, args.new_tokens, args.threads, **env)
     print(f"  {label}: llama.cpp", flush=True)
     rows["llama.cpp Q4_0"] = _decode_tps(
         bin_dir, gguf, args.new_tokens, args.threads, work / "llama-bench.log"
@@ -121,10 +123,10 @@ def print_decode(r: dict) -> None:
     rows = r["rows"]
     base, lcpp = rows["bf16"]["tokens_per_s"], rows["llama.cpp Q4_0"]["tokens_per_s"]
     print(f"\n== decode: {r['model']}, batch 1, {r['new_tokens']} new tokens, {r['threads']} threads ==")
-    print(f"{'':<24} {'tok/s':>8} {'/ bf16':>7} {'/ llama.cpp':>12}")
+    print(f"{'':<30} {'tok/s':>8} {'/ bf16':>7} {'/ llama.cpp':>12}")
     for name, row in rows.items():
         tps = row["tokens_per_s"]
-        print(f"{name:<24} {tps:>8.2f} {tps / base:>7.2f} {tps / lcpp:>12.2f}")
+        print(f"{name:<30} {tps:>8.2f} {tps / base:>7.2f} {tps / lcpp:>12.2f}")
 
 
 def main() -> int:
