@@ -311,3 +311,31 @@ def test_llama_cpp_verifies_q4_k_m_and_catches_a_broken_tensor(capsys, models, t
         f.write(data.tobytes())
     (res,) = run_verify(run, formats=[FMT])
     assert not res.passed and res.failed_check == "files" and path.name in res.detail, res
+
+
+def test_compare_and_eval_load_a_gguf_only_run(capsys, models, tmp_path):
+    """A run whose only format is GGUF (as Q4_K_M must be) is compared and evaluated through transformers'
+    GGUF reader: the int4 model they load holds the file's numbers."""
+    import gguf
+    from gguf import GGUFReader
+
+    from hubtool.stages.compare import load_int4
+
+    run = tmp_path / "run"
+    code, err = run_cli(
+        capsys, "quantize", str(models("qwen2")), "-o", str(run), "--method", "rtn", "--formats", "gguf"
+    )
+    assert code in (0, None), err
+    folder = run / "formats" / FMT
+    model, _ = load_int4(folder, "cpu", torch.float32)
+    (path,) = folder.glob("*.gguf")
+    t = next(t for t in GGUFReader(str(path)).tensors if t.name == "blk.1.ffn_up.weight")
+    want = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+    assert torch.equal(model.state_dict()["model.layers.1.mlp.up_proj.weight"], want.reshape(512, 256))
+    for args in (["compare", str(run)], ["eval", str(run), "--tasks", "ppl"]):
+        code, err = run_cli(capsys, *args)
+        assert code in (0, None), err
+    rec = json.loads((run / "run.json").read_text())
+    assert rec["comparisons"] and {e["model"] for e in rec["evals"]} == {"bf16", "int4"}
+    ppl = {e["model"]: e["value"] for e in rec["evals"]}
+    assert 0.8 < ppl["int4"] / ppl["bf16"] < 1.25  # a random tiny model: both near its vocabulary's size

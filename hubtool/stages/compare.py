@@ -29,6 +29,7 @@ from ..errors import HubtoolError
 from ..record import source_label
 from .metrics import token_agreement
 from .prompts import Prompt, default_prompts, load_prompts
+from .verify_gguf import gguf_file, load_gguf_model
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def model_refs(rec: record.RunRecord, run_dir: Path, variants: Sequence[str] | N
         v = rec.variant(name)
         fmt = pick_format(v)
         folder = run_dir / fmt.path
-        if not (folder / "config.json").is_file():
+        if not (folder / "config.json").is_file() and gguf_file(folder) is None:
             raise HubtoolError(f"variant {name!r}: export {folder} is missing", "re-run hubtool quantize")
         h = hashlib.sha256()
         for f in fmt.files:
@@ -136,8 +137,16 @@ class LoadedRef:
 def load_int4(
     path: Path, device: str, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
-    """Load an exported int4 model and its processor back from its format folder."""
+    """Load an exported int4 model and its processor back from its format folder (a GGUF one: its file
+    through transformers' GGUF reader, every int4 number dequantized into ``dtype``)."""
     from ..runtime.loader import load_processor, load_quantized
+
+    if not (Path(path) / "config.json").is_file():
+        found = gguf_file(Path(path))
+        if found is not None:
+            log.info("loading %s through transformers' GGUF reader (dequantized to %s)", found.name, dtype)
+            model, tok = load_gguf_model(found, dtype)
+            return model.to(device), tok
 
     model = load_quantized(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, load_processor(path, trust_remote_code=trust_remote_code)

@@ -42,9 +42,8 @@ import torch
 from .. import record as rec
 from ..__about__ import __version__
 from ..errors import HubtoolError
-from ..formats.gguf import llama_cpp_attention_scale
 from . import verify_child
-from .verify_gguf import gguf_file, run_llama_cpp
+from .verify_gguf import gguf_file, load_gguf_model, run_llama_cpp
 
 log = logging.getLogger(__name__)
 
@@ -245,23 +244,13 @@ def _gguf_reference(
 ) -> Reference | None:
     """A GGUF-only variant's reference: the file's codes dequantized in fp32 by transformers' GGUF reader
     (fp16 scale times code, exact in fp32; the reader undoes the converter's permutations and shifts)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     for fmt in formats:
         path = gguf_file(Path(run_dir) / fmt.path) if fmt.name in GGUF_LOADERS else None
         if path is None:
             continue
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        scale = llama_cpp_attention_scale(model.config)
-        if (
-            scale is not None
-        ):  # transformers' reader defaults Gemma 3's query_pre_attn_scalar; the file means this
-            for module in model.modules():
-                if hasattr(module, "scaling") and type(module).__name__.endswith("Attention"):
-                    module.scaling = scale
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model, tok = load_gguf_model(path, torch.float32)
         log.info("int4 reference: %s's codes, dequantized in fp32 by transformers' GGUF reader", fmt.name)
-        return Reference(fmt.name, model.eval(), tok, expected, {})
+        return Reference(fmt.name, model, tok, expected, {})
     return None
 
 

@@ -72,6 +72,24 @@ def llama_cpp_version(home: Path) -> str:
     return env.get("LLAMA_CPP_PY_VERSION", "?") + (f" (llama.cpp {build})" if build else "")
 
 
+def load_gguf_model(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(model, tokenizer) of a GGUF file through transformers' GGUF reader (every tensor dequantized by the
+    ``gguf`` package, into ``dtype``), with the attention scale llama.cpp computes for this architecture
+    (transformers' reader defaults Gemma 3's query_pre_attn_scalar; the file means head_dim)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..formats.gguf import llama_cpp_attention_scale
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    scale = llama_cpp_attention_scale(model.config)
+    if scale is not None:
+        for module in model.modules():
+            if hasattr(module, "scaling") and type(module).__name__.endswith("Attention"):
+                module.scaling = scale
+    return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def gguf_file(folder: Path) -> Path | None:
     """The one .gguf file of a format folder."""
     files = sorted(Path(folder).glob("*.gguf"))
