@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from hubtool.kernels import cpu
+from hubtool.runtime.fused_norms import _CLASSES
 from hubtool.runtime.loader import load_quantized
 from tests.test_formats import exported
 
@@ -23,8 +26,8 @@ def test_fused_norms_give_the_modules_numbers(arch, tiny_models, tmp_path_factor
     plain = load_quantized(ex.dirs["hubtool"], dtype=torch.bfloat16)
     monkeypatch.delenv("HUBTOOL_FUSED_NORMS")
     fused = load_quantized(ex.dirs["hubtool"], dtype=torch.bfloat16)
-    norms = [m for m in fused.modules() if "forward" in m.__dict__ and "Norm" in type(m).__name__]
-    assert norms and not any("forward" in m.__dict__ for m in plain.modules() if "Norm" in type(m).__name__)
+    norms = [m for m in fused.modules() if type(m) in _CLASSES.values()]
+    assert norms and not any(type(m) in _CLASSES.values() for m in plain.modules())
     calls = []
     real = torch.ops.hubtool.rms_norm_fwd
     monkeypatch.setattr(torch.ops.hubtool, "rms_norm_fwd", lambda *a: calls.append(1) or real(*a))
@@ -38,3 +41,6 @@ def test_fused_norms_give_the_modules_numbers(arch, tiny_models, tmp_path_factor
     calls.clear()
     fused(input_ids=ids)  # grad mode: the modules' own forwards
     assert not calls
+    copied = copy.deepcopy(fused).to(torch.float32)  # a copy in another dtype runs its own weights
+    with torch.inference_mode():
+        assert torch.isfinite(copied(input_ids=ids).logits).all() and calls

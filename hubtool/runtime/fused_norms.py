@@ -28,41 +28,48 @@ ENV_VAR = "HUBTOOL_FUSED_NORMS"  # "0": the modules' own forwards
 _EPS_ATTR = {0: "eps", 1: "variance_epsilon"}
 
 
-def _forward(module: nn.Module, mode: int, original):
-    eps = float(getattr(module, _EPS_ATTR[mode]))
-    cached: dict[str, object] = {}
+_CLASSES: dict[tuple[type, int], type] = {}
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        w = module.weight
-        if (
-            torch.compiler.is_compiling()
-            or torch.is_grad_enabled()
-            or x.device.type != "cpu"
-            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            or (
-                mode == 1 and w.dtype != x.dtype
-            )  # an fp32 weight on 16-bit x promotes: not the op's function
-        ):
-            return original(x)
-        key = (w.data_ptr(), w._version)
-        if cached.get("key") != key:  # the fp32 weight the op reads, made once per weight version
-            cached["key"] = key
-            cached["w"] = ((1.0 + w.detach().float()) if mode == 0 else w.detach().float()).contiguous()
-        return rms_norm(x, cached["w"], eps, mode)
 
-    return forward
+def _fused_class(cls: type, mode: int) -> type:
+    """``cls`` with the fused forward (one subclass per norm class and mode, made once)."""
+    key = (cls, mode)
+    if key not in _CLASSES:
+        eps_attr = _EPS_ATTR[mode]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = self.weight
+            if (
+                torch.compiler.is_compiling()
+                or torch.is_grad_enabled()
+                or x.device.type != "cpu"
+                or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+                or (mode == 1 and w.dtype != x.dtype)  # an fp32 weight on 16-bit x promotes: not the op's
+                or os.environ.get(ENV_VAR) == "0"
+            ):
+                return cls.forward(self, x)
+            key = (w.data_ptr(), w._version, w.dtype)
+            cached = self.__dict__.get("_fused_weight")
+            if cached is None or cached[0] != key:  # the fp32 weight the op reads, once per weight version
+                fp32 = (1.0 + w.detach().float()) if mode == 0 else w.detach().float()
+                cached = self.__dict__["_fused_weight"] = (key, fp32.contiguous())
+            return rms_norm(x, cached[1], float(getattr(self, eps_attr)), mode)
+
+        _CLASSES[key] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return _CLASSES[key]
 
 
 def use_fused_norms(model: nn.Module) -> int:
-    """Give every known RMSNorm of ``model`` the fused forward (see the module); returns how many."""
+    """Give every known RMSNorm of ``model`` the fused forward (its class becomes a subclass that adds it:
+    parameters, state dict, deepcopy and ``.to()`` are the module's own); returns how many."""
     if os.environ.get(ENV_VAR) == "0" or not cpu.load():
         return 0
     n = 0
     for module in model.modules():
-        if "forward" in module.__dict__:
+        if "forward" in module.__dict__ or type(module) in _CLASSES.values():
             continue
         mode = norm_mode(module)
         if mode is not None:
-            module.forward = _forward(module, mode, module.forward)
+            module.__class__ = _fused_class(type(module), mode)
             n += 1
     return n
