@@ -9,7 +9,8 @@ kernels vs bf16/fp32 matmul and torch's built-in), ``signround`` (SignRound vs a
 matmul and the measured DRAM bandwidth, Gemma 3 270M and Llama-3.2-3B heads, and decode tokens/s with and
 without it; ``scripts/bench_head.py``), ``gguf`` (issue 16: hubtool's GGUF Q4_0 and Q4_K_M against llama.cpp's own,
 with and without an importance matrix, in llama.cpp: perplexity, size, decode tokens/s;
-``scripts/bench_gguf.py``).
+``scripts/bench_gguf.py``), ``decode`` (issue 19: decode tokens/s at batch 1 of hubtool int4, eager and
+compiled, against the 16-bit model and llama.cpp on the same codes; ``scripts/bench_decode.py``).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def main() -> int:
     """Run the chosen benchmark parts and print (and optionally write) their results."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument(
-        "--only", default="rtn,kernels,verify,signround,scale,head,gguf", help="comma-separated parts"
+        "--only", default="rtn,kernels,verify,signround,scale,head,gguf,decode", help="comma-separated parts"
     )
     ap.add_argument("--big", action="store_true", help="scale: also the Llama-3.1-8B shape")
     ap.add_argument("--json", type=Path, help="write all results here")
@@ -223,6 +224,12 @@ def main() -> int:
                 [sys.executable, str(ROOT / "scripts" / "bench_gguf.py"), "--json", str(out)], check=True
             )
             results["gguf"] = json.loads(out.read_text())
+        if "decode" in parts:
+            out = work / "decode.json"
+            subprocess.run(
+                [sys.executable, str(ROOT / "scripts" / "bench_decode.py"), "--json", str(out)], check=True
+            )
+            results["decode"] = json.loads(out.read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
