@@ -492,9 +492,9 @@ def estimate(info: SourceInfo, opts: Any, method: str, formats: int = 1) -> Esti
     """Peak memory and disk a streamed quantize run needs, from the shard headers and the calibration size.
 
     Memory: the largest block at ``BLOCK_FACTOR`` times its 16-bit size, the largest tensor outside the
-    blocks (read when it runs), three activation buffers of nsamples x seqlen x hidden for the calibrated
-    methods, and ``BASE_BYTES``. Disk: the codes of the work directory (half a byte per quantized weight)
-    and each export (int4 for the blocks' linears, 16-bit for the rest). None for a GGUF source (its
+    blocks up to the size of the blocks of rows it is read in, three activation buffers of nsamples x
+    seqlen x hidden for the calibrated methods, and ``BASE_BYTES``. Disk: the codes of the work directory
+    (half a byte per quantized weight) and each export (int4 for the blocks' linears, 16-bit for the rest). None for a GGUF source (its
     16-bit size is known only once converted).
     """
     if info.kind == "gguf":
@@ -513,7 +513,11 @@ def estimate(info: SourceInfo, opts: Any, method: str, formats: int = 1) -> Esti
     params = sum(sizes.values())
     in_blocks = sum(blocks.values())
     block = max(blocks.values(), default=0)
-    memory = BASE_BYTES + block * width * BLOCK_FACTOR.get(method, 7) + other * width
+    from .formats.export import COPY_CHUNK_BYTES
+
+    # a tensor outside the blocks is never held whole by a streamed run: calibration reads the embedding
+    # rows it needs, the head does not run, and exports copy a large tensor in blocks of rows
+    memory = BASE_BYTES + block * width * BLOCK_FACTOR.get(method, 7) + min(other * width, COPY_CHUNK_BYTES)
     if method != "rtn":
         from .quant.spec import make_recipe
 

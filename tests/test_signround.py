@@ -256,7 +256,7 @@ def test_llava_image_text_and_vision_blocks(tiny_models, tmp_path, monkeypatch):
     def spy(model_, blocks, calib_, batch_size, keep_hidden):
         cap, hidden = real(model_, blocks, calib_, batch_size, keep_hidden)
         if hidden is not None:
-            captured.append((blocks[0], hidden))
+            captured.append((blocks[0], hidden.clone()))  # the run writes each block's outputs over it
         return cap, hidden
 
     monkeypatch.setattr(runner, "capture", spy)

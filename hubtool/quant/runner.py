@@ -17,19 +17,18 @@ A :class:`BlockJob` is what the algorithm gets: the block and its plan, its inpu
 (:class:`Acts`), and how to run it over the samples (``forward`` one batch, ``outputs`` of every sample,
 ``loss`` against a reference, the valid-token ``mask``) and report progress.
 
-Memory: one block is on the device at a time; the activations stay on the CPU in the model dtype (three
-tensors of nsamples x seqlen x hidden at most: the algorithm takes its inputs out of the job), so memory
-does not grow with depth beyond the finished codes.
+Memory: one block is on the device at a time; the activations stay on the CPU in the model dtype (two
+tensors of nsamples x seqlen x hidden: the algorithm takes its inputs out of the job and writes each path's
+outputs over its inputs), so memory does not grow with depth beyond the finished codes. glibc's heap is
+trimmed before every forward and after every block (:func:`hubtool.core.memory.trim`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ from torch import nn
 
 from ..core.intweight import IntWeight, PackedWeight
 from ..core.lazy import held
+from ..core.memory import trim
 from ..record import BlockLoss
 from .attention import cpu_tuning_attention
 from .capture import Capture, capture
@@ -121,6 +121,7 @@ class BlockJob:
 
     def forward(self, h: torch.Tensor, idx: list[int]) -> torch.Tensor:
         """The block's output for hidden states ``h`` of samples ``idx`` (on the device)."""
+        trim()  # the heap pages the previous forward (and backward) freed go back before this one touches more
         args, kwargs = self._capture.arguments(self._j, idx, self.device)
         with self._runner.autocast():
             return self._capture.call(self.block, h, args, kwargs)
@@ -133,17 +134,34 @@ class BlockJob:
         return mask[idx].to(self.device)
 
     def outputs(
-        self, inputs: torch.Tensor, before_batch: Callable[[torch.Tensor | None], None] | None = None
+        self,
+        inputs: torch.Tensor,
+        before_batch: Callable[[torch.Tensor | None], None] | None = None,
+        into: torch.Tensor | None = None,
+        head: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The block's outputs for every sample; ``before_batch(mask)`` is called before each batch's forward."""
-        return self._run(inputs, None, 0, keep=True, before_batch=before_batch)[1]
+        """The block's outputs for every sample; ``before_batch(mask)`` is called before each batch's forward.
+
+        ``into`` receives them instead of a new tensor; it may be ``inputs`` itself (a batch's rows are
+        overwritten after its forward, and no other batch reads them). ``head``: the outputs of the first
+        samples, computed already (:meth:`loss` with ``keep_outputs``): copied in, not run again.
+        """
+        out = torch.empty_like(inputs) if into is None else into
+        first = 0 if head is None else head.shape[0]
+        self._run(inputs, None, 0, out=out, first=first, before_batch=before_batch)
+        if head is not None:
+            out[:first] = head.to(out.device, out.dtype)
+        return out
 
     def loss(
         self, inputs: torch.Tensor, ref: torch.Tensor, batches: int, keep_outputs: bool = False
     ) -> tuple[float, torch.Tensor | None]:
         """(mean squared error against ``ref`` over the valid positions of the first ``batches`` batches,
-        the outputs for every sample with ``keep_outputs``, else None: then only those batches run)."""
-        return self._run(inputs, ref, batches, keep=keep_outputs)
+        with ``keep_outputs`` those batches' outputs (for :meth:`outputs`' ``head``), else None). Only those
+        batches run."""
+        n = min(inputs.shape[0], batches * self.batch_size)
+        out = torch.empty_like(inputs[:n]) if keep_outputs else None
+        return self._run(inputs, ref, batches, out=out), out
 
     def report(self, iteration: int, iters: int, rtn_loss: float, loss: float) -> None:
         """Progress within the block (tuning iterations)."""
@@ -160,27 +178,31 @@ class BlockJob:
         )
 
     @torch.no_grad()
-    def _run(self, inputs, ref, batches, keep, before_batch=None) -> tuple[float, torch.Tensor | None]:
-        out_all = torch.empty_like(inputs) if keep else None
+    def _run(self, inputs, ref, batches, out=None, first=0, before_batch=None) -> float:
+        """Run the samples from ``first`` on, batch by batch: the mean squared error against ``ref`` over the
+        first ``batches`` batches, the outputs written into ``out`` (rows from ``first``) while it has room."""
         total, count = 0.0, 0
         n = inputs.shape[0]
-        for b, start in enumerate(range(0, n, self.batch_size)):
+        for b, start in enumerate(range(first, n, self.batch_size)):
+            idx = list(range(start, min(start + self.batch_size, n)))
             scored = ref is not None and b < batches
+            keep = out is not None and idx[-1] < out.shape[0]
             if not keep and not scored:
                 break
-            idx = list(range(start, min(start + self.batch_size, n)))
             h = inputs[start : start + len(idx)].to(self.device)
             mask = self.mask(idx, h.shape[1])
             if before_batch is not None:
                 before_batch(mask)
-            out = self.forward(h, idx)
-            if keep:
-                out_all[start : start + len(idx)] = out.to(out_all.device, out_all.dtype)
+            y = self.forward(h, idx)
+            del h  # a view of ``inputs``, which may be ``out``: written below
             if scored:
-                se, cnt = squared_error(out, ref[start : start + len(idx)].to(self.device), mask)
+                se, cnt = squared_error(y, ref[start : start + len(idx)].to(self.device), mask)
                 total += float(se)
                 count += cnt
-        return (total / count if count else math.nan), out_all
+            if keep:
+                out[start : start + len(idx)] = y.to(out.device, out.dtype)
+            del y
+        return total / count if count else math.nan
 
 
 BlockFn = Callable[[BlockJob], BlockDone]
@@ -426,11 +448,7 @@ def _release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages otherwise
-        except (OSError, AttributeError):
-            pass
+    trim()  # glibc keeps freed heap pages otherwise
 
 
 def _packed(w: IntWeight) -> PackedWeight | IntWeight:
