@@ -198,38 +198,19 @@ def main() -> int:
         if "verify" in parts:
             results["verify"] = bench_verify(work)
             print_verify(results["verify"])
-        if "signround" in parts:
-            out = work / "signround.json"
-            subprocess.run(
-                [sys.executable, str(ROOT / "scripts" / "bench_signround.py"), "--json", str(out)], check=True
-            )
-            results["signround"] = json.loads(out.read_text())
-        if "scale" in parts:
-            out = work / "scale.json"
-            big = ["--big"] if args.big else []
-            subprocess.run(
-                [sys.executable, str(ROOT / "scripts" / "bench_scale.py"), "--json", str(out), *big],
-                check=True,
-            )
-            results["scale"] = json.loads(out.read_text())
-        if "head" in parts:
-            out = work / "head.json"
-            subprocess.run(
-                [sys.executable, str(ROOT / "scripts" / "bench_head.py"), "--json", str(out)], check=True
-            )
-            results["head"] = json.loads(out.read_text())
-        if "gguf" in parts:
-            out = work / "gguf.json"
-            subprocess.run(
-                [sys.executable, str(ROOT / "scripts" / "bench_gguf.py"), "--json", str(out)], check=True
-            )
-            results["gguf"] = json.loads(out.read_text())
-        if "decode" in parts:
-            out = work / "decode.json"
-            subprocess.run(
-                [sys.executable, str(ROOT / "scripts" / "bench_decode.py"), "--json", str(out)], check=True
-            )
-            results["decode"] = json.loads(out.read_text())
+        big = ["--big"] if args.big else []
+        for part, script, extra in (
+            ("signround", "bench_signround.py", []),
+            ("scale", "bench_scale.py", big),
+            ("head", "bench_head.py", []),
+            ("gguf", "bench_gguf.py", []),
+            ("decode", "bench_decode.py", []),
+        ):
+            if part in parts:  # each of these is a script of its own, run with --json
+                out = work / f"{part}.json"
+                cmd = [sys.executable, str(ROOT / "scripts" / script), "--json", str(out), *extra]
+                subprocess.run(cmd, check=True)
+                results[part] = json.loads(out.read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -22,32 +22,19 @@ Used only where it computes the module's own function: the forward's source has 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from ..core.modules import NORM_EPS, norm_mode
+from ..core.modules import has_lines as _has_lines
+from ..core.modules import module_source as _module_source
+from ..core.modules import source_text as _source
+
 GATED_LINE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 SILU, GELU_TANH = 0, 1
-# RMSNorm variants by the lines of their forward (whitespace ignored): mode 0 multiplies the fp32
-# normalized value by (1 + w) and rounds once (Gemma); mode 1 rounds it, then times w (Llama, Qwen, Phi-3)
-NORM_LINES = {
-    0: (
-        "output = self._norm(x.float())",
-        "output = output * (1.0 + self.weight.float())",
-        "return output.type_as(x)",
-        "return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)",
-    ),
-    1: (
-        "hidden_states = hidden_states.to(torch.float32)",
-        "variance = hidden_states.pow(2).mean(-1, keepdim=True)",
-        "hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
-        "return self.weight * hidden_states.to(input_dtype)",
-    ),
-}
-NORM_EPS = {0: "eps", 1: "variance_epsilon"}
 ROPE_LINES = (
     "cos = cos.unsqueeze(unsqueeze_dim)",
     "sin = sin.unsqueeze(unsqueeze_dim)",
@@ -95,42 +82,10 @@ def activation_kind(act: nn.Module) -> int | None:
     return None
 
 
-def _source(*fns) -> str:
-    """The functions' source without whitespace; '' when any is unavailable."""
-    parts = []
-    for fn in fns:
-        try:
-            parts.append(inspect.getsource(fn))
-        except (OSError, TypeError):
-            return ""
-    return "".join("".join(parts).split())
-
-
-def _module_source(module: nn.Module) -> str:
-    cls = type(module)
-    return _source(*(getattr(cls, n) for n in ("forward", "_norm") if hasattr(cls, n)))
-
-
-def _has_lines(src: str, lines: tuple[str, ...]) -> bool:
-    return bool(src) and all("".join(line.split()) in src for line in lines)
-
-
 def _is_gated_mlp(module: nn.Module) -> bool:
     if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return False
     return _has_lines(_module_source(module), (GATED_LINE,))
-
-
-def norm_mode(module: nn.Module) -> int | None:
-    """0 (Gemma) or 1 (Llama) for an RMSNorm the fused op computes; None for any other module."""
-    w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 1:
-        return None
-    src = _module_source(module)
-    for mode, lines in NORM_LINES.items():
-        if isinstance(getattr(module, NORM_EPS[mode], None), float) and _has_lines(src, lines):
-            return mode
-    return None
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -2,11 +2,11 @@
 
 A decode step of a small model is mostly per-op overhead: transformers' RMSNorm is five to seven torch ops
 (fp32 cast, square, mean, rsqrt, products, casts), and Gemma 3 runs six norms per layer. ``use_fused_norms``
-gives each RMSNorm whose forward is the known one (:func:`hubtool.quant.fused.norm_mode`: Gemma's
+gives each RMSNorm whose forward is the known one (:func:`hubtool.core.modules.norm_mode`: Gemma's
 ``x * r * (1 + w)`` and Llama's ``w * (x * r)``) a forward that runs ``hubtool::rms_norm_fwd`` (the kernel
 block tuning uses; the same roundings as the module's code) when
 
-* no gradient is wanted, x is on the CPU in the module's 16-bit dtype (or fp32 with an fp32 weight),
+* no gradient is wanted, x is contiguous on the CPU in the module's 16-bit dtype (or fp32 with an fp32 weight),
   and the kernel library is built;
 * torch.compile is not tracing (a compiled model fuses the norm itself);
 * ``HUBTOOL_FUSED_NORMS`` is not ``0``.
@@ -21,11 +21,10 @@ import os
 import torch
 from torch import nn
 
+from ..core.modules import NORM_EPS, norm_mode
 from ..kernels import cpu
-from ..quant.fused import norm_mode, rms_norm
 
 ENV_VAR = "HUBTOOL_FUSED_NORMS"  # "0": the modules' own forwards
-_EPS_ATTR = {0: "eps", 1: "variance_epsilon"}
 
 
 _CLASSES: dict[tuple[type, int], type] = {}
@@ -35,7 +34,7 @@ def _fused_class(cls: type, mode: int) -> type:
     """``cls`` with the fused forward (one subclass per norm class and mode, made once)."""
     key = (cls, mode)
     if key not in _CLASSES:
-        eps_attr = _EPS_ATTR[mode]
+        eps_attr = NORM_EPS[mode]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             w = self.weight
@@ -43,6 +42,7 @@ def _fused_class(cls: type, mode: int) -> type:
                 torch.compiler.is_compiling()
                 or torch.is_grad_enabled()
                 or x.device.type != "cpu"
+                or not x.is_contiguous()
                 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
                 or (mode == 1 and w.dtype != x.dtype)  # an fp32 weight on 16-bit x promotes: not the op's
                 or os.environ.get(ENV_VAR) == "0"
@@ -53,10 +53,8 @@ def _fused_class(cls: type, mode: int) -> type:
             if cached is None or cached[0] != key:  # the fp32 weight the op reads, once per weight version
                 fp32 = (1.0 + w.detach().float()) if mode == 0 else w.detach().float()
                 cached = self.__dict__["_fused_weight"] = (key, fp32.contiguous())
-            eps = float(getattr(self, eps_attr))
-            if x.is_contiguous():  # the op itself: no autograd node, no reordering (a decode step's case)
-                return torch.ops.hubtool.rms_norm_fwd(x, cached[1], eps, mode)[0]
-            return rms_norm(x, cached[1], eps, mode)
+            # the op itself, no autograd node (x is contiguous: the not-contiguous case went to the module)
+            return torch.ops.hubtool.rms_norm_fwd(x, cached[1], float(getattr(self, eps_attr)), mode)[0]
 
         _CLASSES[key] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
     return _CLASSES[key]
