@@ -13,7 +13,10 @@ after a short prompt (the median of 3 timed runs after a warm-up):
   left to transformers (``HUBTOOL_FUSED_NORMS=0``), the per-token overhead the fused norms remove;
 * ``hubtool int4 compiled``: the same with a static cache and transformers' auto-compile of the decode step
   (``CompileConfig(fullgraph=True, dynamic=False)``; the warm-up compiles, the timed runs do not);
+* ``hubtool int4, int8 head`` (eager and compiled): the same codes with ``--quantize-lm-head int8``;
 * ``llama.cpp``: ``llama-bench -p 0 -n N`` on the GGUF (``make llama-cpp``'s build).
+
+Each run decodes exactly ``--new-tokens`` tokens with no end-of-sequence token, as llama-bench does.
 
 Every row uses ``--threads`` threads. Printed as tokens/s and ratios (int4 over bf16, int4 over llama.cpp).
 ``--shape DIR`` adds a random-weight shaped model (``scripts/make_shaped.py``), whose bf16 is that folder.
@@ -45,7 +48,10 @@ else:
     model = hubtool.load(path, dtype=torch.bfloat16)
 tok = AutoTokenizer.from_pretrained(path)
 ids = tok("The history of the Python programming language", return_tensors="pt")
-kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
+# exactly n tokens, as llama-bench decodes: no end-of-sequence token (not min_new_tokens, whose logits
+# processor scans the whole vocabulary at every step: 262144 entries on Gemma 3)
+model.generation_config.eos_token_id = None
+kw = dict(max_new_tokens=n, do_sample=False)
 if kind == "int4-compiled":
     from transformers import CompileConfig
     cc = CompileConfig(fullgraph=True, dynamic=False)
@@ -54,8 +60,9 @@ if kind == "int4-compiled":
 times = []
 with torch.inference_mode():
     t0 = time.perf_counter()
-    model.generate(**ids, **kw)  # warm-up: kernel layouts, and the compile of the decode step
+    out = model.generate(**ids, **kw)  # warm-up: kernel layouts, and the compile of the decode step
     warm = time.perf_counter() - t0
+    assert out.shape[1] == ids["input_ids"].shape[1] + n, out.shape
     for _ in range(3):
         t0 = time.perf_counter()
         model.generate(**ids, **kw)
@@ -81,12 +88,15 @@ def _child(path: Path, kind: str, tokens: int, threads: int, **env_more: str) ->
     return json.loads([x for x in done.stdout.splitlines() if x.startswith("BENCH ")][-1][6:])
 
 
-def _quantized(source: str, work: Path) -> Path:
-    """The run folder holding the same RTN codes as a hubtool export and a GGUF Q4_0 (made once)."""
-    run = work / "run"
+def _quantized(source: str, work: Path, head: str | None = None) -> Path:
+    """The run folder holding the same RTN codes as a hubtool export and a GGUF Q4_0 (made once); with
+    ``head``, the hubtool export alone, its lm_head quantized so (``--quantize-lm-head``)."""
+    run = work / ("run" if head is None else f"run-head-{head}")
     if not (run / "run.json").is_file():
         cmd = [sys.executable, "-m", "hubtool", "quantize", source, "-o", str(run), "--method", "rtn"]
-        cmd += ["--group-size", "32", "--formats", "hubtool,gguf:q4_0", "--overwrite"]
+        formats = "hubtool,gguf:q4_0" if head is None else "hubtool"
+        cmd += ["--group-size", "32", "--formats", formats, "--overwrite"]
+        cmd += ["--quantize-lm-head", head] if head else []
         subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return run
 
@@ -104,6 +114,7 @@ def bench(label: str, source: str, bf16: Path | None, args: argparse.Namespace, 
 
         bf16 = cache.load_converted(locate(source).sha256, "bfloat16")[0]
     export = run / "formats" / "hubtool"
+    int8_head = _quantized(source, work, "int8") / "formats" / "hubtool"
     (gguf,) = (run / "formats" / "gguf_q4_0").glob("*.gguf")
     rows = {}
     for name, path, kind, env in (
@@ -111,6 +122,8 @@ def bench(label: str, source: str, bf16: Path | None, args: argparse.Namespace, 
         ("hubtool int4, norms unfused", export, "int4", {"HUBTOOL_FUSED_NORMS": "0"}),
         ("hubtool int4", export, "int4", {}),
         ("hubtool int4 compiled", export, "int4-compiled", {}),
+        ("hubtool int4, int8 head", int8_head, "int4", {}),
+        ("hubtool int4, int8 head, compiled", int8_head, "int4-compiled", {}),
     ):
         print(f"  {label}: {name}", flush=True)
         rows[name] = _child(Path(path), kind, args.new_tokens, args.threads, **env)

@@ -4,13 +4,16 @@ Two measurements, each against a baseline timed in the same run:
 
 * ``kernel``: ``hubtool.bench_kernels.run_head``: the heads of Gemma 3 270M (262144 x 640) and
   Llama-3.2-3B (128256 x 3072) at M = 1, 2, 4, 8, hubtool's kernel and torch's bf16 matmul, as weight
-  bytes over time, next to the DRAM read bandwidth measured over the same bytes (target: >= 80% at M=1).
+  bytes over time, next to the DRAM read bandwidth measured over the same bytes (target: >= 80% at M=1);
+  then (also alone as ``int8``) the int8 head, codes (N, K) and one fp32 scale per row, of both shapes at
+  M = 1 on hubtool's int8 kernel, as GB/s of codes read and its share of the DRAM read over the same
+  copies, next to the bf16 head on the dense kernel (target: >= 80% at M=1).
 * ``decode``: Gemma 3 270M (the PyPI GGUF), greedy decode at batch 1: hubtool int4 (an RTN export loaded
   with ``hubtool.load``; its int4 layers on hubtool's int4 kernel) and the 16-bit model, each with its
   16-bit linears on torch and on hubtool's dense kernel, the runs interleaved; tokens/s (best and median)
   and the lm_head's share of the decode time (forward hooks).
 
-``python scripts/bench_head.py [--parts kernel,decode] [--json out.json]``
+``python scripts/bench_head.py [--parts kernel,int8,decode] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -50,6 +54,99 @@ class HeadTimer:
         """Detach the hooks."""
         for h in self._hooks:
             h.remove()
+
+
+def bench_int8_head(passes: int = 5, m: int = 1) -> dict:
+    """The int8 head of each shape at M = m: hubtool's int8 kernel, the bf16 head on the dense kernel and the
+    DRAM read over the int8 copies (``mem_read``, all threads), interleaved pass by pass.
+
+    Each variant walks a rotation of copies spanning two last-level caches, so every call reads its weight
+    from DRAM (as in ``bench_kernels.bench_head_shape``). Figures: weight bytes / best call (and median).
+    """
+    import torch
+
+    from hubtool import bench_kernels as bk
+    from hubtool.kernels import cpu
+
+    if not cpu.load():
+        return {"error": f"hubtool's CPU kernels unavailable: {cpu.status()['error']}"}
+    cache = bk.llc_bytes()
+    out: dict = {"threads": torch.get_num_threads(), "isa": cpu.detected_isa(), "m": m, "heads": []}
+    for name, n, k in bk.HEAD_SHAPES:
+        gen = torch.Generator().manual_seed(n + k)
+        nb8, nb16 = n * k, 2 * n * k
+        qs = [
+            torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+            for _ in range(max(2, math.ceil(2 * cache / nb8)))
+        ]
+        ws = [
+            torch.randn(n, k, generator=gen, dtype=torch.bfloat16)
+            for _ in range(max(2, math.ceil(2 * cache / nb16)))
+        ]
+        scale = torch.rand(n, generator=gen) * 0.01
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        variants = {
+            "dram_read": [lambda q=q: torch.ops.hubtool.mem_read(q.view(torch.uint8)) for q in qs],
+            "int8": [lambda q=q, x=x, s=scale: cpu.int8_mm(x, q, s) for q in qs],
+            "bf16_dense": [lambda w=w, x=x: cpu.dense_mm(x, w) for w in ws],
+        }
+        with torch.inference_mode():
+            times = bk._interleaved_all(variants, passes)
+        del qs, ws
+        best = {key: min(v) for key, v in times.items()}
+        med = {key: statistics.median(v) for key, v in times.items()}
+        dram = nb8 / best["dram_read"] / 1e9
+        gbps, gbps16 = nb8 / best["int8"] / 1e9, nb16 / best["bf16_dense"] / 1e9
+        out["heads"].append(
+            {
+                "name": name,
+                "shape": [n, k],
+                "int8_bytes": nb8,
+                "copies": [len(times["int8"]) // passes, len(times["bf16_dense"]) // passes],
+                "dram_read_gbps": round(dram, 2),
+                "dram_read_median_gbps": round(nb8 / med["dram_read"] / 1e9, 2),
+                "int8_ms": round(best["int8"] * 1e3, 3),
+                "int8_median_ms": round(med["int8"] * 1e3, 3),
+                "int8_gbps": round(gbps, 2),
+                "int8_median_gbps": round(nb8 / med["int8"] / 1e9, 2),
+                "int8_share_of_dram": round(gbps / dram, 3),
+                "bf16_dense_ms": round(best["bf16_dense"] * 1e3, 3),
+                "bf16_dense_gbps": round(gbps16, 2),
+                "bf16_dense_share_of_dram": round(gbps16 / dram, 3),
+                "int8_speedup_vs_bf16": round(best["bf16_dense"] / best["int8"], 2),
+                "target": {"share": bk.HEAD_TARGET, "met": gbps / dram >= bk.HEAD_TARGET},
+            }
+        )
+    return out
+
+
+def format_int8_head(r: dict) -> str:
+    """The int8 head part as text."""
+    if "error" in r:
+        return f"int8 head: {r['error']}"
+    lines = [
+        f"int8 head, (x @ q^T) * scale at M = {r['m']} (bf16 x; {r['threads']} threads, kernel ISA "
+        f"{r['isa']}): GB/s = weight bytes / best call (median); % of the DRAM read over the int8 copies"
+    ]
+    for h in r["heads"]:
+        n, k = h["shape"]
+        lines.append(
+            f"{h['name']} head {n} x {k}: DRAM read {h['dram_read_gbps']:.1f} GB/s (median "
+            f"{h['dram_read_median_gbps']:.1f}), {h['copies'][0]} int8 / {h['copies'][1]} bf16 copies"
+        )
+        lines.append(
+            f"  int8 ({h['int8_bytes'] / 1e6:.0f} MB): {h['int8_ms']:6.2f} ms, {h['int8_gbps']:5.1f} GB/s "
+            f"({h['int8_median_gbps']:.1f}) = {100 * h['int8_share_of_dram']:3.0f}% of DRAM   "
+            f"bf16 dense ({2 * h['int8_bytes'] / 1e6:.0f} MB): {h['bf16_dense_ms']:6.2f} ms, "
+            f"{h['bf16_dense_gbps']:5.1f} GB/s = {100 * h['bf16_dense_share_of_dram']:3.0f}%   "
+            f"int8 x{h['int8_speedup_vs_bf16']:.2f} faster"
+        )
+        t = h["target"]
+        lines.append(
+            f"  target M={r['m']} >= {100 * t['share']:.0f}% of DRAM: {100 * h['int8_share_of_dram']:.0f}% "
+            f"{'MET' if t['met'] else 'NOT MET'}"
+        )
+    return "\n".join(lines)
 
 
 def set_dense(model, on: bool) -> None:
@@ -188,6 +285,9 @@ def main() -> int:
 
         results["kernel"] = bench_kernels.run_head(passes=args.passes)
         print(bench_kernels.format_head(results["kernel"]), flush=True)
+    if "kernel" in parts or "int8" in parts:
+        results["kernel_int8"] = bench_int8_head(passes=args.passes)
+        print(format_int8_head(results["kernel_int8"]), flush=True)
     if "decode" in parts:
         work = Path(tempfile.mkdtemp(prefix="hubtool-bench-head-"))
         try:

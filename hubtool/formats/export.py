@@ -40,6 +40,7 @@ from ..core import packing
 from ..core.fsio import fsync_dir, fsync_file, replace_dir
 from ..core.intweight import IntWeight
 from ..core.lazy import lazy_weights
+from ..core.lmhead import HeadWeights
 from ..core.memory import trim
 from ..core.shards import write_safetensors_streamed
 from ..core.spec import QuantSpec
@@ -68,11 +69,13 @@ def export_format(
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     source_gguf: Path | None = None,
+    head: HeadWeights | None = None,
 ) -> None:
     """Write ``model`` with ``weights`` (full linear name -> IntWeight) as format ``fmt`` into ``out_dir``.
 
     A GGUF format (``formats.gguf``) is one ``.gguf`` file; ``source_gguf`` (the source model's own GGUF,
-    when it is one) gives its tokenizer fields.
+    when it is one) gives its tokenizer fields. ``head`` (the ``hubtool`` format only) is the lm_head
+    quantized (``core.lmhead``): its tensors replace the 16-bit head, and a tied head is untied.
 
     ``meta`` may hold: ``method``, ``recipe`` (dict: iters, nsamples, seqlen, batch_size, lr...),
     ``calibration`` (name or CalibrationInfo dict), ``hubtool_version``, ``block_lists``, ``quantized``
@@ -81,6 +84,8 @@ def export_format(
     """
     if fmt not in FORMATS and not is_gguf(fmt):
         raise HubtoolError(f"unknown format {fmt!r}", "use one of " + ", ".join(ALL_FORMATS))
+    if head is not None and fmt != "hubtool":
+        raise ValueError(f"the {fmt} format stores a 16-bit lm_head only")
     _check_names(model, weights)
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -92,9 +97,11 @@ def export_format(
         if is_gguf(fmt):
             write_gguf(model, processor, weights, spec, fmt, tmp, meta, source_gguf=source_gguf)
         else:
-            state_dict = CheckpointPlan(model, weights, spec, with_g_idx=FORMATS[fmt].with_g_idx)
-            qconfig = quantization_config(model, weights, spec, fmt, meta)
-            _write_repo(tmp, model, processor, state_dict, qconfig, fmt, max_shard_size)
+            state_dict = CheckpointPlan(model, weights, spec, with_g_idx=FORMATS[fmt].with_g_idx, head=head)
+            qconfig = quantization_config(model, weights, spec, fmt, meta, head=head)
+            _write_repo(
+                tmp, model, processor, state_dict, qconfig, fmt, max_shard_size, untie=head is not None
+            )
         fsync_dir(tmp)
         replace_dir(tmp, out_dir)
     except OSError as exc:
@@ -147,21 +154,33 @@ class CheckpointPlan(Mapping[str, torch.Tensor]):
     """The checkpoint's tensors, made one at a time: GPTQ tensors for ``weights``, the model's own for the rest.
 
     Keys follow what ``save_pretrained`` writes (tied duplicates dropped, legacy key layouts restored).
+    ``head``: a quantized lm_head whose tensors take the place of its 16-bit weight.
     :attr:`entries` gives every tensor's shape and dtype (on the meta device) without making any;
     ``plan[key]`` makes one (on the CPU, contiguous): packed from its codes, taken from the model, or
     read from the source checkpoint for a streamed model.
     """
 
     def __init__(
-        self, model: nn.Module, weights: Mapping[str, IntWeight], spec: QuantSpec, *, with_g_idx: bool
+        self,
+        model: nn.Module,
+        weights: Mapping[str, IntWeight],
+        spec: QuantSpec,
+        *,
+        with_g_idx: bool,
+        head: HeadWeights | None = None,
     ):
         self.model, self.weights, self.spec, self.with_g_idx = model, weights, spec, with_g_idx
         sd = dict(model.state_dict())
         for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
             sd.pop(key, None)
         shapes = {name: tuple(sd.pop(f"{name}.weight").shape) for name in weights}
+        if head is not None:  # before the tied duplicates go: the embedding it was tied to stays
+            sd.pop(head.weight_key)
         sd = _drop_tied(model, sd)
         origin: dict[int, tuple[str, str, str]] = {id(t): ("model", k, k) for k, t in sd.items()}
+        for key, t in (head.tensors if head is not None else {}).items():
+            sd[key] = t
+            origin[id(t)] = ("head", key, key)
         for name, shape in shapes.items():
             for key, t in _packed_shapes(name, shape, spec, with_g_idx).items():
                 sd[key] = t
@@ -185,6 +204,8 @@ class CheckpointPlan(Mapping[str, torch.Tensor]):
         trim()  # the tensor written before this one is freed: its memory goes back first
         if kind == "codes":
             return self._pack(name)[own_key]
+        if kind == "head":
+            return t
         if t.is_meta:
             lazy = lazy_weights(self.model)
             if lazy is None:
@@ -343,9 +364,14 @@ def _recipe_fields(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def quantization_config(
-    model: nn.Module, weights: dict[str, IntWeight], spec: QuantSpec, fmt: str, meta: dict[str, Any]
+    model: nn.Module,
+    weights: dict[str, IntWeight],
+    spec: QuantSpec,
+    fmt: str,
+    meta: dict[str, Any],
+    head: HeadWeights | None = None,
 ) -> dict[str, Any]:
-    """The quantization_config block of config.json for ``fmt``."""
+    """The quantization_config block of config.json for ``fmt`` (``head``: a quantized lm_head, hubtool only)."""
     blocks = block_lists(weights, meta)
     skipped = skipped_in_blocks(model, weights, blocks)
     version = meta.get("hubtool_version") or __version__
@@ -405,6 +431,12 @@ def quantization_config(
         "calibration": _calibration(meta) or None,
         "hubtool_version": version,
     }
+    if head is not None:  # int4: one more Int4Linear; int8: an Int8Linear (runtime.int8linear)
+        qc["lm_head"] = head.mode
+        if head.mode == "int4":
+            qc["modules"].append(head.name)
+        else:
+            qc["int8_modules"] = [head.name]
     return qc
 
 
@@ -417,13 +449,16 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _config_for(model: nn.Module, qconfig: dict[str, Any]) -> Any:
-    """A copy of the model's config with quantization_config and the true dtype of its 16-bit tensors."""
+def _config_for(model: nn.Module, qconfig: dict[str, Any], untie: bool = False) -> Any:
+    """A copy of the model's config with quantization_config and the true dtype of its 16-bit tensors
+    (``untie``: the lm_head is stored apart from the embedding, so the config no longer ties them)."""
     config = copy.deepcopy(model.config)
     dtype = _model_dtype(model)
     for sub in _sub_configs(config):
         if getattr(sub, "dtype", None) is not None:
             sub.dtype = dtype
+        if untie and getattr(sub, "tie_word_embeddings", False):
+            sub.tie_word_embeddings = False
         if hasattr(sub, "quantization_config"):
             del sub.quantization_config
     config.dtype = dtype
@@ -449,9 +484,10 @@ def _write_repo(
     qconfig: dict[str, Any],
     fmt: str,
     max_shard_size: int | str,
+    untie: bool = False,
 ) -> None:
     write_safetensors(state_dict, tmp, max_shard_size)
-    config = _config_for(model, qconfig)
+    config = _config_for(model, qconfig, untie)
     config.save_pretrained(tmp)
     # transformers 5 writes "dtype"; loaders built on transformers < 4.56 read "torch_dtype".
     data = json.loads((tmp / "config.json").read_text(encoding="utf-8"))

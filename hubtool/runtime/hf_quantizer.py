@@ -27,6 +27,7 @@ from ..formats.table import FORMATS, PACKING_AWQ, PACKING_V1, PACKING_V2, PACKIN
 from .dense import use_dense_kernel
 from .fused_norms import use_fused_norms
 from .int4linear import Int4Linear, replace_linears
+from .int8linear import Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ _registered = False
 class HubtoolConfig(QuantizationConfigMixin):
     """quantization_config of a hubtool checkpoint: int4 GPTQ-packed linears, listed by module name.
 
-    ``modules`` are the model's module paths (as ``named_modules()`` shows them once loaded; checkpoint
+    ``int8_modules`` (a quantized lm_head) load as ``Int8Linear``. ``modules`` are the model's module paths (as ``named_modules()`` shows them once loaded; checkpoint
     paths of older layouts are resolved too). ``packing_format`` is ``gptq`` (zero-1 in qzeros, what
     hubtool writes), ``gptq_v2`` or ``awq`` (both converted to ``gptq`` as they load). ``method`` / ``recipe`` / ``calibration`` / ``hubtool_version`` record how the weights
     were made; ``backend`` (not saved by hubtool) pins a kernel backend at load time.
@@ -58,6 +59,8 @@ class HubtoolConfig(QuantizationConfigMixin):
         calibration: dict[str, Any] | str | None = None,
         hubtool_version: str | None = None,
         group_sizes: dict[str, int] | None = None,
+        int8_modules: list[str] | None = None,
+        lm_head: str | None = None,
         backend: str | None = None,
         source_quantization_config: dict[str, Any] | None = None,
         **kwargs: Any,
@@ -75,6 +78,10 @@ class HubtoolConfig(QuantizationConfigMixin):
         self.hubtool_version = hubtool_version
         if group_sizes:
             self.group_sizes = dict(group_sizes)
+        if int8_modules:  # a quantized lm_head (--quantize-lm-head int8): Int8Linear
+            self.int8_modules = list(int8_modules)
+        if lm_head is not None:  # how the lm_head is stored: "int8" or "int4" (one of the modules)
+            self.lm_head = lm_head
         if backend is not None:
             self.backend = backend
         if source_quantization_config is not None:
@@ -90,8 +97,10 @@ class HubtoolConfig(QuantizationConfigMixin):
             raise ValueError(f"hubtool checkpoints hold int4 weights, got bits={self.bits}")
         if self.packing_format not in PACKINGS:
             raise ValueError(f"unknown hubtool packing_format {self.packing_format!r}")
-        if not isinstance(self.modules, list) or not all(isinstance(m, str) for m in self.modules):
-            raise ValueError("hubtool quantization_config.modules must be a list of module names")
+        for key in ("modules", "int8_modules"):
+            names = getattr(self, key, [])
+            if not isinstance(names, list) or not all(isinstance(m, str) for m in names):
+                raise ValueError(f"hubtool quantization_config.{key} must be a list of module names")
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json block (a load-time ``backend`` choice is not saved)."""
@@ -121,8 +130,9 @@ class HubtoolHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        """Swap the listed linears (still on the meta device) for Int4Linear."""
+        """Swap the listed linears (still on the meta device) for Int4Linear, and ``int8_modules`` for Int8Linear."""
         self.module_names = swap_in_int4(model, self.quantization_config)
+        self.module_names += swap_in_int8(model, self.quantization_config)
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
@@ -197,6 +207,28 @@ def swap_in_int4(model: nn.Module, qc: HubtoolConfig) -> list[str]:
     return list(resolved)
 
 
+def swap_in_int8(model: nn.Module, qc: HubtoolConfig) -> list[str]:
+    """Swap the linears ``qc.int8_modules`` lists (still on the meta device) for Int8Linear; return their names."""
+    names = list(resolve_module_names(model, list(getattr(qc, "int8_modules", []))))
+
+    def factory(name: str, old: nn.Module) -> nn.Module:
+        if not isinstance(old, nn.Linear):
+            raise HubtoolError(
+                f"{name} is a {type(old).__name__}, not a Linear: hubtool cannot load it as int8"
+            )
+        return Int8Linear(
+            old.in_features,
+            old.out_features,
+            bias=old.bias is not None,
+            dtype=old.weight.dtype,
+            backend=getattr(qc, "backend", None),
+            device=old.weight.device,
+        )
+
+    replace_linears(model, names, factory)
+    return names
+
+
 def to_gptq_v1(model: nn.Module, packing_format: str) -> None:
     """Convert loaded gptq_v2 / AWQ layers to GPTQ v1 and drop kernel state prepared before the weights arrived."""
     for name, module in model.named_modules():
@@ -218,10 +250,10 @@ def compact_all(model: nn.Module) -> int:
 
 
 def dequantize_int4(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every Int4Linear by a dense nn.Linear holding its dequantized weight."""
-    names = [n for n, m in model.named_modules() if isinstance(m, Int4Linear)]
+    """Replace every Int4Linear (and Int8Linear) by a dense nn.Linear holding its dequantized weight."""
+    names = [n for n, m in model.named_modules() if isinstance(m, Int4Linear | Int8Linear)]
 
-    def factory(name: str, old: Int4Linear) -> nn.Module:
+    def factory(name: str, old: Int4Linear | Int8Linear) -> nn.Module:
         w = old.dequantize(torch.float32)
         target = dtype or (old.bias.dtype if old.bias is not None else torch.bfloat16)
         lin = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device=w.device)

@@ -152,7 +152,13 @@ def hubtool_config_for(qc: dict[str, Any], ck: CheckpointTensors) -> dict[str, A
     bits = int(qc.get("bits", qc.get("w_bit", 4)))
     if bits != 4:
         raise _unsupported(f"{bits}-bit weights")
-    modules = ck.quantized_modules()
+    int8 = list(qc.get("int8_modules") or []) if method == HUBTOOL else []
+    for name in int8:  # a quantized lm_head (hubtool only): int8 codes and one float32 scale per row
+        if ck.dtypes.get(f"{name}.qweight") != "I8" or f"{name}.scales" not in ck.shapes:
+            raise HubtoolError(
+                f"the checkpoint lists {name} as int8 but lacks its int8 tensors", "re-export it"
+            )
+    modules = [m for m in ck.quantized_modules() if m not in int8]
     if not modules:
         raise _unsupported("no tensor ends in .qweight")
     if method == HUBTOOL:

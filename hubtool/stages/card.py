@@ -27,6 +27,7 @@ from typing import Any
 from .. import record as rec
 from ..__about__ import __version__
 from ..core.fsio import atomic_write_text
+from ..core.lmhead import HEAD16_SUFFIX, HEAD_FORMAT
 from ..errors import HubtoolError
 from ..formats.table import ALL_FORMATS
 from ..record import source_label
@@ -392,6 +393,7 @@ def card_context(
         ],
         "comparisons": comparisons,
         "evals": _evals(record, base_label),
+        "lm_head": _lm_head(record),
         "chart": chart,
         "command": shlex.join(record.command) if record.command else "",
         "hardware": {k: None for k in ("cpu", "cpus", "memory_gb", "gpu", "gpu_count", "platform")}
@@ -622,6 +624,42 @@ def _evals(record: rec.RunRecord, base: str) -> dict[str, Any] | None:
         "average": [table.format(None, c) for c in table.columns] if has_avg else None,
         "average_of": list(table.average_of),
     }
+
+
+HEAD_TEXT = {"int8": "int8, one scale per output row", "int4": "int4 in groups of the spec's size"}
+
+
+def _lm_head(record: rec.RunRecord) -> dict[str, Any] | None:
+    """How the lm_head is stored (``--quantize-lm-head``) and its perplexity cost as ``hubtool eval``
+    measured it: each variant's perplexity beside the same variant with the 16-bit head."""
+    mode = record.spec.get("quantize_lm_head")
+    if not mode:
+        return None
+    costs = []
+    for v in record.variants:
+        for r in record.evals:
+            if r.model != v.name or r.kind != "perplexity" or not r.extra.get("primary", False):
+                continue
+            other = next(
+                (
+                    o
+                    for o in record.evals
+                    if o.model == v.name + HEAD16_SUFFIX and (o.task, o.metric) == (r.task, r.metric)
+                ),
+                None,
+            )
+            if other is not None and r.value is not None and other.value is not None:
+                costs.append(
+                    {
+                        "variant": v.name,
+                        "task": r.task,
+                        "quantized": f"{r.value:.3f}",
+                        "head16": f"{other.value:.3f}",
+                        "delta": f"{r.value - other.value:+.3f}",
+                        "relative": f"{100 * (r.value - other.value) / other.value:+.2f}",
+                    }
+                )
+    return {"mode": mode, "text": HEAD_TEXT[mode], "format": HEAD_FORMAT, "costs": costs}
 
 
 def _caveats(record: rec.RunRecord, extras: dict[str, Any], base: str) -> list[str]:

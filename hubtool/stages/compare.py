@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .. import record
+from ..core.lmhead import HEAD16_SUFFIX, HEAD_FORMAT
 from ..errors import HubtoolError
 from ..record import source_label
 from .metrics import token_agreement
@@ -68,10 +69,49 @@ class ModelRef:
     """One model of a run: the 16-bit source or an int4 variant (by the export it is loaded back from)."""
 
     label: str  # "bf16" (or the source dtype's name) or the variant name
-    kind: str  # "source" | "variant"
+    kind: str  # "source" | "variant" | "head16" (a variant with its quantized lm_head put back to 16 bits)
     path: Path | None = None  # the variant's format folder
     format: str | None = None
     fingerprint: str = ""  # changes when the model's files change (invalidates eval caches)
+
+
+HEAD16 = "head16"
+
+
+def head16_refs(rec: record.RunRecord, refs: Sequence[ModelRef]) -> list[ModelRef]:
+    """For each variant loaded from an export whose lm_head is quantized (``--quantize-lm-head``), the same
+    variant with the 16-bit head of the source in its place: what the head's quantization costs."""
+    mode = rec.spec.get("quantize_lm_head")
+    if not mode:
+        return []
+    return [
+        ModelRef(r.label + HEAD16_SUFFIX, HEAD16, r.path, r.format, r.fingerprint + ":head16")
+        for r in refs
+        if r.kind == "variant" and r.format == HEAD_FORMAT
+    ]
+
+
+def with_16bit_head(model: Any, rec: record.RunRecord, trust_remote_code: bool = False) -> None:
+    """Put the source's 16-bit lm_head in place of ``model``'s quantized one (read from the source's
+    checkpoint, the rest of the source left on disk)."""
+    from torch import nn
+
+    from ..core.lmhead import head_name
+    from ..quant.lmhead import head_rows
+    from ..runtime.dense import use_dense_kernel
+    from ..source import load_source, parse_dtype
+
+    info = record.from_dict(record.SourceInfo, record.to_dict(rec.source))
+    dtype = parse_dtype(rec.source.dtype or "bfloat16")
+    skeleton = load_source(info, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code, stream=True)
+    name = head_name(skeleton.model)
+    weight = torch.cat(list(head_rows(skeleton.model, name)))
+    old = model.get_submodule(name)
+    device = next(b.device for b in old.buffers())
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    head.weight = nn.Parameter(weight.to(device), requires_grad=False)
+    model.set_submodule(name, head)
+    use_dense_kernel(head, getattr(old, "backend", None))
 
 
 def pick_format(variant: record.VariantRecord) -> record.FormatRecord:
@@ -172,6 +212,8 @@ def load_model(
     else:
         log.info("loading int4 variant %s from %s", ref.label, ref.path)
         model, processor = load_int4(ref.path, device, dtype, trust_remote_code)
+        if ref.kind == HEAD16:
+            with_16bit_head(model, rec, trust_remote_code)
     model.eval()
     return LoadedRef(ref, model, processor, rec.source.is_vlm, time.perf_counter() - t0, offload=offload)
 

@@ -28,7 +28,7 @@ from .. import record
 from ..errors import HubtoolError
 from ..record import source_label
 from . import compare
-from .compare import LoadedRef, ModelRef, ProgressFn, StageProgress, model_refs
+from .compare import HEAD16, LoadedRef, ModelRef, ProgressFn, StageProgress, head16_refs, model_refs
 from .metrics import (
     bootstrap_stderr,
     extract_choice,
@@ -243,6 +243,7 @@ def run_eval(
         if d.spec.kind == "lm_eval":
             _check_lm_eval(d)
     refs = model_refs(rec, run_dir, variants)
+    refs += head16_refs(rec, refs)  # a quantized lm_head's perplexity cost: the same variant, 16-bit head
     settings = {
         "device": device,
         "limit": limit,
@@ -256,6 +257,8 @@ def run_eval(
     for ref in refs:
         jobs = []
         for d in datas:
+            if ref.kind == HEAD16 and d.spec.kind != "perplexity":
+                continue
             path = run_dir / CACHE_DIR / _safe(ref.label) / f"{_safe(d.spec.name)}.jsonl"
             job = _Job(d, SampleCache(path, _header(ref, d, _params(d.spec.kind, seqlen))))
             job.results = _from_cache(job, ref, limit, run_dir)

@@ -31,6 +31,7 @@ import torch
 from .. import record as rec
 from .. import rundir
 from ..__about__ import __version__
+from ..core.lmhead import HEAD_FORMAT, HEAD_MODES
 from ..core.memory import pin_mmap_threshold
 from ..core.spec import QuantSpec
 from ..envinfo import library_versions
@@ -41,6 +42,7 @@ from ..formats.gguf import canonical_format as gguf_format
 from ..formats.table import ALL_FORMATS
 from ..quant.driver import ProgressFn, QuantResult, quantize_model
 from ..quant.layers import QuantPlan, plan_layers
+from ..quant.lmhead import check_head, quantize_head
 from ..quant.spec import Recipe, check_method, make_recipe
 from ..source import gguf_metadata, load_source, local_dir, parse_dtype, preflight, read_config
 from .public import public_calibration, public_path
@@ -132,6 +134,10 @@ class QuantizeOptions:
     trust_remote_code: bool = option(False, help="Allow the model's own Python code to run.")
     quantize_vision: bool = option(False, help="Also quantize the vision tower's blocks.")
     skip: str | None = option(None, help="Regex of linear names to keep 16-bit.")
+    quantize_lm_head: str | None = option(
+        None,
+        help="Also store the lm_head quantized in the hubtool format: int8 or int4 (others keep it 16-bit).",
+    )
     overwrite: bool = option(
         False,
         spec=False,
@@ -290,6 +296,20 @@ def run_spec(opts: QuantizeOptions, formats: list[str]) -> QuantSpec:
     return GGUF_TYPES[kquant[0]].spec
 
 
+def check_head_request(mode: str | None, formats: list[str]) -> None:
+    """Refuse a --quantize-lm-head the run cannot honour (before the model loads)."""
+    if mode is None:
+        return
+    if mode not in HEAD_MODES:
+        raise HubtoolError(f"--quantize-lm-head {mode!r} is not a mode", "use int8 or int4")
+    if HEAD_FORMAT not in formats:
+        raise HubtoolError(
+            f"--quantize-lm-head stores the quantized head in the {HEAD_FORMAT} format only, which this run does "
+            "not export",
+            f"add {HEAD_FORMAT} to --formats, or drop --quantize-lm-head",
+        )
+
+
 def source_model_type(info: rec.SourceInfo) -> str:
     """The source's model_type without loading it: config.json's, or a GGUF's general.architecture."""
     if info.model_type:
@@ -380,6 +400,7 @@ def run_quantize(opts: QuantizeOptions, progress: ProgressFn | None = None) -> r
         lr=opts.lr,
         seed=opts.seed,
     )
+    check_head_request(opts.quantize_lm_head, formats)
     if method == "rtn" and opts.calib:
         raise HubtoolError(
             "--calib has no effect with --method rtn", "drop --calib, or use --method signround/opt-rtn"
@@ -423,6 +444,8 @@ def _inputs(opts, info, spec, method, recipe, formats) -> dict[str, Any]:
             "dtype": opts.dtype,
             "quantize_vision": opts.quantize_vision,
             "skip": opts.skip,
+            # only when asked: a run folder of an earlier version stays resumable
+            **({"quantize_lm_head": opts.quantize_lm_head} if opts.quantize_lm_head else {}),
         },
         "method": method,
         "recipe": asdict(recipe) if method != "rtn" else None,
@@ -442,6 +465,7 @@ def _run(
     model = loaded.model
     keep = {k: v for f in formats if is_gguf(f) for k, v in kept_out_of_int4(model, f).items()}
     plan = plan_layers(model, spec, quantize_vision=opts.quantize_vision, skip=opts.skip, keep=keep)
+    head = check_head(model, opts.quantize_lm_head, spec)
     log.info(
         "quantizing %d linears in %d blocks (%d left 16-bit)",
         len(plan.linear_names()),
@@ -464,6 +488,7 @@ def _run(
             "dtype": opts.dtype,
             "quantize_vision": opts.quantize_vision,
             "skip": opts.skip,
+            "quantize_lm_head": opts.quantize_lm_head,
         },
         hubtool_version=__version__,
         created_at=_now(),
@@ -490,6 +515,7 @@ def _run(
             progress,
             calib=calib,
             resume=resume,
+            head=head,
         )
         variant.seconds += calib_seconds
         record.variants.append(variant)
@@ -620,6 +646,7 @@ def _quantize_variant(
     progress,
     calib=None,
     resume: bool = False,
+    head: str | None = None,
 ) -> rec.VariantRecord:
     t0 = time.perf_counter()
     if torch.cuda.is_available():
@@ -655,6 +682,10 @@ def _quantize_variant(
     for fmt in formats:
         rel = format_dir(vname, fmt, single)
         out = run_dir / rel
+        # the head is quantized (RTN, from the 16-bit weights) for the one format that stores it, then freed
+        quantized_head = None
+        if head is not None and fmt == HEAD_FORMAT:
+            quantized_head = quantize_head(loaded.model, head, opts.quantize_lm_head, spec)
         export_format(
             loaded.model,
             loaded.processor,
@@ -665,7 +696,9 @@ def _quantize_variant(
             q.meta,
             max_shard_size=opts.max_shard_size,
             source_gguf=Path(loaded.info.name) if loaded.info.kind == "gguf" else None,
+            head=quantized_head,
         )
+        del quantized_head
         if is_gguf(fmt):
             qm = ALL_FORMATS[fmt].quant_method
         else:

@@ -7,7 +7,9 @@ version and the flags, so a new torch or a changed source rebuilds. The library 
 and ``hubtool::int4_cpu_has_vnni``; ``signround.cpp`` adds SignRound's fused fake quantization
 (``hubtool::signround_fwd`` / ``signround_bwd``, used by :mod:`hubtool.quant.signround` on the CPU);
 ``dense_mm.cpp`` adds ``hubtool::dense_mm_cpu``, a small-M matmul by a bf16/fp16 weight read in place
-(the 16-bit lm_head of an int4 model; :mod:`hubtool.runtime.dense` routes ``nn.Linear`` layers to it).
+(the 16-bit lm_head of an int4 model; :mod:`hubtool.runtime.dense` routes ``nn.Linear`` layers to it);
+``int8_mm.cpp`` adds ``hubtool::int8_mm_cpu``, the same small-M stream over an int8 weight with one fp32
+scale per output row (a quantized lm_head; :func:`int8_mm`).
 If the build fails (no compiler, no ninja) ``load()`` returns False and logs one warning; callers then
 use torch's built-in kernel (and SignRound its torch code).
 """
@@ -29,10 +31,10 @@ from ...cache import cache_root
 log = logging.getLogger(__name__)
 
 # one library: the int4 matmul, SignRound's fused step, the fused elementwise ops of block tuning, the
-# small-M dense matmul of 16-bit weights, llama.cpp's K-quant scale fits
+# small-M dense matmul of 16-bit weights, llama.cpp's K-quant scale fits, the small-M int8-weight matmul
 SOURCES = tuple(
-    Path(__file__).with_name(n)
-    for n in ("int4_mm.cpp", "signround.cpp", "block_ops.cpp", "dense_mm.cpp", "kquant_fit.cpp")
+    Path(__file__).with_name(f"{n}.cpp")
+    for n in ("int4_mm", "signround", "block_ops", "dense_mm", "kquant_fit", "int8_mm")
 )
 HEADERS = (Path(__file__).with_name("simd.h"),)  # included by the sources: part of the build's hash
 EXT_NAME = "hubtool_int4_cpu"
@@ -122,7 +124,7 @@ _fake_registered = False
 
 
 def _register_fake() -> None:
-    """Shape-only implementations of hubtool::int4_mm_cpu and dense_mm_cpu for torch.compile / meta tensors."""
+    """Shape-only implementations of hubtool::int4_mm_cpu, dense_mm_cpu and int8_mm_cpu for torch.compile."""
     global _fake_registered
     if _fake_registered:
         return
@@ -134,6 +136,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("hubtool::dense_mm_cpu")
     def _fake_dense(x, w, bias=None, isa=-1):
         return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("hubtool::int8_mm_cpu")
+    def _fake_int8(x, q, scale, bias=None, isa=-1):
+        return x.new_empty((x.shape[0], q.shape[0]))
 
     _fake_registered = True
 
@@ -241,6 +247,21 @@ def dense_mm(
     """
     level = forced_isa() if isa is None else isa
     return torch.ops.hubtool.dense_mm_cpu(x, w, bias, level)
+
+
+INT8_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def int8_mm(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    isa: int | None = None,
+) -> torch.Tensor:
+    """x (M, K) @ int8 codes q (N, K)^T (read in place) * scale (N,) + bias -> (M, N) in x's dtype."""
+    level = forced_isa() if isa is None else isa
+    return torch.ops.hubtool.int8_mm_cpu(x, q, scale, bias, level)
 
 
 def fit_scale_min(
