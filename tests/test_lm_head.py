@@ -166,3 +166,22 @@ def test_refused_in_one_line(capsys, tiny_models, tmp_path):
     )
     assert_one_line_error(code, err, "is not a mode", "int8 or int4")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_verify_checks_each_format_against_its_own_head(runs):
+    """The hubtool export (int4 head) against a reference with that head dequantized, auto_round (16-bit
+    head) against one with the source's head: both pass, and the head counts among hubtool's modules."""
+    from hubtool.stages.verify import run_verify
+
+    run = runs("llama", "int4")
+    results = {(r.format, r.library): r for r in run_verify(run, formats=["hubtool", "auto_round"])}
+    for r in results.values():
+        assert r.passed, (r.format, r.failed_check, r.detail)
+    blocks = results["auto_round", "auto-round"].int4_modules
+    assert results["hubtool", "hubtool.load"].int4_modules == blocks + 1
+    # one reference could not pass both: the int4 head alone moves the logits past the bound
+    ids = torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = hubtool.load(run / "formats" / "hubtool", dtype=torch.float32)(ids).logits
+        b = hubtool.load(run / "formats" / "auto_round", dtype=torch.float32)(ids).logits
+    assert float((a - b).abs().max() / b.abs().max()) > results["hubtool", "hubtool.load"].rel_error_bound

@@ -36,7 +36,7 @@ def head_name(model: nn.Module) -> str | None:
     """The module name of ``model``'s output head (``get_output_embeddings``), None when it has none."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if not isinstance(head, nn.Linear):
+    if head is None:
         return None
     return next((n for n, m in model.named_modules() if m is head), None)
 

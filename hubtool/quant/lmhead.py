@@ -30,7 +30,7 @@ def check_head(model: nn.Module, mode: str | None, spec: QuantSpec) -> str | Non
     if mode not in HEAD_MODES:
         raise HubtoolError(f"--quantize-lm-head {mode!r} is not a mode", "use int8 or int4")
     name = head_name(model)
-    if name is None:
+    if name is None or not isinstance(model.get_submodule(name), nn.Linear):
         raise HubtoolError(
             f"{type(model).__name__} has no linear output head to quantize", "drop --quantize-lm-head"
         )

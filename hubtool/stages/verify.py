@@ -41,7 +41,9 @@ import torch
 
 from .. import record as rec
 from ..__about__ import __version__
+from ..core.lmhead import HEAD_FORMAT, head_name
 from ..errors import HubtoolError
+from ..formats.table import FORMATS
 from . import verify_child
 from .verify_gguf import gguf_file, load_gguf_model, run_llama_cpp
 
@@ -202,8 +204,19 @@ def _group_size(folder: Path) -> Any:
         return None
 
 
-def build_reference(record: rec.RunRecord, run_dir: Path, variant: rec.VariantRecord) -> Reference:
-    """The fake-quantized fp32 model from the first format hubtool reads with the record's int4 layers."""
+def stores_quantized_head(record: rec.RunRecord, fmt_name: str) -> bool:
+    """Whether this format of the run stores the lm_head quantized (``--quantize-lm-head``: hubtool only)."""
+    return bool(record.spec.get("quantize_lm_head")) and fmt_name == HEAD_FORMAT
+
+
+def build_reference(
+    record: rec.RunRecord, run_dir: Path, variant: rec.VariantRecord, quantized_head: bool = False
+) -> Reference:
+    """The fake-quantized fp32 model from the first format hubtool reads with the record's int4 layers.
+
+    ``quantized_head``: the reference of the format that stores the lm_head quantized (its head dequantized
+    too, and listed among the quantized modules); otherwise only formats with the 16-bit head serve.
+    """
     from ..runtime.hf_quantizer import dequantize_int4
     from ..runtime.int4linear import Int4Linear
     from ..runtime.loader import load_processor, load_quantized
@@ -212,6 +225,7 @@ def build_reference(record: rec.RunRecord, run_dir: Path, variant: rec.VariantRe
     order = sorted(
         variant.formats, key=lambda f: REFERENCE_ORDER.index(f.name) if f.name in REFERENCE_ORDER else 9
     )
+    order = [f for f in order if stores_quantized_head(record, f.name) == quantized_head]
     why = []
     for fmt in order:
         folder = Path(run_dir) / fmt.path
@@ -223,8 +237,13 @@ def build_reference(record: rec.RunRecord, run_dir: Path, variant: rec.VariantRe
         except HubtoolError as exc:
             why.append(f"{fmt.name}: {exc.message}")
             continue
+        want = expected
+        if quantized_head:  # the head is one more quantized module (an Int4Linear only in int4)
+            head = head_name(model)
+            want = sorted([*expected, head]) if record.spec["quantize_lm_head"] == "int4" else expected
+            expected = sorted([*expected, head])
         built = sorted(n for n, m in model.named_modules() if isinstance(m, Int4Linear))
-        if built != expected:
+        if built != want:
             why.append(f"{fmt.name}: its int4 layers differ from the record's")
             continue
         dequantize_int4(model, torch.float32)
@@ -285,6 +304,8 @@ def config_mismatch(folder: Path, spec: dict[str, Any]) -> str | None:
         for key in ("bits", "group_size", "sym")
         if key in spec and key in qc and qc[key] != spec[key]
     ]
+    if qc.get("quant_method") == FORMATS[HEAD_FORMAT].quant_method and qc.get("lm_head") != spec.get("quantize_lm_head"):
+        diffs.append(f"lm_head {qc.get('lm_head')!r} (record: {spec.get('quantize_lm_head')!r})")
     return "config.json says " + ", ".join(diffs) if diffs else None
 
 
@@ -440,48 +461,68 @@ def run_verify(
         fmts = [f for f in variant.formats if not formats or f.name in formats]
         if not fmts:
             continue
-        try:
-            reference = build_reference(record, run_dir, variant)
-        except HubtoolError as exc:
-            for f in fmts:
-                results.append(_no_reference(variant, f, exc.message))
-            continue
-        prompts = prompt_inputs(reference, record.source.is_vlm)
         first = next((f for f in fmts if f.name not in GGUF_LOADERS), None)
         if first is not None:
             model_class = auto_model_class(AutoConfig.from_pretrained(run_dir / first.path)).__name__
         else:  # only GGUF asked: llama.cpp needs no class
             model_class = "AutoModelForCausalLM"
-        with tempfile.TemporaryDirectory(prefix="hubtool-verify-") as tmp:
-            from safetensors.torch import save_file
-
-            inputs_file = Path(tmp) / "inputs.safetensors"
-            save_file(
-                {f"{i}.{k}": v.contiguous() for i, p in enumerate(prompts) for k, v in p.items()}, inputs_file
-            )
-            for f in fmts:
-                for loader in LOADERS.get(f.name, (HUBTOOL_LOAD,)):
-                    log.info("verifying %s (%s) with %s", f.name, variant.name, loader.library)
-                    r = check_format(
-                        loader,
-                        variant,
-                        f,
-                        run_dir / f.path,
-                        reference,
-                        prompts,
-                        inputs_file,
-                        model_class,
-                        record.spec,
-                    )
-                    _log(r)
-                    results.append(r)
-                    if on_result is not None:
-                        on_result(r)
-        reference.model = None
+        # formats with the 16-bit head against one reference, a format storing the head quantized against
+        # another (built one at a time)
+        for quantized_head in (False, True):
+            group = [f for f in fmts if stores_quantized_head(record, f.name) == quantized_head]
+            if group:
+                results += _verify_group(
+                    record, run_dir, variant, group, quantized_head, model_class, on_result
+                )
     record = rec.load(run_dir)  # as it is now
     keys = {(r.variant, r.format) for r in results}
     record.verify = [r for r in record.verify if (r.variant, r.format) not in keys] + results
     rec.save(record, run_dir)
+    return results
+
+
+def _verify_group(
+    record: rec.RunRecord,
+    run_dir: Path,
+    variant: rec.VariantRecord,
+    fmts: list[rec.FormatRecord],
+    quantized_head: bool,
+    model_class: str,
+    on_result: Callable[[rec.VerifyResult], None] | None,
+) -> list[rec.VerifyResult]:
+    """Verify ``fmts`` of ``variant`` against the one reference they share."""
+    results: list[rec.VerifyResult] = []
+    try:
+        reference = build_reference(record, run_dir, variant, quantized_head)
+    except HubtoolError as exc:
+        return [_no_reference(variant, f, exc.message) for f in fmts]
+    prompts = prompt_inputs(reference, record.source.is_vlm)
+    with tempfile.TemporaryDirectory(prefix="hubtool-verify-") as tmp:
+        from safetensors.torch import save_file
+
+        inputs_file = Path(tmp) / "inputs.safetensors"
+        save_file(
+            {f"{i}.{k}": v.contiguous() for i, p in enumerate(prompts) for k, v in p.items()}, inputs_file
+        )
+        for f in fmts:
+            for loader in LOADERS.get(f.name, (HUBTOOL_LOAD,)):
+                log.info("verifying %s (%s) with %s", f.name, variant.name, loader.library)
+                r = check_format(
+                    loader,
+                    variant,
+                    f,
+                    run_dir / f.path,
+                    reference,
+                    prompts,
+                    inputs_file,
+                    model_class,
+                    record.spec,
+                )
+                _log(r)
+                results.append(r)
+                if on_result is not None:
+                    on_result(r)
+    reference.model = None
     return results
 
 
