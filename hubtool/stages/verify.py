@@ -304,7 +304,9 @@ def config_mismatch(folder: Path, spec: dict[str, Any]) -> str | None:
         for key in ("bits", "group_size", "sym")
         if key in spec and key in qc and qc[key] != spec[key]
     ]
-    if qc.get("quant_method") == FORMATS[HEAD_FORMAT].quant_method and qc.get("lm_head") != spec.get("quantize_lm_head"):
+    if qc.get("quant_method") == FORMATS[HEAD_FORMAT].quant_method and qc.get("lm_head") != spec.get(
+        "quantize_lm_head"
+    ):
         diffs.append(f"lm_head {qc.get('lm_head')!r} (record: {spec.get('quantize_lm_head')!r})")
     return "config.json says " + ", ".join(diffs) if diffs else None
 
