@@ -46,3 +46,43 @@ def test_static_cache_decode_compiles_once_and_gives_eager_tokens(model):
         second = model.generate(input_ids=ids, cache_implementation="static", compile_config=cc, **kw)
     assert torch.equal(first, eager) and torch.equal(second, eager)
     assert torch._dynamo.utils.counters["stats"].get("unique_graphs", 0) == 0  # no recompilation
+
+
+def test_sliding_window_model_compiles_once_past_its_window(tmp_path_factory):
+    """Gemma 3 (sliding-window layers): transformers' static sliding layer would recompile at every step;
+    with full static layers (``runtime.compile_cache``) one graph serves every step, a second generate
+    compiles nothing, and the tokens equal eager's (dynamic cache) past the window (fp32: no near-ties)."""
+    from transformers import CompileConfig
+    from transformers.cache_utils import StaticLayer
+
+    from tests import tiny
+
+    if not cpu.load():
+        pytest.skip("CPU kernel library unavailable")
+    src = tiny.build_text_model("gemma3", tmp_path_factory.mktemp("g3sw"), sliding_window=8)
+    ex = exported("gemma3", src, tmp_path_factory.mktemp("exports"), formats=["hubtool"])
+    model = load_quantized(ex.dirs["hubtool"], dtype=torch.float32)
+    assert "sliding_attention" in model.config.layer_types
+    cc = CompileConfig(fullgraph=True, dynamic=False)
+    cc._compile_all_devices = True
+    ids = torch.tensor([[1, 5, 9, 11, 40, 7]])
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        eager = model.generate(input_ids=ids, **kw)
+        torch._dynamo.utils.counters.clear()
+        first = model.generate(input_ids=ids, cache_implementation="static", compile_config=cc, **kw)
+        graphs = torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
+        torch._dynamo.utils.counters.clear()
+        out = model.generate(
+            input_ids=ids,
+            cache_implementation="static",
+            compile_config=cc,
+            return_dict_in_generate=True,
+            **kw,
+        )
+    assert hasattr(model, "_compiled_call")
+    assert all(type(layer) is StaticLayer for layer in out.past_key_values.layers)
+    assert graphs == 1  # transformers' sliding layer: a recompile per step, then FailOnRecompileLimitHit
+    assert torch._dynamo.utils.counters["stats"].get("unique_graphs", 0) == 0
+    assert torch.equal(first, eager) and torch.equal(out.sequences, eager)

@@ -79,7 +79,8 @@ def _text_config(arch: str, layers: int = 2, hidden: int = 128, inter: int = 256
     if arch == "gemma3":
         # query_pre_attn_scalar = head_dim, as in every Gemma 3 but the 27B (and what llama.cpp assumes)
         common.setdefault("query_pre_attn_scalar", 32)
-        return Gemma3TextConfig(**common, head_dim=32, sliding_window=64, tie_word_embeddings=True)
+        common.setdefault("sliding_window", 64)
+        return Gemma3TextConfig(**common, head_dim=32, tie_word_embeddings=True)
     raise ValueError(arch)
 
 

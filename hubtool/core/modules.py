@@ -29,6 +29,19 @@ NORM_LINES = {
     ),
 }
 NORM_EPS = {0: "eps", 1: "variance_epsilon"}
+# transformers' rotary embedding (Llama, Gemma, Qwen2, Phi-3...), a module-level function and its helper
+ROPE_LINES = (
+    "cos = cos.unsqueeze(unsqueeze_dim)",
+    "sin = sin.unsqueeze(unsqueeze_dim)",
+    "q_embed = (q * cos) + (rotate_half(q) * sin)",
+    "k_embed = (k * cos) + (rotate_half(k) * sin)",
+    "return q_embed, k_embed",
+)
+ROTATE_HALF_LINES = (
+    "x1 = x[..., : x.shape[-1] // 2]",
+    "x2 = x[..., x.shape[-1] // 2 :]",
+    "return torch.cat((-x2, x1), dim=-1)",
+)
 
 
 def source_text(*fns) -> str:
@@ -63,3 +76,49 @@ def norm_mode(module: nn.Module) -> int | None:
         if isinstance(getattr(module, NORM_EPS[mode], None), float) and has_lines(src, lines):
             return mode
     return None
+
+
+def plain_function(fn):
+    """The Python function behind ``fn``: ``fn`` itself, the one hubtool's wrapper (``_hubtool_original``)
+    or transformers' kernel-hub wrapper (with the ``kernels`` package installed, a module whose forward calls
+    the function it closes over as ``func``) holds; None when there is none."""
+    fn = getattr(fn, "_hubtool_original", fn)
+    if isinstance(fn, nn.Module):
+        try:
+            fn = inspect.getclosurevars(type(fn).forward).nonlocals.get("func")
+        except (TypeError, ValueError):
+            return None
+    return fn if inspect.isfunction(fn) else None
+
+
+def rope_applies(fn, module_globals: dict) -> bool:
+    """Whether ``fn`` (a modeling module's ``apply_rotary_pos_emb``, or a wrapper of it) and that module's
+    ``rotate_half`` are the known rotary embedding, which ``hubtool::rope`` computes."""
+    fn = plain_function(fn)
+    rotate = module_globals.get("rotate_half")
+    return (
+        rotate is not None
+        and has_lines(source_text(fn), ROPE_LINES)
+        and has_lines(source_text(rotate), ROTATE_HALF_LINES)
+    )
+
+
+def rope_call_fits(q, k, cos, sin, args: tuple, kwargs: dict) -> bool:
+    """Whether a call ``apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs)`` has the layout the op takes:
+    q, k (B, H, L, D) and cos, sin (B|1, L, D) in one dtype, unsqueezed at 1, rows contiguous."""
+    unsqueeze = args[0] if args else kwargs.get("unsqueeze_dim", 1)
+    return not (
+        unsqueeze != 1
+        or len(args) > 1
+        or set(kwargs) - {"unsqueeze_dim"}
+        or not (q.dtype == k.dtype == cos.dtype == sin.dtype and q.dim() == k.dim() == 4)
+        or cos.dim() != 3
+        or cos.shape != sin.shape
+        or cos.shape[-1] != q.shape[-1]
+        or q.shape[-1] != k.shape[-1]
+        or q.shape[-1] % 2
+        or cos.shape[0] not in (1, q.shape[0])
+        or cos.shape[1] != q.shape[2]
+        or k.shape[2] != q.shape[2]
+        or any(t.stride(-1) != 1 for t in (q, k))
+    )

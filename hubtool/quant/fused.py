@@ -28,25 +28,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..core.modules import NORM_EPS, norm_mode
+from ..core.modules import NORM_EPS, norm_mode, rope_applies, rope_call_fits
 from ..core.modules import has_lines as _has_lines
 from ..core.modules import module_source as _module_source
-from ..core.modules import source_text as _source
+from ..kernels import cpu
 
 GATED_LINE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 SILU, GELU_TANH = 0, 1
-ROPE_LINES = (
-    "cos = cos.unsqueeze(unsqueeze_dim)",
-    "sin = sin.unsqueeze(unsqueeze_dim)",
-    "q_embed = (q * cos) + (rotate_half(q) * sin)",
-    "k_embed = (k * cos) + (rotate_half(k) * sin)",
-    "return q_embed, k_embed",
-)
-ROTATE_HALF_LINES = (
-    "x1 = x[..., : x.shape[-1] // 2]",
-    "x2 = x[..., x.shape[-1] // 2 :]",
-    "return torch.cat((-x2, x1), dim=-1)",
-)
 
 
 class _GatedAct(torch.autograd.Function):
@@ -104,27 +92,14 @@ class _RMSNorm(torch.autograd.Function):
         return torch.ops.hubtool.rms_norm_bwd(dy.contiguous(), x, w, rstd, ctx.mode), None, None, None
 
 
-def _in_memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """x permuted so that its rows (last dimension) come in memory order, contiguous (a permuted view
-    costs no copy), and the permutation."""
-    order = sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)) + [x.dim() - 1]
-    xp = x.permute(order)
-    return (xp if xp.is_contiguous() else xp.contiguous()), order
-
-
-def _undo_order(y: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """y (computed in memory order) back in the original dimension order, with x's strides."""
-    return y.permute(sorted(range(len(order)), key=order.__getitem__))
-
-
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, mode: int) -> torch.Tensor:
     """RMSNorm of x's last dimension (fp32 weight ``w``: 1 + weight for mode 0, weight for mode 1).
 
     A permuted x (a transposed view, as attention's per-head norms get) runs in its memory order, so
     that nothing is copied; the result has x's strides.
     """
-    xp, order = _in_memory_order(x)
-    return _undo_order(_RMSNorm.apply(xp, w, eps, mode), order)
+    xp, order = cpu.in_memory_order(x)
+    return cpu.undo_order(_RMSNorm.apply(xp, w, eps, mode), order)
 
 
 def _norm_forward(module: nn.Module, mode: int, original):
@@ -184,41 +159,14 @@ class _Rope(torch.autograd.Function):
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x (B, H, L, D), cos/sin (B|1, L, D) broadcast over the heads; x's strides kept."""
-    xp, order = _in_memory_order(x)
     cos, sin = cos.contiguous(), sin.contiguous()
-    cs = cos.unsqueeze(1).expand(x.shape[0], x.shape[1], -1, -1)  # (B, H, L, D), stride 0 over B|1 and H
-    cstr = [cs.stride(d) for d in order[:3]]
-    return _undo_order(_Rope.apply(xp, cos, sin, list(xp.shape[:3]), cstr), order)
-
-
-def _rope_applies(fn, module_globals: dict) -> bool:
-    rotate = module_globals.get("rotate_half")
-    return (
-        rotate is not None
-        and _has_lines(_source(fn), ROPE_LINES)
-        and _has_lines(_source(rotate), ROTATE_HALF_LINES)
-    )
+    xp, order, sizes, strides = cpu.rope_layout(x, cos)
+    return cpu.undo_order(_Rope.apply(xp, cos, sin, sizes, strides), order)
 
 
 def _fused_rope(original):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        unsqueeze = args[0] if args else kwargs.get("unsqueeze_dim", 1)
-        same = q.dtype == k.dtype == cos.dtype == sin.dtype and q.dim() == k.dim() == 4
-        if (
-            unsqueeze != 1
-            or len(args) > 1
-            or set(kwargs) - {"unsqueeze_dim"}
-            or not same
-            or cos.dim() != 3
-            or cos.shape != sin.shape
-            or cos.shape[-1] != q.shape[-1]
-            or q.shape[-1] != k.shape[-1]
-            or q.shape[-1] % 2
-            or cos.shape[0] not in (1, q.shape[0])
-            or cos.shape[1] != q.shape[2]
-            or k.shape[2] != q.shape[2]
-            or any(t.stride(-1) != 1 for t in (q, k))
-        ):
+        if not rope_call_fits(q, k, cos, sin, args, kwargs):
             return original(q, k, cos, sin, *args, **kwargs)
         return rope(q, cos, sin), rope(k, cos, sin)
 
@@ -228,15 +176,13 @@ def _fused_rope(original):
 @contextlib.contextmanager
 def cpu_fused_ops(block: nn.Module, device: torch.device) -> Iterator[None]:
     """While in this context, the block's gated MLPs and RMSNorms run fused (CPU, kernels built)."""
-    from ..kernels import cpu
-
     patched = []
     swapped: list[tuple[dict, object]] = []
     if cpu.runs_on(device):
         for m in block.modules():
             g = getattr(sys.modules.get(type(m).__module__), "__dict__", {})
             fn = g.get("apply_rotary_pos_emb")
-            if fn is not None and not any(d is g for d, _ in swapped) and _rope_applies(fn, g):
+            if fn is not None and not any(d is g for d, _ in swapped) and rope_applies(fn, g):
                 swapped.append((g, fn))
                 g["apply_rotary_pos_emb"] = _fused_rope(fn)
             if "forward" in m.__dict__:

@@ -24,8 +24,10 @@ from ..core.intweight import IntWeight
 from ..core.memory import trim
 from ..errors import HubtoolError
 from ..formats.table import FORMATS, PACKING_AWQ, PACKING_V1, PACKING_V2, PACKINGS
+from .compile_cache import static_cache_full_layers
 from .dense import use_dense_kernel
 from .fused_norms import use_fused_norms
+from .fused_rope import use_fused_rope
 from .int4linear import Int4Linear, replace_linears
 from .int8linear import Int8Linear
 
@@ -139,12 +141,16 @@ class HubtoolHfQuantizer(HfQuantizer):
         """Convert gptq_v2 / AWQ layouts to GPTQ v1 (the config then says v1, for a save_pretrained); on the
         CPU, repack every layer for the kernel now and keep that one copy (``Int4Linear.compact``); let the
         16-bit linears left (the lm_head above all) run hubtool's dense kernel at small M (``runtime.dense``),
-        and the RMSNorms one C++ pass each in eager CPU inference (``runtime.fused_norms``)."""
+        and the RMSNorms and rotary embeddings one C++ pass each in eager CPU inference
+        (``runtime.fused_norms``, ``runtime.fused_rope``); a static cache of sliding-window layers that
+        compiles once (``runtime.compile_cache``)."""
         to_gptq_v1(model, self.quantization_config.packing_format)
         self.quantization_config.packing_format = PACKING_V1
         compact_all(model)
         use_dense_kernel(model, getattr(self.quantization_config, "backend", None))
         use_fused_norms(model)
+        use_fused_rope(model)
+        static_cache_full_layers(model)
         return model
 
     @property

@@ -278,3 +278,31 @@ def fit_scale_sym(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tenso
     codes 0..2 nmax - 1 as float32)."""
     scale, codes = torch.ops.hubtool.fit_scale_sym(x.float().contiguous(), nmax)
     return scale, codes.float()
+
+
+def in_memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """x permuted so that its rows (last dimension) come in memory order, contiguous (a permuted view
+    costs no copy), and the permutation."""
+    order = sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)) + [x.dim() - 1]
+    xp = x.permute(order)
+    return (xp if xp.is_contiguous() else xp.contiguous()), order
+
+
+def undo_order(y: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """y (computed in memory order) back in the original dimension order, with x's strides."""
+    return y.permute(sorted(range(len(order)), key=order.__getitem__))
+
+
+def rope_layout(x: torch.Tensor, cos: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
+    """For x (B, H, L, D) and cos (B|1, L, D): x in memory order, the order, its three leading sizes and the
+    strides of cos/sin rows over them (0 over the heads and a broadcast batch)."""
+    xp, order = in_memory_order(x)
+    cs = cos.unsqueeze(1).expand(x.shape[0], x.shape[1], -1, -1)
+    return xp, order, list(xp.shape[:3]), [cs.stride(d) for d in order[:3]]
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x (B, H, L, D), cos/sin (B|1, L, D) contiguous, in one pass
+    (``hubtool::rope``, each product and the sum rounded as torch's ops round them); x's strides kept."""
+    xp, order, sizes, strides = rope_layout(x, cos)
+    return undo_order(torch.ops.hubtool.rope(xp, cos, sin, sizes, strides, False), order)
