@@ -221,3 +221,37 @@ def test_the_card_shows_llama_cpp_ollama_and_python_for_gguf(capsys, tiny_models
     assert f"hf download acme/tiny {gguf_file.name} --revision gguf_q4_0" in main_card
     assert "ollama run hf.co/acme" not in main_card and "llama-cli -hf acme" not in main_card
     assert (revs / "gguf_q4_0" / gguf_file.name).read_bytes() == gguf_file.read_bytes()
+
+
+def test_llama3_rope_scaling_is_written_and_llama_cpp_agrees(capsys, tmp_path, one_thread):
+    """Llama 3.1+'s RoPE scaling (rope_type llama3) goes into the GGUF as llama.cpp's rope_freqs tensor
+    (the converter's factors), and llama.cpp's logits then agree with the scaled model's (a tiny Llama whose
+    original context is 64 positions, so that its factors span 1 to 8, the smooth band included)."""
+    from gguf import GGUFReader
+
+    from hubtool.formats.gguf import llama3_rope_factors
+    from hubtool.stages.verify import run_verify
+    from tests import tiny
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0}
+    rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    src = tiny.build_text_model("llama", tmp_path / "src", rope_parameters=rope)
+    from transformers import AutoConfig
+
+    factors = llama3_rope_factors(AutoConfig.from_pretrained(src))
+    assert factors.shape == (16,) and float(factors.min()) == 1.0 and float(factors.max()) == 8.0
+    assert bool(((factors > 1) & (factors < 8)).any())  # the smooth band too
+    run = tmp_path / "run"
+    code, err = run_cli(
+        capsys, "quantize", str(src), "-o", str(run), "--method", "rtn",
+        "--group-size", "32", "--formats", "gguf:q4_0,hubtool",
+    )  # fmt: skip
+    assert code in (0, None), err
+    (path,) = (run / "formats" / "gguf_q4_0").glob("*.gguf")
+    stored = next(t for t in GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight")
+    assert np.array_equal(np.asarray(stored.data), factors.numpy())
+    _llama_cpp()
+    (res,) = run_verify(run, formats=["gguf_q4_0"])
+    assert res.passed, res.detail
+    # measured: 0.014 with the factors; 0.078 (just inside verify's 0.08) when the file holds factors of 1
+    assert res.max_rel_error < 0.03 and res.decisive_top1 == 1.0

@@ -340,6 +340,9 @@ def _entries(model: nn.Module, weights: Mapping[str, IntWeight], arch: str, fmt:
         else:
             kind = _dense_type(t, key)
         out.append(_Entry(target, linear if tuned else key, kind, tuple(t.shape), t, tuned))
+    factors = llama3_rope_factors(config) if arch == "llama" else None
+    if factors is not None:  # not a tensor of the model: made from its config, as llama.cpp's converter does
+        out.append(_Entry("rope_freqs.weight", "rope_freqs", "F32", tuple(factors.shape), factors, False))
     return out
 
 
@@ -416,8 +419,34 @@ def _rope(writer: Any, config: Any) -> None:
     if kind == "linear" and factor is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(factor))
-    elif kind not in (None, "default", "linear"):
+    elif kind not in (None, "default", "linear", "llama3"):  # llama3: the rope_freqs tensor says it
         raise HubtoolError(f"GGUF export: RoPE scaling {kind!r} is not written yet", "report this model")
+
+
+def _rope_params(config: Any) -> dict[str, Any]:
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    return params.get("full_attention", params)
+
+
+def llama3_rope_factors(config: Any) -> torch.Tensor | None:
+    """Llama 3.1+'s RoPE scaling as llama.cpp stores it (``rope_freqs.weight``: one factor per frequency, by
+    which llama.cpp divides it), from the config's ``rope_type: llama3`` parameters; None for other models."""
+    p = _rope_params(config)
+    if str(p.get("rope_type", "")).lower() != "llama3":
+        return None
+    base = float(p.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = float(p.get("factor", 8.0))
+    low, high = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+    old = float(p.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    out = torch.where(
+        wavelen < old / high, torch.ones_like(freqs), torch.where(wavelen > old / low, factor, mid)
+    )
+    return out.float()
 
 
 def _write_arch(writer: Any, arch: str, config: Any, name: str, file_type: int) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from ..core import memory, packing
 from ..core.intweight import IntWeight
 from ..kernels import cpu
-from .backends import ENV_VAR, get_backend, select_backend
+from .backends import ENV_VAR, HUBTOOL_DTYPES, get_backend, select_backend
 
 KERNEL_KEY = ("hubtool", "cpu")  # the prepared entry of hubtool's CPU kernel
 
@@ -184,6 +184,18 @@ class Int4Linear(nn.Module):
         """y = x W^T + b through the selected kernel backend."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        packed = self._compact
+        if (  # a compact layer is one auto sends to the CPU kernel: no dispatch (a decode step's overhead)
+            packed is not None
+            and x.device.type == "cpu"
+            and x.dtype in HUBTOOL_DTYPES
+            and (self.backend or os.environ.get(ENV_VAR) or "auto") in ("auto", "hubtool")
+        ):
+            self.last_backend = "hubtool"
+            y = cpu.int4_mm(x2, packed)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
         backend = select_backend(self, x2, self.backend)
         key = (backend.name, str(x2.device))
         if key not in self._prepared:
