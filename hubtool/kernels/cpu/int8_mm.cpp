@@ -30,6 +30,8 @@
 #include <cstring>
 #include <optional>
 
+#include "simd.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define HQ_X86 1
 #include <immintrin.h>
@@ -40,6 +42,9 @@ int64_t cpu_isa();  // int4_mm.cpp: the best ISA level of this CPU, probed once
 }
 
 namespace hubtool_int8 {
+
+using hubtool_simd::hsum8x8;
+using hubtool_simd::hsum_512;
 
 enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
 constexpr int MR_MAX = 4;  // rows of x per tile
@@ -78,27 +83,6 @@ static void tile_scalar(const Job& j, int64_t n0, int nr, int64_t m0, int mr, fl
 #define INL inline __attribute__((always_inline))
 
 // ------------------------------------------------------------------------------ horizontal sums
-// Eight 8-lane vectors -> one vector of their eight sums.
-TGT_AVX2 static INL __m256 hsum8x8(const __m256 h[8]) {
-  const __m256 t0 = _mm256_hadd_ps(h[0], h[1]), t1 = _mm256_hadd_ps(h[2], h[3]);
-  const __m256 t2 = _mm256_hadd_ps(h[4], h[5]), t3 = _mm256_hadd_ps(h[6], h[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-// The sums of `count` 16-lane vectors into out[0..count).
-TGT_512 static INL void hsum_512(const __m512* v, int count, float* out) {
-  int i = 0;
-  for (; i + 8 <= count; i += 8) {
-    __m256 h[8];
-#pragma GCC unroll 8
-    for (int e = 0; e < 8; ++e)
-      h[e] = _mm256_add_ps(_mm512_castps512_ps256(v[i + e]), _mm512_extractf32x8_ps(v[i + e], 1));
-    _mm256_storeu_ps(out + i, hsum8x8(h));
-  }
-  for (; i < count; ++i) out[i] = _mm512_reduce_add_ps(v[i]);
-}
-
 // The sums of `count` 8-lane vectors into out[0..count).
 TGT_AVX2 static INL void hsum_256(const __m256* v, int count, float* out) {
   int i = 0;
