@@ -48,9 +48,16 @@ def policy(backend: str | None = None) -> str:
 
 def kernel_serves(weight: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> bool:
     """Whether ``F.linear(x, weight)`` may run on hubtool's dense kernel (see the module's conditions)."""
-    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != weight.dtype:
+    if x.dtype != weight.dtype or weight.dtype not in cpu.DENSE_WEIGHT_DTYPES:
         return False
-    if weight.dtype not in cpu.DENSE_WEIGHT_DTYPES or weight.dim() != 2 or x.dim() == 0:
+    return small_m_serves(weight, x, backend)
+
+
+def small_m_serves(weight: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> bool:
+    """What every small-M CPU kernel that streams a weight read in place asks (dtypes aside): both on the
+    CPU, rows of the weight contiguous, at most ``MAX_M`` rows of x, no gradient, the policy and the
+    library allowing it."""
+    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or x.dim() == 0:
         return False
     k = weight.shape[1]
     if x.shape[-1] != k or weight.stride(1) != 1 or weight.stride(0) < k:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.lmhead import int8_dequantize
 from ..kernels import cpu
-from .dense import MAX_M, policy
+from .dense import small_m_serves
 
 ROWS_PER_STEP = 16384  # rows of the weight converted at a time by the torch path (bounded temporaries)
 
@@ -51,16 +51,7 @@ class Int8Linear(nn.Module):
 
     def kernel_serves(self, x: torch.Tensor) -> bool:
         """Whether this call may run on hubtool's CPU int8 kernel."""
-        q = self.qweight
-        if policy(self.backend) not in ("auto", "hubtool"):
-            return False
-        if x.device.type != "cpu" or q.device.type != "cpu" or x.dtype not in cpu.INT8_X_DTYPES:
-            return False
-        if x.numel() == 0 or x.numel() > MAX_M * self.in_features or not q.is_contiguous():
-            return False
-        if torch.is_grad_enabled() and x.requires_grad:
-            return False
-        return cpu.runs_on(x.device)
+        return x.dtype in cpu.INT8_X_DTYPES and small_m_serves(self.qweight, x, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = x (q * scale)^T + b: hubtool's kernel where it serves, else torch in blocks of rows."""

@@ -635,30 +635,24 @@ def _lm_head(record: rec.RunRecord) -> dict[str, Any] | None:
     mode = record.spec.get("quantize_lm_head")
     if not mode:
         return None
+    value = {(r.model, r.task, r.metric): r.value for r in record.evals}
+    variants = {v.name for v in record.variants}
     costs = []
-    for v in record.variants:
-        for r in record.evals:
-            if r.model != v.name or r.kind != "perplexity" or not r.extra.get("primary", False):
-                continue
-            other = next(
-                (
-                    o
-                    for o in record.evals
-                    if o.model == v.name + HEAD16_SUFFIX and (o.task, o.metric) == (r.task, r.metric)
-                ),
-                None,
+    for r in record.evals:
+        if r.model not in variants or r.kind != "perplexity" or not r.extra.get("primary", False):
+            continue
+        head16 = value.get((r.model + HEAD16_SUFFIX, r.task, r.metric))
+        if r.value is not None and head16 is not None:
+            costs.append(
+                {
+                    "variant": r.model,
+                    "task": r.task,
+                    "quantized": f"{r.value:.3f}",
+                    "head16": f"{head16:.3f}",
+                    "delta": f"{r.value - head16:+.3f}",
+                    "relative": f"{100 * (r.value - head16) / head16:+.2f}",
+                }
             )
-            if other is not None and r.value is not None and other.value is not None:
-                costs.append(
-                    {
-                        "variant": v.name,
-                        "task": r.task,
-                        "quantized": f"{r.value:.3f}",
-                        "head16": f"{other.value:.3f}",
-                        "delta": f"{r.value - other.value:+.3f}",
-                        "relative": f"{100 * (r.value - other.value) / other.value:+.2f}",
-                    }
-                )
     return {"mode": mode, "text": HEAD_TEXT[mode], "format": HEAD_FORMAT, "costs": costs}
 
 

@@ -219,6 +219,7 @@ def build_reference(
     """
     from ..runtime.hf_quantizer import dequantize_int4
     from ..runtime.int4linear import Int4Linear
+    from ..runtime.int8linear import Int8Linear
     from ..runtime.loader import load_processor, load_quantized
 
     expected = sorted(variant.quantized)
@@ -237,18 +238,14 @@ def build_reference(
         except HubtoolError as exc:
             why.append(f"{fmt.name}: {exc.message}")
             continue
-        want = expected
-        if quantized_head:  # the head is one more quantized module (an Int4Linear only in int4)
-            head = head_name(model)
-            want = sorted([*expected, head]) if record.spec["quantize_lm_head"] == "int4" else expected
-            expected = sorted([*expected, head])
-        built = sorted(n for n, m in model.named_modules() if isinstance(m, Int4Linear))
-        if built != want:
+        listed = sorted([*expected, head_name(model)]) if quantized_head else expected  # the head: one more
+        built = sorted(n for n, m in model.named_modules() if isinstance(m, Int4Linear | Int8Linear))
+        if built != listed:
             why.append(f"{fmt.name}: its int4 layers differ from the record's")
             continue
         dequantize_int4(model, torch.float32)
         log.info("int4 reference: %s's codes, dequantized in fp32", fmt.name)
-        return Reference(fmt.name, model.eval(), load_processor(folder), expected, {})
+        return Reference(fmt.name, model.eval(), load_processor(folder), listed, {})
     gguf_ref = _gguf_reference(run_dir, order, expected)
     if gguf_ref is not None:
         return gguf_ref
